@@ -1,0 +1,224 @@
+"""Composition root: build repository, models, gRPC server, health, reflection, metrics.
+
+Start-up order follows Triton: load every model first, and only then open the gRPC port, so a
+client (or Kubernetes) that can connect can also infer. Shutdown order: health NOT_SERVING,
+stop accepting, let in-flight and queued requests finish within --exit-timeout-secs, unload.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2
+from tributary_client._proto import grpc_service_pb2 as pb
+from tributary_client._proto import grpc_service_pb2_grpc as pb_grpc
+from tributary_client._proto._pool import POOL
+
+from .backends.onnxruntime import gpu_count
+from .model import build_loader
+from .options import ServerOptions
+from .repository import ModelRepository
+from .servicer import InferenceServicer, ServerState
+
+log = logging.getLogger("tributary")
+
+INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+_COMPRESSION_LEVELS = {"low": 1, "medium": 2, "high": 3}
+
+
+def configure_logging(verbose: int) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname).1s %(name)s] %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _register_descriptors() -> None:
+    """Reflection serves from our private pool; add health and reflection protos to it."""
+    for module in (health_pb2, reflection_pb2):
+        name = module.DESCRIPTOR.name
+        try:
+            POOL.FindFileByName(name)
+        except KeyError:
+            POOL.AddSerializedFile(module.DESCRIPTOR.serialized_pb)
+
+
+def _grpc_options(o: ServerOptions) -> list[tuple[str, Any]]:
+    opts: list[tuple[str, Any]] = [
+        ("grpc.max_send_message_length", o.grpc_max_message_bytes),
+        ("grpc.max_receive_message_length", o.grpc_max_message_bytes),
+        ("grpc.so_reuseport", int(o.reuse_grpc_port)),
+        ("grpc.keepalive_time_ms", o.grpc_keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", o.grpc_keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", int(o.grpc_keepalive_permit_without_calls)),
+        ("grpc.http2.max_pings_without_data", o.grpc_http2_max_pings_without_data),
+        (
+            "grpc.http2.min_ping_interval_without_data_ms",
+            o.grpc_http2_min_recv_ping_interval_without_data_ms,
+        ),
+        ("grpc.http2.max_ping_strikes", o.grpc_http2_max_ping_strikes),
+    ]
+    level = _COMPRESSION_LEVELS.get(o.grpc_infer_response_compression_level)
+    if level:
+        opts.append(("grpc.default_compression_level", level))
+    return opts
+
+
+def _credentials(o: ServerOptions) -> grpc.ServerCredentials:
+    key = o.grpc_server_key.read_bytes()  # type: ignore[union-attr]
+    cert = o.grpc_server_cert.read_bytes()  # type: ignore[union-attr]
+    root = o.grpc_root_cert.read_bytes() if o.grpc_root_cert else None
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=root, require_client_auth=o.grpc_use_ssl_mutual
+    )
+
+
+@dataclass
+class Server:
+    """A running Tributary: what `run` and in-process embedders hold on to."""
+
+    options: ServerOptions
+    repository: ModelRepository
+    state: ServerState
+    grpc_server: grpc.Server
+    health: health.HealthServicer
+    grpc_port: int
+    metrics: Any = None
+
+    def refresh_health(self) -> None:
+        ready = not self.state.exiting and InferenceServicer(self.repository, self.state).is_ready()
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if ready
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for service in ("", INFERENCE_SERVICE):
+            self.health.set(service, status)
+
+    def stop(self) -> None:
+        """Drain: NOT_SERVING, refuse new work, finish in-flight within the timeout, unload."""
+        deadline = time.monotonic() + self.options.exit_timeout_secs
+        self.state.exiting = True
+        self.refresh_health()
+        log.info("shutting down: waiting up to %.0fs for in-flight requests",
+                 self.options.exit_timeout_secs)
+        self.grpc_server.stop(grace=self.options.exit_timeout_secs).wait()
+        self.repository.close(max(0.0, deadline - time.monotonic()))
+        if self.metrics is not None:
+            self.metrics.stop()
+        log.info("stopped")
+
+
+def start(options: ServerOptions) -> Server | None:
+    """Load models, then open the port. None when start-up must fail (models failed to load)."""
+    started = time.monotonic()
+    gpus = gpu_count()
+    log.info("tributary starting: %d GPU(s), %d CPU core(s)", gpus, os.cpu_count() or 1)
+    repository = ModelRepository(
+        options.model_repositories,
+        build_loader(gpus),
+        auto_complete=options.auto_complete_config,
+        default_max_batch_size=options.default_max_batch_size,
+        gpu_count=gpus,
+        config_name=options.model_config_name,
+        load_threads=options.model_load_thread_count,
+    )
+    failures = repository.load_models()
+    for name, reason in sorted(failures.items()):
+        log.error("failed to load model '%s': %s", name, reason)
+    if failures and options.exit_on_error:
+        log.error("failed to load all models: %s (--exit-on-error=true)", ", ".join(sorted(failures)))
+        repository.close(0)
+        return None
+
+    state = ServerState(
+        server_id=options.server_id,
+        strict_readiness=options.strict_readiness,
+        max_tensor_bytes=options.max_tensor_bytes,
+    )
+    server = grpc.server(
+        futures.ThreadPoolExecutor(
+            max_workers=options.grpc_worker_threads, thread_name_prefix="grpc"
+        ),
+        options=_grpc_options(options),
+        compression=(
+            grpc.Compression.Gzip
+            if options.grpc_infer_response_compression_level != "none"
+            else None
+        ),
+    )
+    servicer = InferenceServicer(repository, state)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    _register_descriptors()
+    reflection.enable_server_reflection(
+        (INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server, pool=POOL
+    )
+    address = f"{options.grpc_address}:{options.grpc_port}"
+    if options.grpc_use_ssl:
+        port = server.add_secure_port(address, _credentials(options))
+    else:
+        port = server.add_insecure_port(address)
+    if not port:
+        log.error("could not bind gRPC port %s", address)
+        repository.close(0)
+        return None
+    running = Server(options, repository, state, server, health_servicer, port)
+    if options.allow_metrics:
+        from .metrics import MetricsServer
+
+        running.metrics = MetricsServer(repository, options, gpus)
+        running.metrics.start()
+    server.start()
+    running.refresh_health()
+    log.info(
+        "Started GRPCInferenceService at %s:%d (%d model(s) ready) in %.2fs",
+        options.grpc_address, port, len(repository.servables()), time.monotonic() - started,
+    )
+    if running.metrics is not None:
+        log.info("Started Metrics Service at %s:%d", options.metrics_address, running.metrics.port)
+    _announce(running)
+    return running
+
+
+def _announce(server: Server) -> None:
+    if server.options.port_file is None:
+        return
+    info = {
+        "grpc_port": server.grpc_port,
+        "metrics_port": server.metrics.port if server.metrics is not None else None,
+        "pid": os.getpid(),
+    }
+    text = json.dumps(info)
+    if str(server.options.port_file) == "-":
+        print(text, flush=True)
+    else:
+        tmp = server.options.port_file.with_suffix(".tmp")
+        tmp.write_text(text)
+        tmp.replace(server.options.port_file)
+
+
+def run(options: ServerOptions) -> int:
+    configure_logging(options.log_verbose)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    server = start(options)
+    if server is None:
+        return 1
+    stop.wait()
+    server.stop()
+    return 0

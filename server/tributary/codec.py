@@ -1,0 +1,294 @@
+"""ModelInferRequest -> WorkItem (validated once), and results -> ModelInferResponse.
+
+This is where a request meets a model's signature: unknown/missing/duplicate inputs, datatype,
+shape against `dims` (with -1) and `max_batch_size`, raw/typed mixing, byte sizes, requested
+outputs and their parameters. Every rejection names the model, the tensor and what was
+expected, in Triton's wording where clients assert on it (PROTOCOL.md §2.2-2.6). After this the
+scheduler and backend can trust the arrays they get.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import tensors
+from .config import ModelSignature, TensorSpec
+from .datatypes import BY_NAME
+from .errors import InvalidArgument, NotFound
+from .scheduler import WorkItem
+
+INT32_MAX = 2**31 - 1
+_KNOWN_TRITON_PARAMS = {"triton_enable_empty_final_response"}
+_SHAPE_NOTE = (
+    " NOTE: Setting a non-zero max_batch_size in the model config requires a batch dimension "
+    "to be prepended to each input shape. If you want to specify the full shape including the "
+    "batch dim in your input dims config, try setting max_batch_size to zero. See the model "
+    "configuration docs for more info on max_batch_size."
+)
+
+
+@dataclass(frozen=True)
+class RequestedOutput:
+    spec: TensorSpec
+    classification: int = 0  # top-k, 0 = plain tensor
+
+
+@dataclass
+class DecodedRequest:
+    item: WorkItem
+    outputs: list[RequestedOutput]
+    batched: bool
+
+
+def _prefix(request_id: str) -> str:
+    return f"[request id: {request_id or '<id_unknown>'}] "
+
+
+def _param_value(param: object) -> tuple[str | None, object]:
+    kind = param.WhichOneof("parameter_choice")  # type: ignore[attr-defined]
+    return kind, getattr(param, kind) if kind else None
+
+
+def _request_params(request: object) -> tuple[int, int]:
+    """(priority, timeout_us) from request parameters; other keys are checked and passed over."""
+    priority = timeout_us = 0
+    for key, param in request.parameters.items():  # type: ignore[attr-defined]
+        kind, value = _param_value(param)
+        if key == "priority":
+            if kind not in ("uint64_param", "int64_param") or value < 0:  # type: ignore[operator]
+                raise InvalidArgument(
+                    "invalid value type for 'priority' parameter, expected uint64_param."
+                )
+            priority = int(value)  # type: ignore[call-overload]
+        elif key == "timeout":
+            if kind != "int64_param" or value < 0:  # type: ignore[operator]
+                raise InvalidArgument(
+                    "invalid value type for 'timeout' parameter, expected int64_param."
+                )
+            timeout_us = int(value)  # type: ignore[call-overload]
+        elif key == "sequence_id":
+            if kind not in ("int64_param", "string_param"):
+                raise InvalidArgument(
+                    "invalid value type for 'sequence_id' parameter, expected int64_param or "
+                    "string_param."
+                )
+        elif key in ("sequence_start", "sequence_end"):
+            if kind != "bool_param":
+                raise InvalidArgument(
+                    f"invalid value type for '{key}' parameter, expected bool_param."
+                )
+        elif key.startswith("triton_") and key not in _KNOWN_TRITON_PARAMS:
+            raise InvalidArgument(
+                "parameter keys starting with 'triton_' are reserved for Triton usage and should "
+                "not be specified."
+            )
+    return priority, timeout_us
+
+
+def _shm_region(tensor: object, what: str, model: str) -> None:
+    """Shared-memory tensors: no region can be registered yet, so any name is unknown."""
+    if "shared_memory_region" in tensor.parameters:  # type: ignore[attr-defined]
+        kind, region = _param_value(tensor.parameters["shared_memory_region"])  # type: ignore[attr-defined]
+        if kind != "string_param":
+            raise InvalidArgument(
+                f"invalid value type for 'shared_memory_region' parameter for tensor "
+                f"'{tensor.name}', expected string_param."  # type: ignore[attr-defined]
+            )
+        raise NotFound(f"Unable to find shared memory region: '{region}'")
+
+
+def _check_shape(
+    spec: TensorSpec, shape: tuple[int, ...], sig: ModelSignature, request_id: str
+) -> None:
+    dims = spec.dims
+    batched = sig.max_batch_size > 0
+    body = shape[1:] if batched else shape
+    ok = (not batched or len(shape) >= 1) and len(body) == len(dims)
+    ok = ok and all(d == -1 or d == s for d, s in zip(dims, body, strict=False))
+    if not ok:
+        expected = ((-1,) if batched else ()) + dims
+        raise InvalidArgument(
+            f"{_prefix(request_id)}unexpected shape for input '{spec.name}' for model "
+            f"'{sig.name}'. Expected {tensors.format_shape(expected)}, got "
+            f"{tensors.format_shape(shape)}." + (_SHAPE_NOTE if batched else "")
+        )
+
+
+def decode_request(
+    request: object,
+    sig: ModelSignature,
+    *,
+    max_tensor_bytes: int,
+    is_active: Callable[[], bool] | None = None,
+) -> DecodedRequest:
+    """Validate a ModelInferRequest against the signature and build the scheduler's WorkItem."""
+    rid: str = request.id  # type: ignore[attr-defined]
+    model = sig.name
+    priority, timeout_us = _request_params(request)
+    raw = request.raw_input_contents  # type: ignore[attr-defined]
+    batched = sig.max_batch_size > 0
+
+    checked: list[tuple[TensorSpec, object, tuple[int, ...]]] = []
+    seen: set[str] = set()
+    batch: int | None = None
+    for tensor in request.inputs:  # type: ignore[attr-defined]
+        name = tensor.name
+        if raw and tensor.HasField("contents"):
+            raise InvalidArgument(
+                f"contents field must not be specified when using raw_input_contents for "
+                f"'{name}' for model '{model}'"
+            )
+        spec = sig.input(name)
+        if spec is None:
+            raise InvalidArgument(f"unexpected inference input '{name}' for model '{model}'")
+        if name in seen:
+            raise InvalidArgument(f"{_prefix(rid)}input '{name}' already exists in request")
+        seen.add(name)
+        _shm_region(tensor, "input", model)
+        if tensor.datatype != spec.dtype.name:
+            raise InvalidArgument(
+                f"{_prefix(rid)}inference input '{name}' data-type is '{tensor.datatype}', "
+                f"but model '{model}' expects '{spec.dtype.name}'"
+            )
+        shape = tuple(int(d) for d in tensor.shape)
+        if any(d < 0 for d in shape):
+            raise InvalidArgument(
+                f"All input dimensions should be specified for input '{name}' for model "
+                f"'{model}', got {tensors.format_shape(shape)}"
+            )
+        _check_shape(spec, shape, sig, rid)
+        if batched:
+            if shape[0] > sig.max_batch_size or shape[0] < 1:
+                raise InvalidArgument(
+                    f"{_prefix(rid)}inference request batch-size must be <= "
+                    f"{sig.max_batch_size} for '{model}'"
+                    + ("" if shape[0] else f", and at least 1 (input '{name}' has 0)")
+                )
+            if batch is not None and shape[0] != batch:
+                raise InvalidArgument(
+                    f"input '{name}' batch size does not match other inputs for '{model}'"
+                )
+            batch = shape[0]
+        tensors.check_size_limit(shape, spec.dtype, max_tensor_bytes, name, model)
+        checked.append((spec, tensor, shape))
+
+    required = [s.name for s in sig.inputs if not s.optional]
+    missing = [n for n in required if n not in seen]
+    if missing:
+        got = [n for n in (t.name for t in request.inputs)]  # type: ignore[attr-defined]
+        total = len(sig.inputs)
+        expected = (
+            f"expected {total} inputs"
+            if len(required) == total
+            else f"expected number of inputs between {len(required)} and {total}"
+        )
+        raise InvalidArgument(
+            f"{_prefix(rid)}{expected} but got {len(got)} inputs for model '{model}'. Got "
+            f"input(s) {got}, but missing required input(s) {missing}. Please provide all "
+            "required input(s)."
+        )
+
+    arrays: dict[str, np.ndarray] = {}
+    for index, (spec, tensor, shape) in enumerate(checked):
+        if raw:
+            if index >= len(raw):
+                raise InvalidArgument(
+                    f"unable to find data for input tensor '{spec.name}' for model '{model}' "
+                    "in request."
+                )
+            arr = tensors.raw_to_numpy(raw[index], spec.dtype, shape, spec.name, model, rid)
+        elif tensor.HasField("contents"):  # type: ignore[attr-defined]
+            arr = tensors.typed_to_numpy(
+                tensor.contents, spec.dtype, shape, spec.name, model, rid  # type: ignore[attr-defined]
+            )
+        else:
+            raise InvalidArgument(
+                f"unable to find data for input tensor '{spec.name}' for model '{model}' "
+                "in request."
+            )
+        if spec.reshape is not None:
+            arr = arr.reshape(((shape[0],) if batched else ()) + spec.reshape)
+        arrays[spec.name] = arr
+
+    outputs = _requested_outputs(request, sig, rid)
+    item = WorkItem(
+        inputs=arrays,
+        rows=batch if batched and batch else 1,
+        outputs=tuple(o.spec.name for o in outputs),
+        priority=priority,
+        timeout_us=timeout_us,
+        is_active=is_active,
+        request_id=rid,
+    )
+    return DecodedRequest(item=item, outputs=outputs, batched=batched)
+
+
+def _requested_outputs(request: object, sig: ModelSignature, rid: str) -> list[RequestedOutput]:
+    asked = request.outputs  # type: ignore[attr-defined]
+    if not asked:
+        return [RequestedOutput(spec) for spec in sig.outputs]
+    result: list[RequestedOutput] = []
+    seen: set[str] = set()
+    for out in asked:
+        spec = sig.output(out.name)
+        if spec is None:
+            raise InvalidArgument(
+                f"unexpected inference output '{out.name}' for model '{sig.name}'"
+            )
+        if out.name in seen:
+            raise InvalidArgument(f"{_prefix(rid)}output '{out.name}' already exists in request")
+        seen.add(out.name)
+        k = 0
+        if "classification" in out.parameters:
+            kind, value = _param_value(out.parameters["classification"])
+            if kind != "int64_param" or value <= 0:  # type: ignore[operator]
+                raise InvalidArgument(
+                    "invalid value type for 'classification' parameter, expected int64_param"
+                )
+            if "shared_memory_region" in out.parameters:
+                raise InvalidArgument(
+                    "output can't set both 'shared_memory_region' and 'classification'"
+                )
+            k = int(value)  # type: ignore[call-overload]
+        _shm_region(out, "output", sig.name)
+        result.append(RequestedOutput(spec, k))
+    return result
+
+
+def encode_response(
+    response: object,
+    decoded: DecodedRequest,
+    results: dict[str, np.ndarray],
+    model: str,
+) -> None:
+    """Fill a ModelInferResponse: one output entry and one raw buffer per output, same order."""
+    raws: list[bytes] = []
+    total = 0
+    for req in decoded.outputs:
+        spec = req.spec
+        arr = results[spec.name]
+        if req.classification:
+            arr = tensors.classify(
+                arr, req.classification, spec.labels, decoded.batched, spec.name, model
+            )
+            datatype = BY_NAME["BYTES"]
+        else:
+            datatype = spec.dtype
+            if spec.reshape is not None:
+                lead = (arr.shape[0],) if decoded.batched else ()
+                arr = arr.reshape(lead + spec.dims)
+        out = response.outputs.add()  # type: ignore[attr-defined]
+        out.name = spec.name
+        out.datatype = datatype.name
+        out.shape.extend(arr.shape)
+        data = tensors.numpy_to_raw(arr, datatype)
+        total += len(data)
+        raws.append(data)
+    if total > INT32_MAX:
+        raise InvalidArgument(
+            f"Response has byte size {total} which exceeds gRPC's byte size limit {INT32_MAX}."
+        )
+    response.raw_output_contents.extend(raws)  # type: ignore[attr-defined]

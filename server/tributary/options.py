@@ -1,0 +1,52 @@
+"""ServerOptions: every setting the CLI parses, with tritonserver's defaults where it has one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+INT32_MAX = 2**31 - 1
+
+
+@dataclass
+class ServerOptions:
+    model_repositories: list[Path] = field(default_factory=list)
+    model_control_mode: str = "none"
+    load_models: list[str] = field(default_factory=list)
+    model_config_name: str | None = None
+    auto_complete_config: bool = True
+    default_max_batch_size: int = 4
+    strict_readiness: bool = True
+    exit_on_error: bool = True
+    exit_timeout_secs: float = 30.0
+    server_id: str = "tributary"
+    log_verbose: int = 0
+    model_load_thread_count: int = 4
+    # gRPC
+    grpc_address: str = "0.0.0.0"
+    grpc_port: int = 8001
+    grpc_worker_threads: int = 128
+    grpc_max_message_bytes: int = INT32_MAX
+    reuse_grpc_port: bool = False
+    grpc_use_ssl: bool = False
+    grpc_use_ssl_mutual: bool = False
+    grpc_server_cert: Path | None = None
+    grpc_server_key: Path | None = None
+    grpc_root_cert: Path | None = None
+    grpc_keepalive_time_ms: int = 7_200_000
+    grpc_keepalive_timeout_ms: int = 20_000
+    grpc_keepalive_permit_without_calls: bool = False
+    grpc_http2_max_pings_without_data: int = 2
+    grpc_http2_min_recv_ping_interval_without_data_ms: int = 300_000
+    grpc_http2_max_ping_strikes: int = 2
+    grpc_infer_response_compression_level: str = "none"
+    max_tensor_bytes: int = INT32_MAX
+    # metrics
+    allow_metrics: bool = True
+    allow_cpu_metrics: bool = True
+    allow_gpu_metrics: bool = True
+    metrics_address: str = "0.0.0.0"
+    metrics_port: int = 8002
+    metrics_interval_ms: int = 2000
+    # where to announce bound ports (tests and scripts read it; "-" = stdout)
+    port_file: Path | None = None
