@@ -1,0 +1,349 @@
+"""Build the example model repository from source, deterministically and offline.
+
+The `.onnx` files in `model_repository/` are generated, never hand-edited: rerunning this
+script must reproduce them byte for byte (fixed seeds, no timestamps). Tests import the
+`build_*` functions to create small repositories in temporary directories, so every builder
+takes the destination root and a model name and returns the model directory.
+
+    python scripts/build_models.py [--out DIR] [--only NAME ...]
+
+`mlp` (about 15 MB of weights) is only built when asked for with `--only mlp`; it exists for
+benchmarks and is not committed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 21
+IR_VERSION = 10
+ROOT = Path(__file__).resolve().parent.parent
+
+# config name -> (ONNX element type, config DataType name)
+_TYPES: dict[str, tuple[int, str]] = {
+    "INT32": (TensorProto.INT32, "TYPE_INT32"),
+    "INT8": (TensorProto.INT8, "TYPE_INT8"),
+    "STRING": (TensorProto.STRING, "TYPE_STRING"),
+    "FP32": (TensorProto.FLOAT, "TYPE_FP32"),
+    "INT64": (TensorProto.INT64, "TYPE_INT64"),
+}
+
+
+def make_model(graph: onnx.GraphProto, *, opsets: dict[str, int] | None = None) -> onnx.ModelProto:
+    """Wrap a graph with the opset/IR pair the examples promise (PROTOCOL.md §7.1) and check it."""
+    imports = [helper.make_opsetid(domain, v) for domain, v in (opsets or {"": OPSET}).items()]
+    model = helper.make_model(graph, opset_imports=imports, producer_name="tributary")
+    model.ir_version = IR_VERSION
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def write_model(
+    out: Path,
+    name: str,
+    onnx_model: onnx.ModelProto | None,
+    config_text: str | None,
+    labels: Sequence[str] | None = None,
+    *,
+    versions: Sequence[int] = (1,),
+    label_file: str = "labels.txt",
+) -> Path:
+    """Lay out `<out>/<name>/{config.pbtxt,<v>/model.onnx,labels}`; None skips a file."""
+    model_dir = Path(out) / name
+    model_dir.mkdir(parents=True, exist_ok=True)
+    if config_text is not None:
+        (model_dir / "config.pbtxt").write_text(config_text)
+    if onnx_model is not None:
+        data = onnx_model.SerializeToString(deterministic=True)
+        for version in versions:
+            (model_dir / str(version)).mkdir(exist_ok=True)
+            (model_dir / str(version) / "model.onnx").write_bytes(data)
+    if labels is not None:
+        (model_dir / label_file).write_text("".join(f"{line}\n" for line in labels))
+    return model_dir
+
+
+def _io(name: str, elem: int, shape: Sequence[int | str | None]) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, elem, list(shape))
+
+
+def simple_graph(dtype: str = "INT32", *, batch: bool = True) -> onnx.ModelProto:
+    """OUTPUT0 = INPUT0 + INPUT1, OUTPUT1 = INPUT0 - INPUT1 over [N,16], computed in int32."""
+    elem = _TYPES[dtype][0]
+    shape: list[int | str] = ["N", 16] if batch else [16]
+    nodes: list[onnx.NodeProto] = []
+    a, b = "INPUT0", "INPUT1"
+    if elem != TensorProto.INT32:
+        # int8 wraps on overflow and strings carry decimal text: do the arithmetic in int32.
+        nodes += [
+            helper.make_node("Cast", ["INPUT0"], ["in0_i32"], to=TensorProto.INT32),
+            helper.make_node("Cast", ["INPUT1"], ["in1_i32"], to=TensorProto.INT32),
+        ]
+        a, b = "in0_i32", "in1_i32"
+        nodes += [
+            helper.make_node("Add", [a, b], ["sum_i32"]),
+            helper.make_node("Sub", [a, b], ["diff_i32"]),
+            helper.make_node("Cast", ["sum_i32"], ["OUTPUT0"], to=elem),
+            helper.make_node("Cast", ["diff_i32"], ["OUTPUT1"], to=elem),
+        ]
+    else:
+        nodes += [
+            helper.make_node("Add", [a, b], ["OUTPUT0"]),
+            helper.make_node("Sub", [a, b], ["OUTPUT1"]),
+        ]
+    graph = helper.make_graph(
+        nodes,
+        f"simple_{dtype.lower()}",
+        [_io("INPUT0", elem, shape), _io("INPUT1", elem, shape)],
+        [_io("OUTPUT0", elem, shape), _io("OUTPUT1", elem, shape)],
+    )
+    return make_model(graph)
+
+
+def _tensors(kind: str, names: Sequence[str], type_name: str, dims: str) -> str:
+    body = ",\n".join(
+        f'  {{\n    name: "{n}"\n    data_type: {type_name}\n    dims: [ {dims} ]\n  }}'
+        for n in names
+    )
+    return f"{kind} [\n{body}\n]\n"
+
+
+def simple_config(name: str, dtype: str = "INT32", max_batch_size: int = 8) -> str:
+    type_name = _TYPES[dtype][1]
+    return (
+        f'name: "{name}"\nplatform: "onnxruntime_onnx"\nmax_batch_size: {max_batch_size}\n'
+        + _tensors("input", ["INPUT0", "INPUT1"], type_name, "16")
+        + _tensors("output", ["OUTPUT0", "OUTPUT1"], type_name, "16")
+    )
+
+
+def build_simple(
+    out: Path,
+    name: str = "simple",
+    dtype: str = "INT32",
+    *,
+    max_batch_size: int = 8,
+    config: str | None = None,
+    write_config: bool = True,
+    versions: Sequence[int] = (1,),
+) -> Path:
+    """The `simple` family (INT32, INT8 or STRING); `config` replaces the default text."""
+    text = config if config is not None else simple_config(name, dtype, max_batch_size)
+    graph = simple_graph(dtype, batch=max_batch_size > 0)
+    return write_model(out, name, graph, text if write_config else None, versions=versions)
+
+
+def identity_graph(
+    dtype: str = "STRING", shape: Sequence[int | str | None] = ("N", "D")
+) -> onnx.ModelProto:
+    elem = _TYPES[dtype][0]
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["INPUT0"], ["OUTPUT0"])],
+        f"identity_{dtype.lower()}",
+        [_io("INPUT0", elem, shape)],
+        [_io("OUTPUT0", elem, shape)],
+    )
+    return make_model(graph)
+
+
+def build_identity(
+    out: Path,
+    name: str = "simple_identity",
+    dtype: str = "STRING",
+    *,
+    max_batch_size: int = 8,
+    config: str | None = None,
+    write_config: bool = True,
+    versions: Sequence[int] = (1,),
+) -> Path:
+    """OUTPUT0 = INPUT0 with a variable trailing dim (ONNX stand-in for Triton's Python model)."""
+    type_name = _TYPES[dtype][1]
+    if config is None:
+        config = (
+            f'name: "{name}"\nplatform: "onnxruntime_onnx"\nmax_batch_size: {max_batch_size}\n'
+            + _tensors("input", ["INPUT0"], type_name, "-1")
+            + _tensors("output", ["OUTPUT0"], type_name, "-1")
+        )
+    shape: tuple[int | str, ...] = ("N", "D") if max_batch_size > 0 else ("D",)
+    graph = identity_graph(dtype, shape)
+    return write_model(out, name, graph, config if write_config else None, versions=versions)
+
+
+def train_digits() -> tuple[object, np.ndarray, np.ndarray]:
+    """Fit the digits classifier; returned with the data so tests can compare predictions."""
+    from sklearn.datasets import load_digits
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = load_digits(return_X_y=True)
+    x = x.astype(np.float32)
+    clf = LogisticRegression(max_iter=5000, random_state=0)
+    clf.fit(x, y)
+    return clf, x, y
+
+
+DIGITS_CONFIG = """\
+# Built by scripts/build_models.py: scikit-learn LogisticRegression(max_iter=5000,
+# random_state=0) fitted on sklearn.datasets.load_digits (8x8 images flattened to 64 FP32
+# pixel values in 0..16), converted with skl2onnx (zipmap disabled).
+name: "{name}"
+platform: "onnxruntime_onnx"
+max_batch_size: 64
+input [
+  {{
+    name: "input"
+    data_type: TYPE_FP32
+    dims: [ 64 ]
+  }}
+]
+output [
+  {{
+    name: "label"
+    data_type: TYPE_INT64
+    dims: [ 1 ]
+    reshape {{ shape: [ ] }}
+  }},
+  {{
+    name: "probabilities"
+    data_type: TYPE_FP32
+    dims: [ 10 ]
+    label_filename: "labels.txt"
+  }}
+]
+dynamic_batching {{ }}
+"""
+
+DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+def digits_graph(clf: object) -> onnx.ModelProto:
+    from skl2onnx import convert_sklearn
+    from skl2onnx.common.data_types import FloatTensorType
+
+    model = convert_sklearn(
+        clf,
+        initial_types=[("input", FloatTensorType([None, 64]))],
+        options={id(clf): {"zipmap": False}},
+        target_opset={"": OPSET, "ai.onnx.ml": 3},
+    )
+    # skl2onnx lists the default domain twice when given a dict of opsets; keep one of each.
+    opsets = {o.domain: o.version for o in model.opset_import}
+    del model.opset_import[:]
+    model.opset_import.extend(helper.make_opsetid(d, v) for d, v in opsets.items())
+    model.ir_version = IR_VERSION
+    model.producer_version = ""  # keep the file independent of the installed skl2onnx
+    model.graph.name = "digits"
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def build_digits(out: Path, name: str = "digits", *, versions: Sequence[int] = (1,)) -> Path:
+    clf, _, _ = train_digits()
+    return write_model(
+        out,
+        name,
+        digits_graph(clf),
+        DIGITS_CONFIG.format(name=name),
+        DIGIT_NAMES,
+        versions=versions,
+    )
+
+
+MLP_WIDTH = 1024
+MLP_LAYERS = 4
+
+
+def mlp_graph(seed: int = 0) -> onnx.ModelProto:
+    """FP32 [N,512] -> 4 x (Gemm 1024 + Relu) -> Gemm 10: a compute-bound benchmark model."""
+    rng = np.random.default_rng(seed)
+    nodes: list[onnx.NodeProto] = []
+    inits: list[onnx.TensorProto] = []
+    prev, width = "INPUT0", 512
+    for i in range(MLP_LAYERS + 1):
+        last = i == MLP_LAYERS
+        n_out = 10 if last else MLP_WIDTH
+        # He initialisation keeps activations in a sane range through the ReLU stack.
+        w = rng.normal(0.0, np.sqrt(2.0 / width), (width, n_out)).astype(np.float32)
+        b = np.zeros(n_out, dtype=np.float32)
+        inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(b, f"b{i}")]
+        gemm_out = "OUTPUT0" if last else f"gemm{i}"
+        nodes.append(helper.make_node("Gemm", [prev, f"w{i}", f"b{i}"], [gemm_out]))
+        if not last:
+            nodes.append(helper.make_node("Relu", [gemm_out], [f"relu{i}"]))
+            prev = f"relu{i}"
+        width = n_out
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [_io("INPUT0", TensorProto.FLOAT, ["N", 512])],
+        [_io("OUTPUT0", TensorProto.FLOAT, ["N", 10])],
+        initializer=inits,
+    )
+    return make_model(graph)
+
+
+MLP_CONFIG = """\
+# Built by scripts/build_models.py (fixed-seed random weights); not committed, benchmark only.
+name: "{name}"
+platform: "onnxruntime_onnx"
+max_batch_size: 64
+input [
+  {{
+    name: "INPUT0"
+    data_type: TYPE_FP32
+    dims: [ 512 ]
+  }}
+]
+output [
+  {{
+    name: "OUTPUT0"
+    data_type: TYPE_FP32
+    dims: [ 10 ]
+  }}
+]
+dynamic_batching {{
+  max_queue_delay_microseconds: 2000
+}}
+"""
+
+
+def build_mlp(out: Path, name: str = "mlp") -> Path:
+    return write_model(out, name, mlp_graph(), MLP_CONFIG.format(name=name))
+
+
+BUILDERS: dict[str, Callable[[Path], Path]] = {
+    "simple": lambda out: build_simple(out, "simple", "INT32"),
+    "simple_int8": lambda out: build_simple(out, "simple_int8", "INT8"),
+    "simple_string": lambda out: build_simple(out, "simple_string", "STRING"),
+    "simple_identity": lambda out: build_identity(out, "simple_identity", "STRING"),
+    "digits": lambda out: build_digits(out, "digits"),
+    "mlp": lambda out: build_mlp(out, "mlp"),
+}
+DEFAULT_MODELS = [name for name in BUILDERS if name != "mlp"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "model_repository")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=sorted(BUILDERS),
+        help=f"models to build (default: {' '.join(DEFAULT_MODELS)}; mlp only on request)",
+    )
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name in args.only or DEFAULT_MODELS:
+        path = BUILDERS[name](args.out)
+        print(f"built {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

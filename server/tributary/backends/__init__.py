@@ -1,0 +1,1 @@
+"""Execution backends (ONNX Runtime), kept apart so config and repository stay engine-free."""

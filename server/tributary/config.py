@@ -1,0 +1,366 @@
+"""Model configuration: read `config.pbtxt`, normalise and auto-complete it like Triton does.
+
+Users bring Triton repositories and read the ModelConfig RPC back, so the normalised config
+must carry the same defaults Triton fills in (PROTOCOL.md §4.2/§4.3). This module never opens
+an inference session: graph metadata comes through a `graph_reader`, which keeps it testable
+and keeps provider choices in the backend. Load-time checks live in `config_check` and are
+re-exported here so callers have one place to import from.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from google.protobuf import text_format
+from tributary_client._proto import model_config_pb2 as mc
+
+from tributary.backends.graph import GraphInfo, GraphTensor, read_graph
+from tributary.config_check import read_labels, validate
+from tributary.datatypes import DType, from_config
+from tributary.errors import InvalidArgument, ModelLoadError
+
+__all__ = [
+    "GraphReader",
+    "ModelSignature",
+    "TensorSpec",
+    "list_versions",
+    "load_config",
+    "model_file",
+    "normalize",
+    "parse_config",
+    "parse_version",
+    "select_versions",
+    "signature",
+    "validate",
+    "versions_of",
+]
+
+PLATFORM = "onnxruntime_onnx"
+BACKEND = "onnxruntime"
+DEFAULT_MODEL_FILENAME = "model.onnx"
+DEFAULT_SEQUENCE_IDLE_US = 1_000_000
+
+GraphReader = Callable[[Path], GraphInfo]
+_Group = mc.ModelInstanceGroup
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What clients see of one tensor: config dims (no batch dim, -1 = variable)."""
+
+    name: str
+    dtype: DType
+    dims: tuple[int, ...]
+    reshape: tuple[int, ...] | None  # model-side shape without batch dim; None = same as dims
+    optional: bool = False
+    labels: tuple[str, ...] | None = None  # classification labels from label_filename
+
+
+@dataclass(frozen=True)
+class ModelSignature:
+    """The request-validation view of a loaded model, free of protobuf."""
+
+    name: str
+    platform: str
+    max_batch_size: int
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    _inputs: dict[str, TensorSpec] = field(init=False, repr=False, compare=False)
+    _outputs: dict[str, TensorSpec] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_inputs", {t.name: t for t in self.inputs})
+        object.__setattr__(self, "_outputs", {t.name: t for t in self.outputs})
+
+    @property
+    def batching(self) -> bool:
+        """Whether requests carry a leading batch dimension."""
+        return self.max_batch_size > 0
+
+    def input(self, name: str) -> TensorSpec | None:
+        return self._inputs.get(name)
+
+    def output(self, name: str) -> TensorSpec | None:
+        return self._outputs.get(name)
+
+
+# -- reading ------------------------------------------------------------------------------------
+
+
+def parse_config(text: str, source: str) -> mc.ModelConfig:
+    """Parse pbtxt text; `source` is only for the message, so users know which file is bad."""
+    try:
+        return text_format.Parse(text, mc.ModelConfig())
+    except text_format.ParseError as exc:
+        raise ModelLoadError(f"failed to read text proto from {source}: {exc}") from exc
+
+
+def load_config(
+    model_dir: Path, *, config_name: str | None = None, override: mc.ModelConfig | None = None
+) -> mc.ModelConfig:
+    """The raw config of a model; a missing config.pbtxt reads as empty (auto-complete fills it)."""
+    if override is not None:
+        config = mc.ModelConfig()
+        config.CopyFrom(override)
+        return config
+    path = model_dir / "config.pbtxt"
+    if config_name:
+        custom = model_dir / "configs" / f"{config_name}.pbtxt"
+        if custom.is_file():
+            path = custom
+    if not path.is_file():
+        return mc.ModelConfig()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"failed to read model config {path}: {exc}") from exc
+    return parse_config(text, str(path))
+
+
+def list_versions(model_dir: Path) -> list[int]:
+    """Numeric version directories, ascending; Triton ignores other names and leading zeros."""
+    if not model_dir.is_dir():
+        return []
+    return sorted(
+        int(p.name)
+        for p in model_dir.iterdir()
+        if p.is_dir() and p.name.isascii() and p.name.isdigit() and not p.name.startswith("0")
+    )
+
+
+def select_versions(config: mc.ModelConfig, available: list[int]) -> list[int]:
+    """Versions the policy asks for among those on disk, ascending."""
+    ordered = sorted(available)
+    policy = config.version_policy
+    kind = policy.WhichOneof("policy_choice")
+    if kind == "all":
+        return ordered
+    if kind == "specific":
+        wanted = set(policy.specific.versions)
+        return [v for v in ordered if v in wanted]
+    count = policy.latest.num_versions if kind == "latest" else 1
+    return ordered[-count:] if count > 0 else []
+
+
+def model_file(model_dir: Path, version: int, config: mc.ModelConfig) -> Path:
+    """The ONNX file of a version; ORT models may be a directory holding model.onnx."""
+    path = model_dir / str(version) / (config.default_model_filename or DEFAULT_MODEL_FILENAME)
+    if path.is_dir():
+        return path / DEFAULT_MODEL_FILENAME
+    return path
+
+
+# -- normalisation ------------------------------------------------------------------------------
+
+
+def normalize(
+    config: mc.ModelConfig,
+    model_dir: Path,
+    *,
+    auto_complete: bool = True,
+    default_max_batch_size: int = 4,
+    gpu_count: int = 0,
+    graph_reader: GraphReader = read_graph,
+) -> mc.ModelConfig:
+    """A new config with Triton's defaults filled in; the input is left untouched."""
+    out = mc.ModelConfig()
+    out.CopyFrom(config)
+    model = model_dir.name
+    if out.name and out.name != model:
+        raise ModelLoadError(
+            f"unexpected name '{out.name}' in configuration of model '{model}', "
+            "the name must match the model directory name"
+        )
+    out.name = model
+    if not out.default_model_filename:
+        out.default_model_filename = DEFAULT_MODEL_FILENAME
+    _fill_platform(out, model_dir)
+    if not out.HasField("version_policy"):
+        out.version_policy.latest.num_versions = 1
+    if out.version_policy.HasField("latest") and out.version_policy.latest.num_versions < 1:
+        raise ModelLoadError(f"model '{model}': version_policy latest must ask for >= 1 version")
+    if out.max_batch_size < 0:
+        raise ModelLoadError(
+            f"unable to load model '{model}', max_batch_size must be >= 0, got {out.max_batch_size}"
+        )
+    if auto_complete and (not out.input or not out.output):
+        _auto_complete(out, model_dir, default_max_batch_size, graph_reader)
+    _fill_instance_groups(out, gpu_count)
+    if out.HasField("dynamic_batching") and not out.dynamic_batching.preferred_batch_size:
+        if out.max_batch_size > 0:
+            out.dynamic_batching.preferred_batch_size.append(out.max_batch_size)
+    if out.HasField("sequence_batching"):
+        if out.sequence_batching.max_sequence_idle_microseconds == 0:
+            out.sequence_batching.max_sequence_idle_microseconds = DEFAULT_SEQUENCE_IDLE_US
+    if not out.optimization.HasField("input_pinned_memory"):
+        out.optimization.input_pinned_memory.enable = True
+    if not out.optimization.HasField("output_pinned_memory"):
+        out.optimization.output_pinned_memory.enable = True
+    return out
+
+
+def _fill_platform(config: mc.ModelConfig, model_dir: Path) -> None:
+    model = config.name
+    platform, backend = config.platform, config.backend
+    if not platform and not backend:
+        # Triton infers the backend from the model file when the config names none.
+        versions = list_versions(model_dir)
+        if any(model_file(model_dir, v, config).is_file() for v in versions):
+            platform, backend = PLATFORM, BACKEND
+        else:
+            raise ModelLoadError(
+                f"unable to load model '{model}': no platform or backend specified and no "
+                f"version directory holds '{config.default_model_filename}'"
+            )
+    if platform not in ("", PLATFORM) or backend not in ("", BACKEND):
+        shown = ", ".join(
+            f"{k} '{v}'" for k, v in (("platform", platform), ("backend", backend)) if v
+        )
+        raise ModelLoadError(
+            f"unable to load model '{model}': unsupported {shown}; only ONNX models "
+            f"(platform '{PLATFORM}', backend '{BACKEND}') are served"
+        )
+    config.platform, config.backend = PLATFORM, BACKEND
+
+
+def _fill_instance_groups(config: mc.ModelConfig, gpu_count: int) -> None:
+    model = config.name
+    if not config.instance_group:
+        config.instance_group.add(name=model)
+    for idx, group in enumerate(config.instance_group):
+        if not group.name:
+            group.name = f"{model}_{idx}"
+        if group.kind == _Group.KIND_AUTO:
+            group.kind = _Group.KIND_GPU if gpu_count > 0 else _Group.KIND_CPU
+        if group.count < 0:
+            raise ModelLoadError(
+                f"instance group '{group.name}' of model '{model}' must have count >= 1, "
+                f"got {group.count}"
+            )
+        if group.count == 0:
+            # ONNX Runtime on CPU gets two instances so one runs while the other batches.
+            group.count = 2 if group.kind == _Group.KIND_CPU else 1
+        if group.kind == _Group.KIND_GPU:
+            if gpu_count == 0:
+                raise ModelLoadError(
+                    f"instance group '{group.name}' of model '{model}' has kind KIND_GPU "
+                    "but no GPUs are available"
+                )
+            if not group.gpus:
+                group.gpus.extend(range(gpu_count))
+            bad = [g for g in group.gpus if not 0 <= g < gpu_count]
+            if bad:
+                raise ModelLoadError(
+                    f"instance group '{group.name}' of model '{model}' specifies invalid or "
+                    f"unsupported gpu id {bad[0]}; {gpu_count} GPU(s) available"
+                )
+        elif group.gpus and group.kind != _Group.KIND_MODEL:
+            raise ModelLoadError(
+                f"instance group '{group.name}' of model '{model}' has kind "
+                f"{_Group.Kind.Name(group.kind)} but specifies one or more GPUs"
+            )
+
+
+def _auto_complete(
+    config: mc.ModelConfig, model_dir: Path, default_max_batch_size: int, reader: GraphReader
+) -> None:
+    """Fill batching and missing I/O from the graph of the first selected version (§4.3)."""
+    model = config.name
+    versions = versions_of(model, config, model_dir)
+    graph = reader(model_file(model_dir, versions[0], config))
+    tensors = graph.inputs + graph.outputs
+    batchable = bool(tensors) and all(t.shape and t.shape[0] is None for t in tensors)
+    if batchable:
+        if config.max_batch_size == 0:
+            config.max_batch_size = default_max_batch_size
+        scheduled = config.HasField("dynamic_batching") or config.HasField("sequence_batching")
+        if config.max_batch_size > 1 and not scheduled:
+            config.dynamic_batching.SetInParent()
+    elif config.max_batch_size != 0:
+        raise ModelLoadError(
+            f"autofill failed for model '{model}': model does not support batching while "
+            "non-zero max_batch_size is specified"
+        )
+    batching = config.max_batch_size > 0
+    if not config.input:
+        for t in graph.inputs:
+            _fill_tensor(config.input.add(), t, batching)
+    if not config.output:
+        for t in graph.outputs:
+            _fill_tensor(config.output.add(), t, batching)
+
+
+def _fill_tensor(spec: mc.ModelInput | mc.ModelOutput, tensor: GraphTensor, batching: bool) -> None:
+    spec.name = tensor.name
+    spec.data_type = tensor.dtype.config  # type: ignore[assignment]
+    shape = tensor.shape[1:] if batching else tensor.shape
+    if shape:
+        spec.dims.extend(-1 if d is None else d for d in shape)
+    else:
+        # Scalars are shown to clients as [1]; with batching the model still sees [batch].
+        spec.dims.append(1)
+        if batching:
+            spec.reshape.SetInParent()
+
+
+# -- the serving view ---------------------------------------------------------------------------
+
+
+def _spec(t: mc.ModelInput | mc.ModelOutput, labels: tuple[str, ...] | None) -> TensorSpec:
+    return TensorSpec(
+        name=t.name,
+        dtype=from_config(t.data_type),
+        dims=tuple(t.dims),
+        reshape=tuple(t.reshape.shape) if t.HasField("reshape") else None,
+        optional=bool(getattr(t, "optional", False)),
+        labels=labels,
+    )
+
+
+def signature(config: mc.ModelConfig, model_dir: Path) -> ModelSignature:
+    """The validation view of a normalised config; reads label files, so call it at load."""
+    outputs = tuple(
+        _spec(o, read_labels(config.name, o, model_dir) if o.label_filename else None)
+        for o in config.output
+    )
+    return ModelSignature(
+        name=config.name,
+        platform=config.platform or config.backend,
+        max_batch_size=config.max_batch_size,
+        inputs=tuple(_spec(i, None) for i in config.input),
+        outputs=outputs,
+    )
+
+
+_VERSION_RE = re.compile(r"\s*[+-]?[0-9]+")
+_INT64_MAX = 2**63 - 1
+
+
+def parse_version(version: str, model: str) -> int | None:
+    """A request's version string; "" means "server chooses" (None). Texts are Triton's (§2.1)."""
+    if version == "":
+        return None
+    if not _VERSION_RE.fullmatch(version) or abs(int(version)) > _INT64_MAX:
+        raise InvalidArgument(
+            f"failed to get model version from specified version string '{version}' "
+            "(details: stol), version should be an integral value > 0"
+        )
+    value = int(version)
+    if value < 0:
+        raise InvalidArgument(
+            f"invalid model version specified '{version}' , version should be an integral value > 0"
+        )
+    return value
+
+
+def versions_of(model: str, config: mc.ModelConfig, model_dir: Path) -> list[int]:
+    """Selected versions of a normalised config, or the error Triton gives when there are none."""
+    versions = select_versions(config, list_versions(model_dir))
+    if not versions:
+        raise ModelLoadError(
+            f"at least one version must be available under the version policy of model '{model}'"
+        )
+    return versions

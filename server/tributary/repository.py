@@ -1,0 +1,425 @@
+"""The model repository: which models exist, which versions are loaded, and in what state.
+
+It decides *what* to load (directories, configs, version policies) and tracks the lifecycle
+states clients see in RepositoryIndex; it never runs inference. Building a servable is the
+composition root's `loader`, so this module stays testable with a fake one.
+
+Concurrency: one lock guards the tables and is never held while loading or closing (both can
+take seconds). A per-model operation lock serialises load/unload of the same model, so a
+reload and an unload of one model cannot interleave while different models load in parallel.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Protocol
+
+from tributary_client._proto import model_config_pb2 as mc
+
+from tributary.backends.graph import read_graph
+from tributary.config import (
+    GraphReader,
+    ModelSignature,
+    load_config,
+    model_file,
+    normalize,
+    parse_version,
+    validate,
+    versions_of,
+)
+from tributary.errors import (
+    InferenceError,
+    Internal,
+    InvalidArgument,
+    ModelLoadError,
+    NotFound,
+    Unavailable,
+)
+
+log = logging.getLogger(__name__)
+
+UNLOADED = "unloaded"
+RELOAD_DRAIN_TIMEOUT = 30.0  # seconds a replaced version gets to finish its in-flight work
+
+
+class ModelState(StrEnum):
+    READY = "READY"
+    UNAVAILABLE = "UNAVAILABLE"
+    LOADING = "LOADING"
+    UNLOADING = "UNLOADING"
+
+
+class Servable(Protocol):
+    """A loaded model version as the rest of the server uses it."""
+
+    name: str
+    version: int
+    config: mc.ModelConfig
+    signature: ModelSignature
+
+    def close(self, timeout: float) -> None: ...
+
+
+Loader = Callable[[str, int, mc.ModelConfig, Path, Path], Servable]
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    name: str
+    version: str
+    state: str
+    reason: str
+
+
+@dataclass
+class _Version:
+    state: ModelState
+    reason: str = ""
+    servable: Servable | None = None
+
+
+@dataclass
+class _Model:
+    """Lifecycle record; kept for failed models too so their reason and config can be shown."""
+
+    model_dir: Path
+    config: mc.ModelConfig | None = None
+    reason: str = ""  # model-level failure (config, normalisation, no versions)
+    versions: dict[int, _Version] = field(default_factory=dict)
+
+
+def _unknown(name: str) -> NotFound:
+    return NotFound(f"Request for unknown model: '{name}' is not found")
+
+
+class ModelRepository:
+    def __init__(
+        self,
+        roots: Sequence[Path],
+        loader: Loader,
+        *,
+        auto_complete: bool = True,
+        default_max_batch_size: int = 4,
+        gpu_count: int = 0,
+        config_name: str | None = None,
+        load_threads: int = 4,
+        graph_reader: GraphReader = read_graph,
+    ) -> None:
+        self._roots = [Path(r) for r in roots]
+        self._loader = loader
+        self._auto_complete = auto_complete
+        self._default_max_batch_size = default_max_batch_size
+        self._gpu_count = gpu_count
+        self._config_name = config_name
+        self._load_threads = max(1, load_threads)
+        self._graph_reader = graph_reader
+        self._lock = threading.Lock()
+        self._models: dict[str, _Model] = {}
+        self._op_locks: dict[str, threading.Lock] = {}
+        for root in self._roots:
+            if not root.is_dir():
+                raise Internal(f"failed to stat model repository '{root}': not a directory")
+        self._scan()  # duplicate names are a startup error, not a per-request surprise
+
+    # -- scanning -----------------------------------------------------------------------------
+
+    def _scan(self) -> dict[str, Path]:
+        found: dict[str, Path] = {}
+        for root in self._roots:
+            for child in sorted(root.iterdir()):
+                if not child.is_dir() or child.name.startswith("."):
+                    continue
+                if child.name in found:
+                    raise Internal(
+                        f"model '{child.name}' appears in multiple model repositories: "
+                        f"'{found[child.name].parent}' and '{root}'"
+                    )
+                found[child.name] = child
+        return found
+
+    def model_names(self) -> list[str]:
+        return sorted(self._scan())
+
+    # -- loading ------------------------------------------------------------------------------
+
+    def load_models(self, names: Sequence[str] | None = None) -> dict[str, str]:
+        """Load many models in parallel; returns {model: reason} for those that failed."""
+        targets = list(names) if names is not None else self.model_names()
+        failures: dict[str, str] = {}
+
+        def one(name: str) -> None:
+            try:
+                self.load(name)
+            except Exception as exc:  # one bad model must not stop the others
+                failures[name] = self._failure_reason(name) or str(exc)
+
+        with ThreadPoolExecutor(self._load_threads, thread_name_prefix="model-load") as pool:
+            list(pool.map(one, targets))
+        return dict(sorted(failures.items()))
+
+    def load(self, name: str, *, override: mc.ModelConfig | None = None) -> None:
+        """Load or reload one model: new versions first, then swap, then close the old ones.
+
+        Raises Triton's repository-load errors (PROTOCOL.md §2.10). A version whose reload
+        fails keeps serving its previous instance, as Triton does.
+        """
+        model_dir = self._scan().get(name)
+        if model_dir is None:
+            raise Internal(f"failed to load '{name}', failed to poll from model repository")
+        with self._op_lock(name):
+            seen: mc.ModelConfig | None = None  # the most complete config we got, for display
+            try:
+                seen = load_config(model_dir, config_name=self._config_name, override=override)
+                config = seen = normalize(
+                    seen,
+                    model_dir,
+                    auto_complete=self._auto_complete,
+                    default_max_batch_size=self._default_max_batch_size,
+                    gpu_count=self._gpu_count,
+                    graph_reader=self._graph_reader,
+                )
+                wanted = versions_of(name, config, model_dir)
+            except Exception as exc:
+                reason = str(exc)
+                log.error("failed to load model '%s': %s", name, reason)
+                self._record_model_failure(name, model_dir, seen, reason)
+                raise Internal(
+                    f"failed to load '{name}', failed to poll from model repository"
+                ) from exc
+            failed = self._load_versions(name, model_dir, config, wanted)
+        errors = [f"version {v} is at UNAVAILABLE state: {r}" for v, r in sorted(failed.items())]
+        if errors:
+            raise ModelLoadError(f"load failed for model '{name}': " + "; ".join(errors))
+
+    def _record_model_failure(
+        self, name: str, model_dir: Path, config: mc.ModelConfig | None, reason: str
+    ) -> None:
+        with self._lock:
+            record = self._models.setdefault(name, _Model(model_dir))
+            if not any(v.state == ModelState.READY for v in record.versions.values()):
+                # Nothing keeps serving, so the model as a whole shows the failure.
+                record.reason = reason
+                if config is not None:
+                    record.config = config
+
+    def _load_versions(
+        self, name: str, model_dir: Path, config: mc.ModelConfig, wanted: list[int]
+    ) -> dict[int, str]:
+        """Returns {version: reason} for versions whose (re)load failed."""
+        with self._lock:
+            record = self._models.setdefault(name, _Model(model_dir))
+            record.model_dir, record.reason = model_dir, ""
+            for v in wanted:
+                current = record.versions.get(v)
+                if current is None or current.state != ModelState.READY:
+                    record.versions[v] = _Version(ModelState.LOADING)
+        fresh: dict[int, Servable] = {}
+        failed: dict[int, str] = {}
+        for v in wanted:
+            try:
+                path = model_file(model_dir, v, config)
+                validate(config, self._graph_reader(path), model_dir)
+                fresh[v] = self._loader(name, v, config, path, model_dir)
+            except Exception as exc:  # the loader may raise anything; the reason is its text
+                log.error("failed to load model '%s' version %d: %s", name, v, exc)
+                failed[v] = str(exc) or type(exc).__name__
+        to_close: list[Servable] = []
+        with self._lock:
+            for v in wanted:
+                current = record.versions[v]
+                if v in fresh:
+                    if current.servable is not None:
+                        to_close.append(current.servable)
+                    record.versions[v] = _Version(ModelState.READY, "", fresh[v])
+                elif current.state == ModelState.READY:
+                    current.reason = ""  # the previous instance keeps serving
+                else:
+                    record.versions[v] = _Version(ModelState.UNAVAILABLE, failed[v])
+            dropped = [v for v in record.versions if v not in wanted]
+            for v in dropped:
+                old = record.versions[v]
+                if old.servable is not None:
+                    to_close.append(old.servable)
+                    old.state, old.servable = ModelState.UNLOADING, None
+            if fresh or record.config is None:
+                record.config = config
+        self._close_all(to_close, RELOAD_DRAIN_TIMEOUT)
+        with self._lock:
+            for v in dropped:
+                record.versions[v] = _Version(ModelState.UNAVAILABLE, UNLOADED)
+        return failed
+
+    def unload(self, name: str, timeout: float = 30.0) -> None:
+        """Unload every version; in-flight work is the servable's to finish within `timeout`."""
+        with self._op_lock(name):
+            with self._lock:
+                record = self._models.get(name)
+                to_close = self._begin_unload(record) if record is not None else []
+            if record is None:
+                if name in self._scan():
+                    return  # in the repository but never loaded: nothing to do
+                raise InvalidArgument(f"failed to unload '{name}', model is not found")
+            self._close_all(to_close, timeout)
+            with self._lock:
+                self._finish_unload(record)
+                record.reason = ""  # unloaded on purpose: no longer a failure
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Unload everything (server shutdown); callers drain traffic first."""
+        with self._lock:
+            records = list(self._models.values())
+            to_close = [s for r in records for s in self._begin_unload(r)]
+        self._close_all(to_close, timeout)
+        with self._lock:
+            for r in records:
+                self._finish_unload(r)
+
+    @staticmethod
+    def _begin_unload(record: _Model) -> list[Servable]:
+        out = []
+        for version in record.versions.values():
+            if version.servable is not None:
+                out.append(version.servable)
+                version.state = ModelState.UNLOADING
+        return out
+
+    @staticmethod
+    def _finish_unload(record: _Model) -> None:
+        for v in list(record.versions):
+            record.versions[v] = _Version(ModelState.UNAVAILABLE, UNLOADED)
+
+    def _close_all(self, servables: list[Servable], timeout: float) -> None:
+        if not servables:
+            return
+
+        def close(s: Servable) -> None:
+            try:
+                s.close(timeout)
+            except Exception:
+                log.exception("error closing model '%s' version %d", s.name, s.version)
+
+        with ThreadPoolExecutor(len(servables), thread_name_prefix="model-close") as pool:
+            list(pool.map(close, servables))
+
+    def _op_lock(self, name: str) -> threading.Lock:
+        with self._lock:
+            return self._op_locks.setdefault(name, threading.Lock())
+
+    # -- queries ------------------------------------------------------------------------------
+
+    def resolve(self, name: str, version: str) -> Servable:
+        """The servable for a request's (model, version), with Triton's exact errors (§2.6)."""
+        wanted = parse_version(version, name)
+        with self._lock:
+            record = self._models.get(name)
+            if record is None:
+                raise _unknown(name)
+            if wanted is None:
+                ready = [n for n, v in record.versions.items() if v.state == ModelState.READY]
+                if not ready:
+                    raise NotFound(f"Request for unknown model: '{name}' has no available versions")
+                wanted = max(ready)
+            found = record.versions.get(wanted)
+            if found is None:
+                raise NotFound(f"Request for unknown model: '{name}' version {wanted} is not found")
+            if found.state != ModelState.READY or found.servable is None:
+                raise Unavailable(
+                    f"Request for unknown model: '{name}' version {wanted} is not at ready state"
+                )
+            return found.servable
+
+    def ready_versions(self, name: str) -> list[Servable]:
+        with self._lock:
+            record = self._models.get(name)
+            if record is None:
+                raise _unknown(name)
+            return [
+                record.versions[v].servable  # type: ignore[misc]
+                for v in sorted(record.versions)
+                if record.versions[v].state == ModelState.READY
+            ]
+
+    def is_model_ready(self, name: str, version: str = "") -> bool:
+        """ModelReady answers false rather than failing for unknown models (§2.6 nuance)."""
+        try:
+            self.resolve(name, version)
+        except InferenceError:
+            return False
+        return True
+
+    def is_ready(self) -> bool:
+        """Strict readiness: something is loaded and every version the lifecycle knows is READY."""
+        with self._lock:
+            counted = 0
+            for record in self._models.values():
+                if record.reason:
+                    return False
+                for version in record.versions.values():
+                    if version.state == ModelState.UNAVAILABLE and version.reason == UNLOADED:
+                        continue
+                    if version.state != ModelState.READY:
+                        return False
+                    counted += 1
+            return counted > 0
+
+    def index(self, ready_only: bool = False) -> list[IndexEntry]:
+        names = set(self.model_names())
+        entries: list[IndexEntry] = []
+        with self._lock:
+            names.update(self._models)
+            for name in sorted(names):
+                record = self._models.get(name)
+                if record is None:
+                    entries.append(IndexEntry(name, "", "", ""))
+                    continue
+                if record.reason:
+                    entries.append(
+                        IndexEntry(name, "", ModelState.UNAVAILABLE.value, record.reason)
+                    )
+                for v in sorted(record.versions):
+                    ver = record.versions[v]
+                    entries.append(IndexEntry(name, str(v), ver.state.value, ver.reason))
+        if ready_only:
+            entries = [e for e in entries if e.state == ModelState.READY]
+        return entries
+
+    def config(self, name: str) -> mc.ModelConfig | None:
+        """The last normalised config of a model (also for failed ones), None if never seen."""
+        with self._lock:
+            record = self._models.get(name)
+            return record.config if record is not None else None
+
+    def servables(self) -> list[Servable]:
+        with self._lock:
+            return [
+                version.servable
+                for name in sorted(self._models)
+                for _, version in sorted(self._models[name].versions.items())
+                if version.state == ModelState.READY and version.servable is not None
+            ]
+
+    def failed(self) -> dict[str, str]:
+        """{model: reason} for models whose config failed or that have an unavailable version."""
+        with self._lock:
+            names = sorted(self._models)
+        return {n: r for n in names if (r := self._failure_reason(n))}
+
+    def _failure_reason(self, name: str) -> str:
+        with self._lock:
+            record = self._models.get(name)
+            if record is None:
+                return ""
+            if record.reason:
+                return record.reason
+            parts = [
+                f"version {v} is at UNAVAILABLE state: {ver.reason}"
+                for v, ver in sorted(record.versions.items())
+                if ver.state == ModelState.UNAVAILABLE and ver.reason != UNLOADED
+            ]
+            return "; ".join(parts)

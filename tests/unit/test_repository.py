@@ -1,0 +1,388 @@
+"""repository.py with a fake loader over tiny real ONNX models built into tmp_path."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf import text_format
+from tributary.config import ModelSignature, signature
+from tributary.errors import Internal, InvalidArgument, ModelLoadError, NotFound, Unavailable
+from tributary.repository import IndexEntry, ModelRepository, ModelState
+from tributary_client._proto import model_config_pb2 as mc
+
+
+@dataclass(eq=False)
+class FakeServable:
+    name: str
+    version: int
+    config: mc.ModelConfig
+    signature: ModelSignature
+    events: list[tuple] = field(repr=False)
+    closed_with: float | None = None
+
+    def close(self, timeout: float) -> None:
+        self.closed_with = timeout
+        self.events.append(("close", self.name, self.version, id(self)))
+
+
+class FakeLoader:
+    """Builds FakeServables; `fail` maps (model, version) or model to an exception to raise."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple] = []
+        self.fail: dict[object, Exception] = {}
+        self.calls: list[tuple[str, int, Path, Path]] = []
+        self.created: list[FakeServable] = []  # strong refs: ids in `events` stay unique
+        self._lock = threading.Lock()
+
+    def __call__(
+        self, name: str, version: int, config: mc.ModelConfig, path: Path, model_dir: Path
+    ) -> FakeServable:
+        with self._lock:
+            self.calls.append((name, version, path, model_dir))
+        exc = self.fail.get((name, version)) or self.fail.get(name)
+        if exc is not None:
+            raise exc
+        assert path.is_file(), path
+        servable = FakeServable(name, version, config, signature(config, model_dir), self.events)
+        with self._lock:
+            self.created.append(servable)
+            self.events.append(("load", name, version, id(servable)))
+        return servable
+
+
+@pytest.fixture
+def root(tmp_path: Path, bm) -> Path:
+    r = tmp_path / "models"
+    bm.build_simple(r, "simple", versions=(1, 2, 3))
+    (r / "simple" / "config.pbtxt").write_text(
+        bm.simple_config("simple") + "version_policy { all { } }\n"
+    )
+    bm.build_simple(r, "simple_int8", "INT8")
+    bm.build_identity(r, "simple_identity")
+    return r
+
+
+@pytest.fixture
+def loader() -> FakeLoader:
+    return FakeLoader()
+
+
+@pytest.fixture
+def repo(root: Path, loader: FakeLoader) -> ModelRepository:
+    return ModelRepository([root], loader)
+
+
+def message(exc_type: type, fn: Callable[[], object]) -> str:
+    with pytest.raises(exc_type) as err:
+        fn()
+    return err.value.message
+
+
+# -- scanning ------------------------------------------------------------------------------------
+
+
+def test_model_names_sorted_dirs_only(root: Path, repo: ModelRepository) -> None:
+    (root / "README.md").write_text("not a model")
+    (root / ".hidden").mkdir()
+    (root / "aaa").mkdir()
+    assert repo.model_names() == ["aaa", "simple", "simple_identity", "simple_int8"]
+
+
+def test_duplicate_names_across_roots_fail_at_startup(tmp_path: Path, root: Path, bm) -> None:
+    other = tmp_path / "other"
+    bm.build_simple(other, "simple_int8", "INT8")
+    bm.build_simple(other, "extra")
+    with pytest.raises(Internal, match="'simple_int8'"):
+        ModelRepository([root, other], FakeLoader())
+    (other / "simple_int8").rename(other / "renamed")
+    repo = ModelRepository([root, other], FakeLoader())
+    assert "renamed" in repo.model_names() and "extra" in repo.model_names()
+
+
+def test_missing_root_fails_at_startup(tmp_path: Path) -> None:
+    with pytest.raises(Internal):
+        ModelRepository([tmp_path / "absent"], FakeLoader())
+
+
+# -- loading and readiness -----------------------------------------------------------------------
+
+
+def test_load_all(repo: ModelRepository, loader: FakeLoader, root: Path) -> None:
+    assert repo.load_models() == {}
+    assert repo.is_ready()
+    assert repo.failed() == {}
+    assert sorted((c[0], c[1]) for c in loader.calls) == [
+        ("simple", 1),
+        ("simple", 2),
+        ("simple", 3),
+        ("simple_identity", 1),
+        ("simple_int8", 1),
+    ]
+    name, version, path, model_dir = next(c for c in loader.calls if c[0] == "simple_int8")
+    assert path == root / "simple_int8" / "1" / "model.onnx"
+    assert model_dir == root / "simple_int8"
+    servable = repo.resolve("simple_int8", "")
+    assert servable.config.platform == "onnxruntime_onnx"  # the loader got the normalised config
+    assert servable.config.instance_group[0].count == 2
+    assert [(s.name, s.version) for s in repo.servables()] == [
+        ("simple", 1),
+        ("simple", 2),
+        ("simple", 3),
+        ("simple_identity", 1),
+        ("simple_int8", 1),
+    ]
+
+
+def test_zero_models_is_not_ready(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    repo = ModelRepository([tmp_path / "empty"], FakeLoader())
+    assert repo.load_models() == {}
+    assert not repo.is_ready()
+    assert repo.index() == []
+
+
+def test_failing_model_beside_healthy_ones(repo: ModelRepository, loader: FakeLoader) -> None:
+    loader.fail["simple_int8"] = RuntimeError("boom")
+    failures = repo.load_models()
+    assert failures == {"simple_int8": "version 1 is at UNAVAILABLE state: boom"}
+    assert repo.failed() == failures
+    assert not repo.is_ready()
+    assert repo.is_model_ready("simple", "")
+    assert repo.is_model_ready("simple_identity", "1")
+    assert not repo.is_model_ready("simple_int8", "")
+    assert not repo.is_model_ready("simple_int8", "1")
+    assert IndexEntry("simple_int8", "1", "UNAVAILABLE", "boom") in repo.index()
+    assert message(Unavailable, lambda: repo.resolve("simple_int8", "1")) == (
+        "Request for unknown model: 'simple_int8' version 1 is not at ready state"
+    )
+
+
+def test_config_failure_is_recorded(root: Path, repo: ModelRepository) -> None:
+    (root / "simple_identity" / "config.pbtxt").write_text('backend: "python"\n')
+    failures = repo.load_models()
+    assert list(failures) == ["simple_identity"]
+    assert "'python'" in failures["simple_identity"]
+    [entry] = [e for e in repo.index() if e.name == "simple_identity"]
+    assert (entry.version, entry.state) == ("", "UNAVAILABLE")
+    assert "'python'" in entry.reason
+    assert repo.config("simple_identity").backend == "python"  # kept so it can be shown
+    assert not repo.is_ready()
+    assert message(NotFound, lambda: repo.resolve("simple_identity", "")) == (
+        "Request for unknown model: 'simple_identity' has no available versions"
+    )
+
+
+def test_validation_runs_before_loader(root: Path, repo: ModelRepository, loader) -> None:
+    text = (root / "simple_int8" / "config.pbtxt").read_text().replace("TYPE_INT8", "TYPE_FP32")
+    (root / "simple_int8" / "config.pbtxt").write_text(text)
+    failures = repo.load_models(["simple_int8"])
+    assert "unexpected datatype TYPE_FP32 for input 'INPUT0'" in failures["simple_int8"]
+    assert not any(c[0] == "simple_int8" for c in loader.calls)
+
+
+def test_load_models_subset_and_index(repo: ModelRepository) -> None:
+    repo.load_models(["simple_identity"])
+    assert repo.index() == [
+        IndexEntry("simple", "", "", ""),
+        IndexEntry("simple_identity", "1", "READY", ""),
+        IndexEntry("simple_int8", "", "", ""),
+    ]
+    assert repo.index(ready_only=True) == [IndexEntry("simple_identity", "1", "READY", "")]
+    assert repo.is_ready(), "models never loaded don't count"
+
+
+# -- resolution ----------------------------------------------------------------------------------
+
+
+def test_resolve_picks_highest_ready(repo: ModelRepository, loader: FakeLoader) -> None:
+    loader.fail[("simple", 3)] = ValueError("bad v3")
+    repo.load_models(["simple"])
+    assert repo.resolve("simple", "").version == 2
+    assert repo.resolve("simple", "1").version == 1
+    assert [s.version for s in repo.ready_versions("simple")] == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("name", "version", "exc", "text"),
+    [
+        ("nope", "", NotFound, "Request for unknown model: 'nope' is not found"),
+        ("nope", "1", NotFound, "Request for unknown model: 'nope' is not found"),
+        ("simple", "7", NotFound, "Request for unknown model: 'simple' version 7 is not found"),
+        (
+            "simple",
+            "3",
+            Unavailable,
+            "Request for unknown model: 'simple' version 3 is not at ready state",
+        ),
+        (
+            "simple",
+            "abc",
+            InvalidArgument,
+            "failed to get model version from specified version string 'abc' (details: stol), "
+            "version should be an integral value > 0",
+        ),
+        (
+            "simple",
+            "-2",
+            InvalidArgument,
+            "invalid model version specified '-2' , version should be an integral value > 0",
+        ),
+        (
+            "simple_int8",
+            "",
+            NotFound,
+            "Request for unknown model: 'simple_int8' is not found",  # in repo, never loaded
+        ),
+    ],
+)
+def test_resolve_errors(
+    repo: ModelRepository, loader: FakeLoader, name: str, version: str, exc: type, text: str
+) -> None:
+    loader.fail[("simple", 3)] = ValueError("bad v3")
+    repo.load_models(["simple"])
+    with pytest.raises(exc) as err:
+        repo.resolve(name, version)
+    assert err.value.message == text
+    assert err.value.code == exc.code
+    assert not repo.is_model_ready(name, version)
+
+
+def test_ready_versions_unknown_model(repo: ModelRepository) -> None:
+    assert message(NotFound, lambda: repo.ready_versions("nope")) == (
+        "Request for unknown model: 'nope' is not found"
+    )
+
+
+# -- reload, unload, close -----------------------------------------------------------------------
+
+
+def test_reload_loads_new_before_closing_old(repo: ModelRepository, loader: FakeLoader) -> None:
+    repo.load_models(["simple_int8"])
+    old = repo.resolve("simple_int8", "1")
+    loader.events.clear()
+    repo.load("simple_int8")
+    new = repo.resolve("simple_int8", "1")
+    assert new is not old
+    assert loader.events == [
+        ("load", "simple_int8", 1, id(new)),
+        ("close", "simple_int8", 1, id(old)),
+    ]
+    assert new.closed_with is None and old.closed_with is not None
+    assert repo.is_ready()
+
+
+def test_failed_reload_keeps_old_version_serving(repo: ModelRepository, loader) -> None:
+    repo.load_models(["simple_int8"])
+    old = repo.resolve("simple_int8", "")
+    loader.fail["simple_int8"] = RuntimeError("disk on fire")
+    with pytest.raises(ModelLoadError) as err:
+        repo.load("simple_int8")
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.message == (
+        "load failed for model 'simple_int8': version 1 is at UNAVAILABLE state: disk on fire"
+    )
+    assert repo.resolve("simple_int8", "") is old and old.closed_with is None
+
+
+def test_first_load_failure_error(repo: ModelRepository, loader: FakeLoader) -> None:
+    loader.fail["simple"] = RuntimeError("nope")
+    with pytest.raises(ModelLoadError) as err:
+        repo.load("simple")
+    assert err.value.message == (
+        "load failed for model 'simple': version 1 is at UNAVAILABLE state: nope; "
+        "version 2 is at UNAVAILABLE state: nope; version 3 is at UNAVAILABLE state: nope"
+    )
+
+
+def test_load_unknown_or_bad_config_is_poll_failure(root: Path, repo: ModelRepository) -> None:
+    assert message(Internal, lambda: repo.load("nope")) == (
+        "failed to load 'nope', failed to poll from model repository"
+    )
+    (root / "simple" / "config.pbtxt").write_text("max_batch_size: [")
+    with pytest.raises(Internal) as err:
+        repo.load("simple")
+    assert err.value.message == "failed to load 'simple', failed to poll from model repository"
+    assert err.value.code == grpc.StatusCode.INTERNAL
+    assert "simple" in repo.failed()
+
+
+def test_override_changes_versions(repo: ModelRepository, loader: FakeLoader) -> None:
+    repo.load_models(["simple"])
+    v2 = repo.resolve("simple", "2")
+    override = text_format.Parse(
+        'platform: "onnxruntime_onnx" max_batch_size: 4 '
+        "version_policy { specific { versions: [1] } }",
+        mc.ModelConfig(),
+    )
+    repo.load("simple", override=override)
+    assert [s.version for s in repo.ready_versions("simple")] == [1]
+    assert repo.resolve("simple", "1").config.max_batch_size == 4
+    assert v2.closed_with is not None
+    index = {e.version: e for e in repo.index() if e.name == "simple"}
+    assert (index["2"].state, index["2"].reason) == ("UNAVAILABLE", "unloaded")
+    assert (index["3"].state, index["3"].reason) == ("UNAVAILABLE", "unloaded")
+    assert repo.is_ready(), "unloaded versions don't count against readiness"
+    assert message(Unavailable, lambda: repo.resolve("simple", "2")).endswith(
+        "version 2 is not at ready state"
+    )
+
+
+def test_unload(repo: ModelRepository) -> None:
+    repo.load_models(["simple", "simple_int8"])
+    old = repo.ready_versions("simple")
+    repo.unload("simple", timeout=5.0)
+    assert all(s.closed_with == 5.0 for s in old)
+    assert repo.ready_versions("simple") == []
+    assert not repo.is_model_ready("simple", "")
+    assert not repo.is_model_ready("simple", "1")
+    assert message(NotFound, lambda: repo.resolve("simple", "")) == (
+        "Request for unknown model: 'simple' has no available versions"
+    )
+    assert [e for e in repo.index() if e.name == "simple"] == [
+        IndexEntry("simple", str(v), "UNAVAILABLE", "unloaded") for v in (1, 2, 3)
+    ]
+    assert repo.is_ready(), "simple_int8 is still READY and simple was unloaded on purpose"
+    repo.unload("simple_int8")
+    assert not repo.is_ready(), "nothing loaded is never vacuously ready"
+    repo.unload("simple_identity")  # in the repository, never loaded: no-op
+    with pytest.raises(InvalidArgument):
+        repo.unload("nope")
+    repo.load("simple")
+    assert [s.version for s in repo.ready_versions("simple")] == [1, 2, 3]
+
+
+def test_unload_clears_failure_for_readiness(repo: ModelRepository, loader) -> None:
+    loader.fail["simple_int8"] = RuntimeError("boom")
+    repo.load_models()
+    assert not repo.is_ready()
+    repo.unload("simple_int8")
+    assert repo.is_ready()
+    assert repo.failed() == {}
+
+
+def test_close_unloads_everything(repo: ModelRepository) -> None:
+    repo.load_models()
+    servables = repo.servables()
+    repo.close(timeout=2.0)
+    assert all(s.closed_with == 2.0 for s in servables)
+    assert repo.servables() == []
+    assert {e.state for e in repo.index()} == {ModelState.UNAVAILABLE.value}
+    assert not repo.is_ready()
+
+
+def test_concurrent_loads_of_one_model(repo: ModelRepository, loader: FakeLoader) -> None:
+    repo.load_models(["simple_identity"])
+    threads = [threading.Thread(target=repo.load, args=("simple_identity",)) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(loader.created) == 9
+    live = repo.resolve("simple_identity", "1")
+    assert [s for s in loader.created if s.closed_with is None] == [live]
