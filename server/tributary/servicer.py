@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import queue
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -59,6 +61,33 @@ class ServerState:
     max_tensor_bytes: int = 2**31 - 1
     exiting: bool = False
     listeners: list[Callable[[], None]] = field(default_factory=list)
+
+
+class _Slot:
+    """One streamed request's place in the response order."""
+
+    def __init__(self, request: Any) -> None:
+        self.request = request
+        self._done = threading.Event()
+        self._response: Any = None
+
+    def succeed(self, response: Any) -> None:
+        response.parameters["triton_final_response"].bool_param = True
+        self._response = pb.ModelStreamInferResponse(infer_response=response)
+        self._done.set()
+
+    def fail(self, exc: InferenceError) -> None:
+        reply = pb.ModelStreamInferResponse(error_message=exc.message)
+        reply.infer_response.id = self.request.id
+        reply.infer_response.model_name = self.request.model_name
+        reply.infer_response.model_version = self.request.model_version
+        reply.infer_response.parameters["triton_final_response"].bool_param = True
+        self._response = reply
+        self._done.set()
+
+    def wait(self) -> Any:
+        self._done.wait()
+        return self._response
 
 
 def _failure_reason(exc: BaseException) -> str:
@@ -116,10 +145,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             name=request.name,
             versions=[str(m.version) for m in models],
             platform=sig.platform,
-            inputs=[meta(name=t.name, datatype=t.dtype.name, shape=batch + list(t.dims))
-                    for t in sig.inputs],
-            outputs=[meta(name=t.name, datatype=t.dtype.name, shape=batch + list(t.dims))
-                     for t in sig.outputs],
+            inputs=[
+                meta(name=t.name, datatype=t.dtype.name, shape=batch + list(t.dims))
+                for t in sig.inputs
+            ],
+            outputs=[
+                meta(name=t.name, datatype=t.dtype.name, shape=batch + list(t.dims))
+                for t in sig.outputs
+            ],
         )
 
     @_rpc
@@ -135,30 +168,50 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return self._infer(request, context.is_active)
 
     def _infer(self, request: Any, is_active: Callable[[], bool] | None) -> Any:
+        model, decoded, start = self._begin(request, is_active)
+        try:
+            results = model.scheduler.infer(decoded.item)
+        except BaseException as exc:
+            self._failed(model, decoded, start, exc)
+            raise
+        return self._finish(request, model, decoded, start, results)
+
+    def _begin(self, request: Any, is_active: Callable[[], bool] | None) -> tuple[Any, Any, int]:
+        """Resolve the model and validate the request (a failure here counts as OTHER)."""
         start = time.perf_counter_ns()
         if self.state.exiting:
             raise Unavailable("Server exiting")
         model = self.repo.resolve(request.model_name, request.model_version)
-        stats = model.stats
-        decoded = None
         try:
             decoded = decode_request(
-                request, model.signature, max_tensor_bytes=self.state.max_tensor_bytes,
+                request,
+                model.signature,
+                max_tensor_bytes=self.state.max_tensor_bytes,
                 is_active=is_active,
             )
-            results = model.scheduler.infer(decoded.item)
-            response = pb.ModelInferResponse(
-                model_name=request.model_name, model_version=str(model.version), id=request.id
-            )
+        except BaseException as exc:
+            self._failed(model, None, start, exc)
+            raise
+        return model, decoded, start
+
+    def _failed(self, model: Any, decoded: Any, start: int, exc: BaseException) -> None:
+        reason = decoded.item.failure_reason if decoded is not None else ""
+        model.stats.request_failure(
+            total_ns=time.perf_counter_ns() - start, reason=reason or _failure_reason(exc)
+        )
+
+    def _finish(self, request: Any, model: Any, decoded: Any, start: int, results: Any) -> Any:
+        """Encode the response and record the request's statistics."""
+        response = pb.ModelInferResponse(
+            model_name=request.model_name, model_version=str(model.version), id=request.id
+        )
+        try:
             encode_response(response, decoded, results, model.name)
         except BaseException as exc:
-            reason = decoded.item.failure_reason if decoded is not None else ""
-            stats.request_failure(
-                total_ns=time.perf_counter_ns() - start, reason=reason or _failure_reason(exc)
-            )
+            self._failed(model, decoded, start, exc)
             raise
         item = decoded.item
-        stats.request_success(
+        model.stats.request_success(
             total_ns=time.perf_counter_ns() - start,
             queue_ns=item.queue_ns,
             compute_input_ns=item.compute_input_ns,
@@ -168,6 +221,49 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             now_ms=time.time_ns() // 1_000_000,
         )
         return response
+
+    @_rpc
+    def ModelStreamInfer(self, request_iterator: Any, context: grpc.ServicerContext) -> Any:
+        """Bidirectional stream: requests run concurrently, responses go out in request order.
+
+        A per-request error does not end the stream: it is answered with `error_message` and
+        the request id (PROTOCOL.md §2.7). Every response carries triton_final_response=true.
+        """
+        slots: queue.Queue[_Slot | None] = queue.Queue()
+
+        def read() -> None:
+            try:
+                for request in request_iterator:
+                    slot = _Slot(request)
+                    slots.put(slot)
+                    self._stream_one(request, slot, context.is_active)
+            except Exception:  # noqa: BLE001 - client went away mid-stream
+                log.debug("stream reader ended", exc_info=True)
+            finally:
+                slots.put(None)
+
+        threading.Thread(target=read, name="stream-reader", daemon=True).start()
+        while (slot := slots.get()) is not None:
+            yield slot.wait()
+
+    def _stream_one(self, request: Any, slot: _Slot, is_active: Callable[[], bool]) -> None:
+        try:
+            model, decoded, start = self._begin(request, is_active)
+        except InferenceError as exc:
+            slot.fail(exc)
+            return
+
+        def done(results: Any, error: InferenceError | None) -> None:
+            if error is not None:
+                self._failed(model, decoded, start, error)
+                slot.fail(error)
+                return
+            try:
+                slot.succeed(self._finish(request, model, decoded, start, results))
+            except InferenceError as exc:
+                slot.fail(exc)
+
+        model.scheduler.submit(decoded.item, done)
 
     # ---- statistics and repository ---------------------------------------------------------
     @_rpc
@@ -207,7 +303,6 @@ def _unimplemented(name: str, what: str) -> Callable[..., Any]:
 
 
 for _name, _what in {
-    "ModelStreamInfer": "use ModelInfer",
     "SystemSharedMemoryStatus": "client shared memory is not supported",
     "SystemSharedMemoryRegister": "client shared memory is not supported",
     "SystemSharedMemoryUnregister": "client shared memory is not supported",
@@ -218,4 +313,3 @@ for _name, _what in {
     "LogSettings": "use --log-verbose at start-up",
 }.items():
     setattr(InferenceServicer, _name, _unimplemented(_name, _what))
-
