@@ -21,6 +21,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 from google.protobuf import text_format
+
 from tributary_client._proto import grpc_service_pb2 as pb
 from tributary_client._proto import grpc_service_pb2_grpc as pb_grpc
 from tributary_client._proto import model_config_pb2 as mc
@@ -39,10 +40,14 @@ class Echo(pb_grpc.GRPCInferenceServiceServicer):
             name=config.name,
             versions=["1"],
             platform="onnxruntime_onnx",
-            inputs=[meta(name=t.name, datatype=_DT[t.data_type], shape=batch + list(t.dims))
-                    for t in config.input],
-            outputs=[meta(name=t.name, datatype=_DT[t.data_type], shape=batch + list(t.dims))
-                     for t in config.output],
+            inputs=[
+                meta(name=t.name, datatype=_DT[t.data_type], shape=batch + list(t.dims))
+                for t in config.input
+            ],
+            outputs=[
+                meta(name=t.name, datatype=_DT[t.data_type], shape=batch + list(t.dims))
+                for t in config.output
+            ],
         )
 
     def ServerMetadata(self, request, context):  # noqa: N802 - gRPC method names
@@ -57,8 +62,9 @@ class Echo(pb_grpc.GRPCInferenceServiceServicer):
     def ModelInfer(self, request, context):  # noqa: N802
         # Shape the reply like a real one: one raw output per model output, batch rows kept.
         rows = request.inputs[0].shape[0] if self.config.max_batch_size > 0 else 1
-        response = pb.ModelInferResponse(model_name=request.model_name, model_version="1",
-                                         id=request.id)
+        response = pb.ModelInferResponse(
+            model_name=request.model_name, model_version="1", id=request.id
+        )
         for out in self.metadata.outputs:
             shape = [rows, *out.shape[1:]] if self.config.max_batch_size > 0 else list(out.shape)
             tensor = response.outputs.add(name=out.name, datatype=out.datatype, shape=shape)
@@ -75,8 +81,11 @@ def main() -> int:
     limit = 2**31 - 1
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=128),
-        options=[("grpc.max_send_message_length", limit),
-                 ("grpc.max_receive_message_length", limit), ("grpc.so_reuseport", 0)],
+        options=[
+            ("grpc.max_send_message_length", limit),
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.so_reuseport", 0),
+        ],
     )
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(Echo(config), server)
     port = server.add_insecure_port("127.0.0.1:0")

@@ -32,27 +32,37 @@ def render(res: dict, command: str, pa_flags: list[str]) -> str:
         "",
         "## Served (perf_analyzer, gRPC)",
         "",
-        "| server | model | -b | c | infer/s | p50 (µs) | p99 (µs) | mean batch | server CPU µs/inference |",
+        "| server | model | -b | c | infer/s | p50 (µs) | p99 (µs) | mean batch "
+        "| server CPU µs/inference |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for key, r in floor.items():
         model, c = key.rsplit("-c", 1)
-        lines.append(f"| echo floor | {model} | 1 | {c} | {r['infer_per_s']:,.0f} | "
-                     f"{r['p50_us']:,.0f} | {r['p99_us']:,.0f} | | |")
+        lines.append(
+            f"| echo floor | {model} | 1 | {c} | {r['infer_per_s']:,.0f} | "
+            f"{r['p50_us']:,.0f} | {r['p99_us']:,.0f} | | |"
+        )
     for key, r in trib.items():
         parts = key.split("-")
         model, c = parts[0], parts[-1][1:]
         b = parts[1][1:] if len(parts) == 3 else "1"
-        lines.append(f"| tributary | {model} | {b} | {c} | {r['infer_per_s']:,.0f} | "
-                     f"{r['p50_us']:,.0f} | {r['p99_us']:,.0f} | {r.get('mean_batch', 0):.1f} | "
-                     f"{r.get('cpu_us_per_inference', 0):,.0f} |")
+        lines.append(
+            f"| tributary | {model} | {b} | {c} | {r['infer_per_s']:,.0f} | "
+            f"{r['p50_us']:,.0f} | {r['p99_us']:,.0f} | {r.get('mean_batch', 0):.1f} | "
+            f"{r.get('cpu_us_per_inference', 0):,.0f} |"
+        )
     lines += ["", "Server-side batch sizes (executions per batch size, from ModelStatistics):", ""]
     for key, r in trib.items():
         if r.get("batches"):
             dist = ", ".join(f"{k}×{v}" for k, v in r["batches"].items())
             lines.append(f"- {key}: {dist}")
-    lines += ["", "## Targets (ratios within this run)", "",
-              "| target | measured | status |", "| --- | --- | --- |"]
+    lines += [
+        "",
+        "## Targets (ratios within this run)",
+        "",
+        "| target | measured | status |",
+        "| --- | --- | --- |",
+    ]
     for key in ("simple-c8", "mlp-c32", "mlp-c64"):
         if key in trib and key in floor:
             ratio = trib[key]["infer_per_s"] / floor[key]["infer_per_s"]
@@ -60,20 +70,29 @@ def render(res: dict, command: str, pa_flags: list[str]) -> str:
     if "mlp-c1" in trib and "mlp-c1" in floor:
         budget = 1.3 * (floor["mlp-c1"]["p50_us"] + inproc[1]["p50_us"])
         p50 = trib["mlp-c1"]["p50_us"]
-        lines.append(f"| mlp c=1 p50 ≤ 1.3 × (floor p50 + in-process batch-1) = {budget:,.0f} µs "
-                     f"| {p50:,.0f} µs | {_ok(p50 <= budget)} |")
+        lines.append(
+            f"| mlp c=1 p50 ≤ 1.3 × (floor p50 + in-process batch-1) = {budget:,.0f} µs "
+            f"| {p50:,.0f} µs | {_ok(p50 <= budget)} |"
+        )
     if "mlp-b8-c16" in trib:
         ratio = trib["mlp-b8-c16"]["infer_per_s"] / inproc[64]["rows_per_s"]
-        lines.append(f"| mlp -b 8 c=16 ≥ 0.6 × in-process rows/s at batch 64 | {ratio:.2f} × | "
-                     f"{_ok(ratio >= 0.6)} |")
+        lines.append(
+            f"| mlp -b 8 c=16 ≥ 0.6 × in-process rows/s at batch 64 | {ratio:.2f} × | "
+            f"{_ok(ratio >= 0.6)} |"
+        )
     if "mlp-c32" in trib and "mlp_nobatch-c32" in trib:
         a = trib["mlp-c32"]["cpu_us_per_inference"]
         b = trib["mlp_nobatch-c32"]["cpu_us_per_inference"]
-        lines.append(f"| server CPU/inference with batching < without (c=32) | {a:,.0f} vs "
-                     f"{b:,.0f} µs | {_ok(a < b)} |")
+        lines.append(
+            f"| server CPU/inference with batching < without (c=32) | {a:,.0f} vs "
+            f"{b:,.0f} µs | {_ok(a < b)} |"
+        )
     if "tributary_idle_rss_mib" in res:
-        lines += ["", f"Tributary idle RSS with this repository loaded: "
-                  f"{res['tributary_idle_rss_mib']:.0f} MiB."]
+        lines += [
+            "",
+            f"Tributary idle RSS with this repository loaded: "
+            f"{res['tributary_idle_rss_mib']:.0f} MiB.",
+        ]
     return "\n".join(lines) + "\n"
 
 

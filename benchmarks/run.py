@@ -31,8 +31,17 @@ OUT = HERE / "out"
 sys.path.insert(0, str(ROOT / "scripts"))
 
 PA_FLAGS = [
-    "-i", "grpc", "--measurement-interval", "3000", "--max-trials", "6",
-    "--stability-percentage", "999", "--input-data", "zero", "--percentile=99",
+    "-i",
+    "grpc",
+    "--measurement-interval",
+    "3000",
+    "--max-trials",
+    "6",
+    "--stability-percentage",
+    "999",
+    "--input-data",
+    "zero",
+    "--percentile=99",
 ]
 
 
@@ -110,8 +119,20 @@ class Proc:
 
 def pa_run(pa: str, model: str, port: int, concurrency: int, batch: int, tag: str) -> dict:
     report = OUT / f"pa-{tag}.csv"
-    cmd = [pa, "-m", model, "-u", f"127.0.0.1:{port}", "-b", str(batch),
-           "--concurrency-range", str(concurrency), *PA_FLAGS, "-f", str(report)]
+    cmd = [
+        pa,
+        "-m",
+        model,
+        "-u",
+        f"127.0.0.1:{port}",
+        "-b",
+        str(batch),
+        "--concurrency-range",
+        str(concurrency),
+        *PA_FLAGS,
+        "-f",
+        str(report),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     (OUT / f"pa-{tag}.log").write_text(done.stdout + done.stderr)
     if done.returncode != 0:
@@ -131,8 +152,10 @@ def batch_distribution(port: int, model: str) -> dict[int, int]:
 
     with grpcclient.InferenceServerClient(f"127.0.0.1:{port}") as c:
         stats = c.get_inference_statistics(model, as_json=True)["model_stats"][0]
-    return {int(b["batch_size"]): int(b["compute_infer"].get("count", 0))
-            for b in stats.get("batch_stats", [])}
+    return {
+        int(b["batch_size"]): int(b["compute_infer"].get("count", 0))
+        for b in stats.get("batch_stats", [])
+    }
 
 
 def measure(pa: str, proc: Proc, model: str, c: int, b: int, tag: str, server: bool) -> dict:
@@ -161,9 +184,13 @@ def main() -> int:
     repo = OUT / "repo"
     build_repo(repo)
     conc = [1, 32] if opts.quick else [1, 8, 32, 64]
-    res: dict = {"machine": {
-        "cpus": os.cpu_count(), "cpu": _cpu_model(), "python": platform.python_version(),
-    }}
+    res: dict = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "cpu": _cpu_model(),
+            "python": platform.python_version(),
+        }
+    }
     print("in-process ONNX Runtime (mlp)", flush=True)
     res["inproc"] = in_process(repo / "mlp" / "1" / "model.onnx", [1, 2, 4, 8, 16, 32, 64])
     for b, r in res["inproc"].items():
@@ -173,21 +200,40 @@ def main() -> int:
     floor: dict = {}
     for model in ("mlp", "simple"):
         pf = OUT / f"echo-{model}.json"
-        proc = Proc([py, str(HERE / "echo_server.py"), str(repo / model), str(pf)], pf,
-                    OUT / f"echo-{model}.log")
+        proc = Proc(
+            [py, str(HERE / "echo_server.py"), str(repo / model), str(pf)],
+            pf,
+            OUT / f"echo-{model}.log",
+        )
         try:
             for c in conc if model == "mlp" else [8]:
-                floor[f"{model}-c{c}"] = measure(pa, proc, model, c, 1, f"floor-{model}-c{c}",
-                                                 False)
+                floor[f"{model}-c{c}"] = measure(
+                    pa, proc, model, c, 1, f"floor-{model}-c{c}", False
+                )
         finally:
             proc.stop()
     res["floor"] = floor
 
     pf = OUT / "tributary.json"
     trib: dict = {}
-    proc = Proc([py, "-m", "tributary.cli", "--model-repository", str(repo), "--grpc-port", "0",
-                 "--grpc-address", "127.0.0.1", "--allow-metrics=false", "--port-file", str(pf)],
-                pf, OUT / "tributary.log")
+    proc = Proc(
+        [
+            py,
+            "-m",
+            "tributary.cli",
+            "--model-repository",
+            str(repo),
+            "--grpc-port",
+            "0",
+            "--grpc-address",
+            "127.0.0.1",
+            "--allow-metrics=false",
+            "--port-file",
+            str(pf),
+        ],
+        pf,
+        OUT / "tributary.log",
+    )
     try:
         idle_rss = _rss_mib(proc.proc.pid)
         for c in conc:
@@ -195,8 +241,9 @@ def main() -> int:
         trib["simple-c8"] = measure(pa, proc, "simple", 8, 1, "tributary-simple-c8", True)
         trib["mlp-b8-c16"] = measure(pa, proc, "mlp", 16, 8, "tributary-mlp-b8-c16", True)
         for c in (1, 32):
-            trib[f"mlp_nobatch-c{c}"] = measure(pa, proc, "mlp_nobatch", c, 1,
-                                                f"tributary-mlp_nobatch-c{c}", True)
+            trib[f"mlp_nobatch-c{c}"] = measure(
+                pa, proc, "mlp_nobatch", c, 1, f"tributary-mlp_nobatch-c{c}", True
+            )
     finally:
         proc.stop()
     res["tributary"] = trib

@@ -21,6 +21,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
+
 from tributary_client._proto import grpc_service_pb2 as pb
 from tributary_client._proto import grpc_service_pb2_grpc as pb_grpc
 from tributary_client._proto._pool import POOL
@@ -112,8 +113,10 @@ class Server:
         deadline = time.monotonic() + self.options.exit_timeout_secs
         self.state.exiting = True
         self.refresh_health()
-        log.info("shutting down: waiting up to %.0fs for in-flight requests",
-                 self.options.exit_timeout_secs)
+        log.info(
+            "shutting down: waiting up to %.0fs for in-flight requests",
+            self.options.exit_timeout_secs,
+        )
         self.grpc_server.stop(grace=self.options.exit_timeout_secs).wait()
         self.repository.close(max(0.0, deadline - time.monotonic()))
         if self.metrics is not None:
@@ -139,7 +142,9 @@ def start(options: ServerOptions) -> Server | None:
     for name, reason in sorted(failures.items()):
         log.error("failed to load model '%s': %s", name, reason)
     if failures and options.exit_on_error:
-        log.error("failed to load all models: %s (--exit-on-error=true)", ", ".join(sorted(failures)))
+        log.error(
+            "failed to load all models: %s (--exit-on-error=true)", ", ".join(sorted(failures))
+        )
         repository.close(0)
         return None
 
@@ -186,7 +191,10 @@ def start(options: ServerOptions) -> Server | None:
     running.refresh_health()
     log.info(
         "Started GRPCInferenceService at %s:%d (%d model(s) ready) in %.2fs",
-        options.grpc_address, port, len(repository.servables()), time.monotonic() - started,
+        options.grpc_address,
+        port,
+        len(repository.servables()),
+        time.monotonic() - started,
     )
     if running.metrics is not None:
         log.info("Started Metrics Service at %s:%d", options.metrics_address, running.metrics.port)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import grpc
+
 from tributary_client._proto import grpc_service_pb2 as pb
 from tributary_client._proto import grpc_service_pb2_grpc as pb_grpc
 

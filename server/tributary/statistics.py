@@ -30,8 +30,14 @@ def to_proto(s: StatsSnapshot) -> Any:
     )
     inf = out.inference_stats
     for field in (
-        "success", "fail", "queue", "compute_input", "compute_infer", "compute_output",
-        "cache_hit", "cache_miss",
+        "success",
+        "fail",
+        "queue",
+        "compute_input",
+        "compute_infer",
+        "compute_output",
+        "cache_hit",
+        "cache_miss",
     ):
         _duration(getattr(inf, field), getattr(s, field))
     for size in sorted(s.batch_stats):
@@ -50,9 +56,7 @@ def statistics_response(repo: ModelRepository, name: str, version: str) -> Any:
         models = repo.servables()
     else:
         try:
-            models = (
-                [repo.resolve(name, version)] if version else repo.ready_versions(name)
-            )
+            models = [repo.resolve(name, version)] if version else repo.ready_versions(name)
         except InferenceError as exc:
             if version and "version" in exc.message:
                 raise InvalidArgument(
