@@ -1,0 +1,138 @@
+"""Protobuf messages ⇄ SDK values, shared by the sync and asyncio clients.
+
+Keeping every message-building rule here means the two clients differ only in how they wait
+for the network, never in what they put on it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from ._proto import grpc_service_pb2 as pb
+from ._tensors import from_raw, from_typed, to_raw
+from ._types import (
+    InferResult,
+    ModelIndex,
+    ModelMetadata,
+    ParamValue,
+    ServerMetadata,
+    StreamResult,
+    TensorMetadata,
+)
+
+# Parameters the SDK sets from its own keyword arguments; passing them in `parameters` too would
+# make the request ambiguous, so it is refused.
+_KEYWORD_PARAMETERS = {"priority": "priority", "timeout": "timeout_us"}
+
+
+def set_parameter(target: pb.InferParameter, value: ParamValue) -> None:
+    """Store a Python value in the InferParameter oneof; bool before int (bool is an int)."""
+    if isinstance(value, bool):
+        target.bool_param = value
+    elif isinstance(value, int):
+        target.int64_param = value
+    elif isinstance(value, float):
+        target.double_param = value
+    elif isinstance(value, str):
+        target.string_param = value
+    else:
+        raise TypeError(f"parameter values must be bool, int, float or str, not {type(value)}")
+
+
+def get_parameter(param: pb.InferParameter) -> ParamValue:
+    kind = param.WhichOneof("parameter_choice")
+    return getattr(param, kind) if kind else ""
+
+
+def build_request(
+    model: str,
+    inputs: Mapping[str, np.ndarray],
+    *,
+    version: str = "",
+    request_id: str = "",
+    outputs: Sequence[str] | None = None,
+    parameters: Mapping[str, ParamValue] | None = None,
+    priority: int | None = None,
+    timeout_us: int | None = None,
+    classification: Mapping[str, int] | None = None,
+) -> pb.ModelInferRequest:
+    """One ModelInferRequest with every input as a raw buffer, in the mapping's order.
+
+    With `classification` and no `outputs`, only the classified outputs are requested: the
+    protocol cannot say "all outputs, and classify this one".
+    """
+    if isinstance(outputs, str):
+        raise TypeError("outputs must be a sequence of names, not a single string")
+    request = pb.ModelInferRequest(model_name=model, model_version=version, id=request_id)
+    for key, value in (parameters or {}).items():
+        if key in _KEYWORD_PARAMETERS:
+            raise ValueError(f"pass '{key}' as the {_KEYWORD_PARAMETERS[key]}= keyword argument")
+        set_parameter(request.parameters[key], value)
+    if priority is not None:
+        if priority < 0:
+            raise ValueError("priority must be >= 0 (0 = the model's default level)")
+        request.parameters["priority"].uint64_param = priority  # what current tritonclient sends
+    if timeout_us is not None:
+        request.parameters["timeout"].int64_param = timeout_us
+    for name, value in inputs.items():
+        array = np.asarray(value)
+        datatype, raw = to_raw(array)
+        request.inputs.add(name=name, datatype=datatype, shape=array.shape)
+        request.raw_input_contents.append(raw)
+    names = list(outputs) if outputs is not None else []
+    names += [n for n in (classification or {}) if n not in names]
+    for name in names:
+        tensor = request.outputs.add(name=name)
+        if classification and name in classification:
+            tensor.parameters["classification"].int64_param = classification[name]
+    return request
+
+
+def decode_response(response: pb.ModelInferResponse) -> InferResult:
+    """InferResult from a response; outputs and raw buffers are matched by position (§2.3)."""
+    raw = response.raw_output_contents
+    outputs: dict[str, np.ndarray] = {}
+    for index, tensor in enumerate(response.outputs):
+        shape = tuple(tensor.shape)
+        if index < len(raw):
+            outputs[tensor.name] = from_raw(tensor.datatype, shape, raw[index])
+        else:
+            outputs[tensor.name] = from_typed(tensor.datatype, shape, tensor.contents)
+    return InferResult(
+        outputs,
+        model_name=response.model_name,
+        model_version=response.model_version,
+        id=response.id,
+        parameters={k: get_parameter(v) for k, v in response.parameters.items()},
+    )
+
+
+def decode_stream_response(response: pb.ModelStreamInferResponse) -> StreamResult:
+    if response.error_message:
+        return StreamResult(id=response.infer_response.id, error=response.error_message)
+    result = decode_response(response.infer_response)
+    return StreamResult(id=result.id, result=result)
+
+
+def server_metadata(response: pb.ServerMetadataResponse) -> ServerMetadata:
+    return ServerMetadata(response.name, response.version, tuple(response.extensions))
+
+
+def _tensors(items: Sequence[pb.ModelMetadataResponse.TensorMetadata]) -> tuple:
+    return tuple(TensorMetadata(t.name, t.datatype, tuple(t.shape)) for t in items)
+
+
+def model_metadata(response: pb.ModelMetadataResponse) -> ModelMetadata:
+    return ModelMetadata(
+        name=response.name,
+        versions=tuple(response.versions),
+        platform=response.platform,
+        inputs=_tensors(response.inputs),
+        outputs=_tensors(response.outputs),
+    )
+
+
+def repository_index(response: pb.RepositoryIndexResponse) -> list[ModelIndex]:
+    return [ModelIndex(m.name, m.version, m.state, m.reason) for m in response.models]

@@ -1,0 +1,157 @@
+"""Connection settings: TLS, keepalive, channel options and the retry policy.
+
+These are values rather than keyword sprawl on the clients so that one configuration can be
+built once (from files, from a config system) and handed to both the sync and asyncio client.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+INT32_MAX = 2**31 - 1
+
+
+@dataclass(frozen=True, slots=True)
+class TLSConfig:
+    """PEM material for a TLS channel; all None means "TLS with the system's root CAs".
+
+    `private_key` + `certificate_chain` present a client certificate (mutual TLS).
+    `server_name_override` checks the server's certificate against that name instead of the
+    host in the URL: for test CAs and for reaching a server by IP.
+    """
+
+    root_certificates: bytes | None = None
+    private_key: bytes | None = None
+    certificate_chain: bytes | None = None
+    server_name_override: str | None = None
+
+    @classmethod
+    def from_files(
+        cls,
+        root_certificates: str | Path | None = None,
+        private_key: str | Path | None = None,
+        certificate_chain: str | Path | None = None,
+        server_name_override: str | None = None,
+    ) -> TLSConfig:
+        def read(path: str | Path | None) -> bytes | None:
+            return Path(path).read_bytes() if path is not None else None
+
+        return cls(
+            read(root_certificates),
+            read(private_key),
+            read(certificate_chain),
+            server_name_override,
+        )
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        if (self.private_key is None) != (self.certificate_chain is None):
+            raise ValueError("mutual TLS needs both private_key and certificate_chain")
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.root_certificates,
+            private_key=self.private_key,
+            certificate_chain=self.certificate_chain,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class KeepAlive:
+    """HTTP/2 keepalive pings; defaults match tritonclient's KeepAliveOptions (§2.8).
+
+    A server enforces a minimum ping interval (Triton/Tributary: 5 min without calls) and
+    closes connections that ping more often, so lower `time_ms` only together with the server.
+    """
+
+    time_ms: int = INT32_MAX
+    timeout_ms: int = 20_000
+    permit_without_calls: bool = False
+    max_pings_without_data: int = 2
+
+
+def channel_options(
+    *,
+    max_message_bytes: int,
+    keepalive: KeepAlive,
+    tls: TLSConfig | None,
+    extra: Sequence[tuple[str, Any]] = (),
+) -> list[tuple[str, Any]]:
+    """grpc channel arguments; `extra` comes last so callers can override any of ours."""
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", keepalive.time_ms),
+        ("grpc.keepalive_timeout_ms", keepalive.timeout_ms),
+        ("grpc.keepalive_permit_without_calls", int(keepalive.permit_without_calls)),
+        ("grpc.http2.max_pings_without_data", keepalive.max_pings_without_data),
+    ]
+    if tls is not None and tls.server_name_override:
+        options.append(("grpc.ssl_target_name_override", tls.server_name_override))
+    return options + list(extra)
+
+
+def normalize_metadata(metadata: Mapping[str, str] | None) -> tuple[tuple[str, str], ...]:
+    """gRPC rejects upper-case metadata keys at call time; lower-case them once, up front."""
+    return tuple((key.lower(), value) for key, value in (metadata or {}).items())
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Client-side retries with exponential backoff.
+
+    Health and metadata calls are idempotent and retried on any code in `retry_on`. `infer` is
+    retried only on UNAVAILABLE, the code for "not executed" (connection refused, server not
+    ready, queue full); anything else may mean the model ran, or will fail the same way again.
+
+    Backoff is deterministic unless `jitter` (a fraction, 0..1, of each delay randomly taken
+    off) is set. `sleep` replaces time.sleep / asyncio.sleep (a coroutine function is awaited
+    by the asyncio client), which lets tests observe retries without waiting.
+    """
+
+    max_attempts: int = 3
+    initial_backoff: float = 0.05
+    max_backoff: float = 1.0
+    multiplier: float = 2.0
+    retry_on: tuple[grpc.StatusCode, ...] = (grpc.StatusCode.UNAVAILABLE,)
+    jitter: float = 0.0
+    sleep: Callable[[float], Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError("max_attempts must be >= 1")
+        if not 0.0 <= self.jitter <= 1.0:
+            raise ValueError("jitter is a fraction between 0 and 1")
+
+    def backoff(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt number `attempt` (1-based)."""
+        delay = min(self.max_backoff, self.initial_backoff * self.multiplier ** (attempt - 1))
+        if self.jitter:
+            delay *= 1.0 - self.jitter * random.random()
+        return delay
+
+    def delay_before_retry(
+        self,
+        attempt: int,
+        code: grpc.StatusCode | None,
+        *,
+        infer: bool,
+        time_left: float | None,
+    ) -> float | None:
+        """Delay before attempt `attempt + 1`, or None to give up and raise."""
+        if attempt >= self.max_attempts or code not in self.retry_on:
+            return None
+        if infer and code != grpc.StatusCode.UNAVAILABLE:
+            return None
+        delay = self.backoff(attempt)
+        if time_left is not None and delay >= time_left:
+            return None  # the retry could not finish within the caller's deadline anyway
+        return delay
+
+
+# Module-level defaults: both are frozen, so sharing one instance between clients is safe.
+DEFAULT_RETRY = RetryPolicy()
+DEFAULT_KEEPALIVE = KeepAlive()
