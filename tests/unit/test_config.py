@@ -8,6 +8,7 @@ from pathlib import Path
 import grpc
 import pytest
 from google.protobuf import text_format
+
 from tributary import config as C
 from tributary.backends.graph import GraphInfo, GraphTensor, read_graph
 from tributary.datatypes import BY_NAME

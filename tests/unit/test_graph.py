@@ -7,6 +7,7 @@ from pathlib import Path
 import onnx
 import pytest
 from onnx import TensorProto, helper
+
 from tributary.backends.graph import GraphTensor, read_graph
 from tributary.datatypes import BY_NAME
 from tributary.errors import ModelLoadError

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+
 from tributary.metrics import CONTENT_TYPE, MetricsServer, escape_label_value, render
 from tributary.options import ServerOptions
 from tributary.stats import LATENCY_BUCKETS_US, ModelStats

@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+
 from tributary import config as C
 from tributary.backends.graph import read_graph
 

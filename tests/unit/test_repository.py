@@ -10,6 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 from google.protobuf import text_format
+
 from tributary.config import ModelSignature, signature
 from tributary.errors import Internal, InvalidArgument, ModelLoadError, NotFound, Unavailable
 from tributary.repository import IndexEntry, ModelRepository, ModelState

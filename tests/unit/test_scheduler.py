@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import pytest
+
 from tributary.batchqueue import BatchQueue, Entry, Plan, effective_timeout_us
 from tributary.errors import Cancelled, Internal, InvalidArgument, Unavailable
 from tributary.scheduler import BatchPolicy, QueuePolicy, Scheduler, WorkItem
