@@ -84,7 +84,8 @@ def main() -> int:
         have = sorted(p.name for p in TARGET.iterdir() if p.is_file()) if TARGET.exists() else []
         _, mismatch, errors = filecmp.cmpfiles(fresh, TARGET, names, shallow=False)
         if mismatch or errors or names != have:
-            print(f"stale stubs in {TARGET}: {mismatch + errors or set(names) ^ set(have)}; run `make protos`")
+            stale = mismatch + errors or sorted(set(names) ^ set(have))
+            print(f"stale stubs in {TARGET}: {stale}; run `make protos`")
             return 1
     print("stubs are up to date")
     return 0

@@ -59,7 +59,12 @@ class _Parser(argparse.ArgumentParser):
 def _flag(group: argparse._ArgumentGroup, name: str, default: bool, help: str) -> None:
     """Triton-style boolean: `--x`, `--x=true`, `--x=false`."""
     group.add_argument(
-        name, type=_bool, nargs="?", const=True, default=default, metavar="BOOL",
+        name,
+        type=_bool,
+        nargs="?",
+        const=True,
+        default=default,
+        metavar="BOOL",
         help=f"{help} (default: {str(default).lower()})",
     )
 
@@ -73,56 +78,116 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"tributary {__version__}")
     m = p.add_argument_group("model repository")
-    m.add_argument("--model-repository", "--model-store", dest="model_repository",
-                   action="append", type=Path, required=True, metavar="PATH",
-                   help="model repository path (repeatable)")
-    m.add_argument("--model-control-mode", choices=["none", "poll", "explicit"], default="none",
-                   help="none: load every model at start-up (default). poll/explicit are not "
-                   "implemented yet and are refused")
-    m.add_argument("--load-model", action="append", default=[], metavar="NAME",
-                   help="model to load at start-up (explicit mode only)")
-    m.add_argument("--model-config-name", metavar="NAME",
-                   help="use <model>/configs/NAME.pbtxt where present")
-    m.add_argument("--disable-auto-complete-config", action="store_true",
-                   help="do not complete configs from the ONNX graph")
+    m.add_argument(
+        "--model-repository",
+        "--model-store",
+        dest="model_repository",
+        action="append",
+        type=Path,
+        required=True,
+        metavar="PATH",
+        help="model repository path (repeatable)",
+    )
+    m.add_argument(
+        "--model-control-mode",
+        choices=["none", "poll", "explicit"],
+        default="none",
+        help="none: load every model at start-up (default). poll/explicit are not "
+        "implemented yet and are refused",
+    )
+    m.add_argument(
+        "--load-model",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="model to load at start-up (explicit mode only)",
+    )
+    m.add_argument(
+        "--model-config-name", metavar="NAME", help="use <model>/configs/NAME.pbtxt where present"
+    )
+    m.add_argument(
+        "--disable-auto-complete-config",
+        action="store_true",
+        help="do not complete configs from the ONNX graph",
+    )
     _flag(m, "--strict-model-config", False, "deprecated: true disables auto-complete")
-    m.add_argument("--backend-config", action="append", default=[], metavar="BACKEND,KEY=VALUE",
-                   help="e.g. onnxruntime,default-max-batch-size=4")
+    m.add_argument(
+        "--backend-config",
+        action="append",
+        default=[],
+        metavar="BACKEND,KEY=VALUE",
+        help="e.g. onnxruntime,default-max-batch-size=4",
+    )
     m.add_argument("--model-load-thread-count", type=_positive, default=4, metavar="N")
     s = p.add_argument_group("server")
-    s.add_argument("--id", dest="server_id", default="tributary",
-                   help="server name reported by ServerMetadata (default: tributary; "
-                   "use 'triton' for clients that check it)")
+    s.add_argument(
+        "--id",
+        dest="server_id",
+        default="tributary",
+        help="server name reported by ServerMetadata (default: tributary; "
+        "use 'triton' for clients that check it)",
+    )
     _flag(s, "--strict-readiness", True, "ready only when every model is READY")
     _flag(s, "--exit-on-error", True, "exit if any model fails to load at start-up")
-    s.add_argument("--exit-timeout-secs", type=_nonneg, default=30, metavar="SECS",
-                   help="time to finish in-flight work on shutdown (default: 30)")
+    s.add_argument(
+        "--exit-timeout-secs",
+        type=_nonneg,
+        default=30,
+        metavar="SECS",
+        help="time to finish in-flight work on shutdown (default: 30)",
+    )
     s.add_argument("--log-verbose", type=_nonneg, default=0, metavar="LEVEL")
-    s.add_argument("--max-tensor-bytes", type=_positive, default=INT32_MAX, metavar="BYTES",
-                   help="refuse input tensors whose shape implies more bytes (default: 2^31-1)")
-    s.add_argument("--port-file", type=Path, metavar="PATH",
-                   help="write the bound ports as JSON here once serving ('-' = stdout)")
+    s.add_argument(
+        "--max-tensor-bytes",
+        type=_positive,
+        default=INT32_MAX,
+        metavar="BYTES",
+        help="refuse input tensors whose shape implies more bytes (default: 2^31-1)",
+    )
+    s.add_argument(
+        "--port-file",
+        type=Path,
+        metavar="PATH",
+        help="write the bound ports as JSON here once serving ('-' = stdout)",
+    )
     g = p.add_argument_group("gRPC")
     g.add_argument("--grpc-address", default="0.0.0.0")
     g.add_argument("--grpc-port", type=_port, default=8001, help="0 picks a free port")
-    g.add_argument("--grpc-worker-threads", type=_positive, default=128, metavar="N",
-                   help="gRPC handler threads = max concurrent RPCs (default: 128)")
-    g.add_argument("--grpc-max-message-size", type=_positive, default=INT32_MAX,
-                   metavar="BYTES", help="max send/receive message size (default: 2^31-1)")
+    g.add_argument(
+        "--grpc-worker-threads",
+        type=_positive,
+        default=128,
+        metavar="N",
+        help="gRPC handler threads = max concurrent RPCs (default: 128)",
+    )
+    g.add_argument(
+        "--grpc-max-message-size",
+        type=_positive,
+        default=INT32_MAX,
+        metavar="BYTES",
+        help="max send/receive message size (default: 2^31-1)",
+    )
     _flag(g, "--reuse-grpc-port", False, "allow several servers on one port (SO_REUSEPORT)")
     _flag(g, "--grpc-use-ssl", False, "serve TLS")
     _flag(g, "--grpc-use-ssl-mutual", False, "require client certificates")
     g.add_argument("--grpc-server-cert", type=Path, metavar="PEM")
     g.add_argument("--grpc-server-key", type=Path, metavar="PEM")
     g.add_argument("--grpc-root-cert", type=Path, metavar="PEM")
-    g.add_argument("--grpc-infer-response-compression-level",
-                   choices=["none", "low", "medium", "high"], default="none")
+    g.add_argument(
+        "--grpc-infer-response-compression-level",
+        choices=["none", "low", "medium", "high"],
+        default="none",
+    )
     g.add_argument("--grpc-keepalive-time", type=_nonneg, default=7_200_000, metavar="MS")
     g.add_argument("--grpc-keepalive-timeout", type=_nonneg, default=20_000, metavar="MS")
     _flag(g, "--grpc-keepalive-permit-without-calls", False, "allow keepalive pings when idle")
     g.add_argument("--grpc-http2-max-pings-without-data", type=_nonneg, default=2, metavar="N")
-    g.add_argument("--grpc-http2-min-recv-ping-interval-without-data", type=_nonneg,
-                   default=300_000, metavar="MS")
+    g.add_argument(
+        "--grpc-http2-min-recv-ping-interval-without-data",
+        type=_nonneg,
+        default=300_000,
+        metavar="MS",
+    )
     g.add_argument("--grpc-http2-max-ping-strikes", type=_nonneg, default=2, metavar="N")
     x = p.add_argument_group("metrics")
     _flag(x, "--allow-metrics", True, "serve Prometheus metrics")

@@ -202,7 +202,12 @@ def decode_request(
             arr = tensors.raw_to_numpy(raw[index], spec.dtype, shape, spec.name, model, rid)
         elif tensor.HasField("contents"):  # type: ignore[attr-defined]
             arr = tensors.typed_to_numpy(
-                tensor.contents, spec.dtype, shape, spec.name, model, rid  # type: ignore[attr-defined]
+                tensor.contents,
+                spec.dtype,
+                shape,
+                spec.name,
+                model,
+                rid,  # type: ignore[attr-defined]
             )
         else:
             raise InvalidArgument(

@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from google.protobuf import text_format
-from tributary_client._proto import model_config_pb2 as mc
 
 from tributary.backends.graph import GraphInfo, GraphTensor, read_graph
 from tributary.config_check import read_labels, validate
 from tributary.datatypes import DType, from_config
 from tributary.errors import InvalidArgument, ModelLoadError
+from tributary_client._proto import model_config_pb2 as mc
 
 __all__ = [
     "GraphReader",

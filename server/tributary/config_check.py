@@ -12,11 +12,10 @@ from collections.abc import Iterable
 from math import prod
 from pathlib import Path
 
-from tributary_client._proto import model_config_pb2 as mc
-
 from tributary.backends.graph import GraphInfo, GraphTensor
 from tributary.datatypes import BY_CONFIG
 from tributary.errors import ModelLoadError
+from tributary_client._proto import model_config_pb2 as mc
 
 _Control = mc.ModelSequenceBatching.Control
 

@@ -148,7 +148,11 @@ def build_loader(
         providers = sorted({p for i in instances for p in i.providers})
         log.info(
             "loaded model '%s' version %d: %d instance(s) on %s in %.2fs",
-            name, version, len(instances), ", ".join(providers), model.load_seconds,
+            name,
+            version,
+            len(instances),
+            ", ".join(providers),
+            model.load_seconds,
         )
         return model
 

@@ -20,8 +20,6 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
 
-from tributary_client._proto import model_config_pb2 as mc
-
 from tributary.backends.graph import read_graph
 from tributary.config import (
     GraphReader,
@@ -41,6 +39,7 @@ from tributary.errors import (
     NotFound,
     Unavailable,
 )
+from tributary_client._proto import model_config_pb2 as mc
 
 log = logging.getLogger(__name__)
 

@@ -86,8 +86,11 @@ def plan_devices(config: Any, gpus: int) -> list[tuple[str, Device]]:
         if kind == KIND_AUTO:
             kind = KIND_GPU if gpus else KIND_CPU
             if not gpus:
-                log.info("model '%s': no GPU found, instance group '%s' runs on CPU",
-                         config.name, group_name)
+                log.info(
+                    "model '%s': no GPU found, instance group '%s' runs on CPU",
+                    config.name,
+                    group_name,
+                )
         if kind == KIND_MODEL:
             kind = KIND_CPU
         count = max(1, group.count)
@@ -117,7 +120,7 @@ def _param(config: Any, key: str) -> str | None:
 
 
 def session_options(config: Any, cpu_instances: int, cores: int | None = None) -> Any:
-    """SessionOptions from the config's Triton-named parameters, with non-oversubscribing defaults."""
+    """SessionOptions from Triton-named config parameters; defaults that do not oversubscribe."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
