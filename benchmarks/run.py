@@ -60,11 +60,16 @@ def build_repo(repo: Path) -> None:
     repo.mkdir(parents=True)
     bm.build_simple(repo)
     bm.build_mlp(repo)
+    # One instance using both cores: two instances would each hold the 15 MB of weights and
+    # evict each other from the cache (measured: c=1 p50 1020 -> 819 us, c=32 +3%).
+    with (repo / "mlp" / "config.pbtxt").open("a") as f:
+        f.write("\ninstance_group [ { kind: KIND_CPU, count: 1 } ]\n")
     # The same graph without dynamic batching, to compare server CPU per inference.
     shutil.copytree(repo / "mlp", repo / "mlp_nobatch")
     cfg = (repo / "mlp" / "config.pbtxt").read_text()
     cfg = cfg.replace('name: "mlp"', 'name: "mlp_nobatch"')
     cfg = cfg[: cfg.index("dynamic_batching")] if "dynamic_batching" in cfg else cfg
+    cfg += "instance_group [ { kind: KIND_CPU, count: 1 } ]\n"
     (repo / "mlp_nobatch" / "config.pbtxt").write_text(cfg)
 
 
