@@ -183,6 +183,11 @@ def test_session_options_defaults_do_not_oversubscribe():
     so = backend.session_options(cfg, cpu_instances=4, cores=2)
     assert so.intra_op_num_threads == 1
     assert so.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    spin = _config(
+        'parameters { key: "session.intra_op.allow_spinning" value: { string_value: "1" } }'
+    )
+    opts = backend.session_options(spin, cpu_instances=1, cores=2)
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "1"
     tuned = _config('parameters { key: "intra_op_thread_count" value: { string_value: "3" } }')
     assert backend.session_options(tuned, cpu_instances=2, cores=2).intra_op_num_threads == 3
 

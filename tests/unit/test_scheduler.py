@@ -766,3 +766,50 @@ def test_direct_mode_many_threads_share_the_instance_pool() -> None:
     assert not errors  # FakeInstance also asserts no instance ran two requests at once
     assert sum(len(i.batches) for i in instances) == 16 * 50
     assert stats.snapshot().pending == 0
+
+
+def _wait_until_idle(sched: Scheduler, inst: FakeInstance) -> None:
+    """The instance thread parks itself in the idle set once it has nothing to do."""
+    for _ in range(10_000):
+        with sched._lock:
+            if inst in sched._idle:
+                return
+        threading.Event().wait(0.001)
+    raise AssertionError("instance thread never went idle")
+
+
+def test_lone_request_runs_inline_on_the_callers_thread() -> None:
+    inst = FakeInstance("a")
+    ran_on: list[str] = []
+    inst.on_run = lambda _inputs: ran_on.append(threading.current_thread().name)
+    sched, stats = scheduler([inst], batching(max_batch_size=8, max_queue_delay_us=50_000))
+    _wait_until_idle(sched, inst)
+    x = np.ones((1, 4), dtype=np.float32)
+    out = sched.infer(WorkItem(inputs={"x": x}, rows=1, outputs=("y",)))
+    assert np.array_equal(out["y"], x * 2)
+    assert ran_on == [threading.current_thread().name]  # no hand-off to the instance thread
+    assert stats.snapshot().execution_count == 1 and stats.snapshot().pending == 0
+    # after the borrow the instance thread works again: a request queued behind a busy
+    # instance is run by it, not by its caller
+    gate = threading.Event()
+    inst.gate = gate
+    first = threading.Thread(
+        target=sched.infer, args=(WorkItem(inputs={"x": x}, rows=1, outputs=("y",)),)
+    )
+    first.start()
+    assert inst.entered.wait(5)
+    inst.gate = None
+    result: list[dict] = []
+    second = threading.Thread(
+        target=lambda: result.append(
+            sched.infer(WorkItem(inputs={"x": x + 1}, rows=1, outputs=("y",)))
+        ),
+        name="second-caller",
+    )
+    second.start()
+    gate.set()
+    first.join(5)
+    second.join(5)
+    assert np.array_equal(result[0]["y"], (x + 1) * 2)
+    assert ran_on[-1] != "second-caller"
+    sched.close(5)
