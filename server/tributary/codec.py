@@ -127,7 +127,7 @@ def decode_request(
     """Validate a ModelInferRequest against the signature and build the scheduler's WorkItem."""
     rid: str = request.id  # type: ignore[attr-defined]
     model = sig.name
-    priority, timeout_us = _request_params(request)
+    priority, timeout_us = _request_params(request) if request.parameters else (0, 0)  # type: ignore[attr-defined]
     raw = request.raw_input_contents  # type: ignore[attr-defined]
     batched = sig.max_batch_size > 0
 
@@ -147,14 +147,15 @@ def decode_request(
         if name in seen:
             raise InvalidArgument(f"{_prefix(rid)}input '{name}' already exists in request")
         seen.add(name)
-        _shm_region(tensor, "input", model)
+        if tensor.parameters:
+            _shm_region(tensor, "input", model)
         if tensor.datatype != spec.dtype.name:
             raise InvalidArgument(
                 f"{_prefix(rid)}inference input '{name}' data-type is '{tensor.datatype}', "
                 f"but model '{model}' expects '{spec.dtype.name}'"
             )
-        shape = tuple(int(d) for d in tensor.shape)
-        if any(d < 0 for d in shape):
+        shape = tuple(tensor.shape)
+        if shape and min(shape) < 0:
             raise InvalidArgument(
                 f"All input dimensions should be specified for input '{name}' for model "
                 f"'{model}', got {tensors.format_shape(shape)}"
@@ -258,7 +259,8 @@ def _requested_outputs(request: object, sig: ModelSignature, rid: str) -> list[R
                     "output can't set both 'shared_memory_region' and 'classification'"
                 )
             k = int(value)  # type: ignore[call-overload]
-        _shm_region(out, "output", sig.name)
+        if out.parameters:
+            _shm_region(out, "output", sig.name)
         result.append(RequestedOutput(spec, k))
     return result
 

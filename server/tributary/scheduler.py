@@ -382,6 +382,11 @@ class Scheduler:
     def _release(self, inst: Instance) -> None:
         """Give `inst` to the next waiter (priority, then FIFO), or back to the pool."""
         with self._lock:
+            if not len(self._queue):  # nobody waiting: the common case
+                self._free.append(inst)
+                if self._closing:
+                    self._cv.notify_all()
+                return
             plan = self._queue.next_batch(self._clock(), flush=True)
             gone = len(plan.batch) + len(plan.dropped)
             if gone:
