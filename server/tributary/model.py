@@ -19,7 +19,7 @@ from .backends.onnxruntime import OrtInstance, create_instances
 from .config import ModelSignature, signature
 from .datatypes import from_config
 from .errors import ModelLoadError
-from .scheduler import BatchPolicy, QueuePolicy, Scheduler, WorkItem
+from .scheduler import BatchPolicy, QueuePolicy, Scheduler
 from .stats import ModelStats
 
 log = logging.getLogger("tributary.model")
@@ -157,7 +157,3 @@ def build_loader(
         return model
 
     return load
-
-
-def run_item(model: Model, item: WorkItem) -> dict[str, np.ndarray]:
-    return model.scheduler.infer(item)
