@@ -12,6 +12,7 @@ Usage: python benchmarks/echo_server.py MODEL_DIR PORT_FILE
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import threading
@@ -80,7 +81,7 @@ def main() -> int:
     config.name = config.name or model_dir.name
     limit = 2**31 - 1
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=128),
+        futures.ThreadPoolExecutor(max_workers=int(os.environ.get("ECHO_WORKERS", "128"))),
         options=[
             ("grpc.max_send_message_length", limit),
             ("grpc.max_receive_message_length", limit),

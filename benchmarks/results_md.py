@@ -87,6 +87,11 @@ def render(res: dict, command: str, pa_flags: list[str]) -> str:
             f"| server CPU/inference with batching < without (c=32) | {a:,.0f} vs "
             f"{b:,.0f} µs | {_ok(a < b)} |"
         )
+    lines += [
+        "",
+        "Why targets are missed, the profiles and what would move them: "
+        "[ANALYSIS.md](ANALYSIS.md).",
+    ]
     if "tributary_idle_rss_mib" in res:
         lines += [
             "",
