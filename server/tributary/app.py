@@ -1,8 +1,9 @@
 """Composition root: build repository, models, gRPC server, health, reflection, metrics.
 
-Start-up order follows Triton: load every model first, and only then open the gRPC port, so a
-client (or Kubernetes) that can connect can also infer. Shutdown order: health NOT_SERVING,
-stop accepting, let in-flight and queued requests finish within --exit-timeout-secs, unload.
+Start-up order follows Triton: load the start-up models first (every model, or in explicit mode
+only the --load-model ones), and only then open the gRPC port, so a client (or Kubernetes) that
+can connect can also infer. Shutdown order: health NOT_SERVING, stop accepting, let in-flight
+and queued requests finish within --exit-timeout-secs, unload.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 import threading
 import time
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -97,16 +98,25 @@ class Server:
     health: health.HealthServicer
     grpc_port: int
     metrics: Any = None
+    _health_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def refresh_health(self) -> None:
-        ready = not self.state.exiting and InferenceServicer(self.repository, self.state).is_ready()
-        status = (
-            health_pb2.HealthCheckResponse.SERVING
-            if ready
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
-        for service in ("", INFERENCE_SERVICE):
-            self.health.set(service, status)
+        """Set grpc.health.v1 from readiness; called at start, on load/unload and on shutdown.
+
+        Serialised so that two concurrent loads cannot leave a stale status behind (one reads
+        readiness, the other reads and sets, then the first sets its older answer).
+        """
+        with self._health_lock:
+            ready = (
+                not self.state.exiting and InferenceServicer(self.repository, self.state).is_ready()
+            )
+            status = (
+                health_pb2.HealthCheckResponse.SERVING
+                if ready
+                else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
+            for service in ("", INFERENCE_SERVICE):
+                self.health.set(service, status)
 
     def stop(self) -> None:
         """Drain: NOT_SERVING, refuse new work, finish in-flight within the timeout, unload."""
@@ -124,6 +134,17 @@ class Server:
         log.info("stopped")
 
 
+def startup_models(options: ServerOptions) -> list[str] | None:
+    """Which models to load before opening the port; None means every model in the repository.
+
+    Explicit mode loads only the --load-model names (none at all without the flag), as
+    tritonserver does; everything else is left for RepositoryModelLoad.
+    """
+    if options.model_control_mode != "explicit" or options.load_models == ["*"]:
+        return None
+    return list(options.load_models)
+
+
 def start(options: ServerOptions) -> Server | None:
     """Load models, then open the port. None when start-up must fail (models failed to load)."""
     started = time.monotonic()
@@ -138,7 +159,7 @@ def start(options: ServerOptions) -> Server | None:
         config_name=options.model_config_name,
         load_threads=options.model_load_thread_count,
     )
-    failures = repository.load_models()
+    failures = repository.load_models(startup_models(options))
     for name, reason in sorted(failures.items()):
         log.error("failed to load model '%s': %s", name, reason)
     if failures and options.exit_on_error:
@@ -152,6 +173,7 @@ def start(options: ServerOptions) -> Server | None:
         server_id=options.server_id,
         strict_readiness=options.strict_readiness,
         max_tensor_bytes=options.max_tensor_bytes,
+        model_control_mode=options.model_control_mode,
     )
     server = grpc.server(
         futures.ThreadPoolExecutor(
@@ -182,6 +204,7 @@ def start(options: ServerOptions) -> Server | None:
         repository.close(0)
         return None
     running = Server(options, repository, state, server, health_servicer, port)
+    state.listeners.append(running.refresh_health)  # run-time load/unload moves readiness
     if options.allow_metrics:
         from .metrics import MetricsServer
 

@@ -92,15 +92,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--model-control-mode",
         choices=["none", "poll", "explicit"],
         default="none",
-        help="none: load every model at start-up (default). poll/explicit are not "
-        "implemented yet and are refused",
+        help="none: load every model at start-up (default). explicit: load only the "
+        "--load-model models, then load/unload through RepositoryModelLoad/Unload. poll is "
+        "not implemented and is refused",
     )
     m.add_argument(
         "--load-model",
         action="append",
         default=[],
         metavar="NAME",
-        help="model to load at start-up (explicit mode only)",
+        help="model to load at start-up (repeatable; explicit mode only; '*' = every model, "
+        "and then the only one)",
     )
     m.add_argument(
         "--model-config-name", metavar="NAME", help="use <model>/configs/NAME.pbtxt where present"
@@ -202,12 +204,14 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Sequence[str] | None = None) -> ServerOptions:
     parser = build_parser()
     a = parser.parse_args(argv)
-    if a.model_control_mode != "none":
-        parser.error(
-            f"--model-control-mode={a.model_control_mode} is not implemented yet; use 'none'"
-        )
-    if a.load_model:
-        parser.error("--load-model needs --model-control-mode=explicit, which is not implemented")
+    if a.model_control_mode == "poll":
+        parser.error("--model-control-mode=poll is not implemented; use 'none' or 'explicit'")
+    if a.load_model and a.model_control_mode != "explicit":
+        parser.error("--load-model needs --model-control-mode=explicit")
+    if "*" in a.load_model and len(a.load_model) > 1:
+        parser.error("--load-model=* loads every model and must be the only --load-model")
+    if "" in a.load_model:
+        parser.error("--load-model needs a model name")
     if (a.grpc_use_ssl or a.grpc_use_ssl_mutual) and not (a.grpc_server_cert and a.grpc_server_key):
         parser.error("--grpc-use-ssl needs --grpc-server-cert and --grpc-server-key")
     if a.grpc_use_ssl_mutual and not a.grpc_root_cert:

@@ -23,6 +23,7 @@ from tributary_client._proto import grpc_service_pb2_grpc as pb_grpc
 
 from . import __version__
 from .codec import decode_request, encode_response
+from .control import ModelControl
 from .errors import Cancelled, InferenceError, Unavailable, Unimplemented
 from .repository import ModelRepository
 
@@ -60,7 +61,9 @@ class ServerState:
     server_id: str = "tributary"
     strict_readiness: bool = True
     max_tensor_bytes: int = 2**31 - 1
+    model_control_mode: str = "none"
     exiting: bool = False
+    # called after a model is loaded or unloaded at run time (health follows readiness)
     listeners: list[Callable[[], None]] = field(default_factory=list)
 
 
@@ -105,6 +108,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, repository: ModelRepository, state: ServerState) -> None:
         self.repo = repository
         self.state = state
+        self.control = ModelControl(
+            repository, explicit=state.model_control_mode == "explicit", on_change=self._changed
+        )
+
+    def _changed(self) -> None:
+        for listener in self.state.listeners:
+            listener()
 
     # ---- health and metadata -------------------------------------------------------------
     def is_ready(self) -> bool:
@@ -287,11 +297,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @_rpc
     def RepositoryModelLoad(self, request: Any, context: grpc.ServicerContext) -> Any:
-        raise Unavailable("explicit model load / unload is not allowed if polling is enabled")
+        self.control.load(request)
+        return pb.RepositoryModelLoadResponse()
 
     @_rpc
     def RepositoryModelUnload(self, request: Any, context: grpc.ServicerContext) -> Any:
-        raise Unavailable("explicit model load / unload is not allowed if polling is enabled")
+        self.control.unload(request)
+        return pb.RepositoryModelUnloadResponse()
 
 
 def _unimplemented(name: str, what: str) -> Callable[..., Any]:

@@ -41,10 +41,6 @@ def test_version() -> None:
         (["--model-repository", str(MODEL_REPOSITORY), "--grpc-port=abc"], "abc"),
         (["--model-repository", str(MODEL_REPOSITORY), "--grpc-port=70000"], "65535"),
         (["--model-repository", str(MODEL_REPOSITORY), "--exit-on-error=maybe"], "maybe"),
-        (
-            ["--model-repository", str(MODEL_REPOSITORY), "--model-control-mode=explicit"],
-            "explicit",
-        ),
         (["--model-repository", "/nonexistent/models"], "/nonexistent/models"),
         (["--grpc-port", "0"], "--model-repository"),
     ],
@@ -53,7 +49,6 @@ def test_version() -> None:
         "bad-port",
         "port-range",
         "bad-bool",
-        "explicit-mode",
         "missing-repo",
         "no-repo",
     ],
