@@ -33,6 +33,7 @@ EXTENSIONS = (
     "classification",
     "model_configuration",
     "model_repository",
+    "model_repository(unload_dependents)",
     "schedule_policy",
     "statistics",
 )

@@ -61,6 +61,9 @@ def test_server_metadata_default_name_and_extensions(client) -> None:
     # perf_analyzer reads server-side stats only when "statistics" is listed (§3).
     for ext in ("model_configuration", "model_repository", "statistics", "classification"):
         assert ext in meta.extensions
+    # only what is implemented is advertised: clients probe these before using the RPCs
+    for ext in ("system_shared_memory", "cuda_shared_memory", "trace", "logging", "sequence"):
+        assert ext not in meta.extensions
     as_json = client.get_server_metadata(as_json=True)
     assert as_json["name"] == "tributary"
     assert set(as_json["extensions"]) == set(meta.extensions)
