@@ -10,6 +10,7 @@ from typing import Any
 
 from tributary_client._proto import grpc_service_pb2 as pb
 
+from .config import parse_version
 from .errors import InferenceError, InvalidArgument
 from .repository import ModelRepository
 from .stats import Duration, StatsSnapshot
@@ -56,14 +57,20 @@ def statistics_response(repo: ModelRepository, name: str, version: str) -> Any:
         models = repo.servables()
     else:
         try:
-            models = [repo.resolve(name, version)] if version else repo.ready_versions(name)
-        except InferenceError as exc:
-            if version and "version" in exc.message:
+            models = repo.ready_versions(name)
+        except InferenceError:
+            raise InvalidArgument(f"requested model '{name}' is not available") from None
+        if version:
+            try:
+                wanted = parse_version(version, name)
+            except InferenceError:
+                wanted = None  # not a valid version string: no such version
+            models = [m for m in models if m.version == wanted]
+            if not models:
                 raise InvalidArgument(
                     f"requested model version is not available for model '{name}'"
-                ) from None
-            raise InvalidArgument(f"requested model '{name}' is not available") from None
-        if not models:
+                )
+        elif not models:
             raise InvalidArgument(f"requested model '{name}' is not available")
     models = sorted(models, key=lambda m: (m.name, m.version))
     return pb.ModelStatisticsResponse(

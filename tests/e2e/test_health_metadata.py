@@ -11,6 +11,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from e2e_support import MODEL_REPOSITORY, rpc_error, triton_error
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tritonclient.utils import InferenceServerException
 
 from tributary_client._proto import grpc_service_pb2 as pb
 
@@ -210,3 +211,30 @@ def test_load_and_unload_refused_in_none_mode(client) -> None:
 def test_unsupported_rpcs_are_unimplemented_and_named(stub, rpc: str, request_message) -> None:
     msg = rpc_error(grpc.StatusCode.UNIMPLEMENTED, getattr(stub, rpc), request_message)
     assert rpc in msg
+
+
+@pytest.mark.parametrize(
+    "name, version, message",
+    [
+        ("no_such_model", "", "requested model 'no_such_model' is not available"),
+        ("no_such_model", "1", "requested model 'no_such_model' is not available"),
+        ("simple", "7", "requested model version is not available for model 'simple'"),
+        ("simple", "abc", "requested model version is not available for model 'simple'"),
+        ("simple", "-1", "requested model version is not available for model 'simple'"),
+    ],
+)
+def test_statistics_for_unavailable_models(client, name, version, message) -> None:
+    with pytest.raises(InferenceServerException) as info:
+        client.get_inference_statistics(name, version)
+    assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert info.value.message() == message
+
+
+def test_statistics_scopes(client) -> None:
+    every = client.get_inference_statistics("", as_json=True)["model_stats"]
+    names = {s["name"] for s in every}
+    assert {"simple", "simple_string", "digits"} <= names
+    one = client.get_inference_statistics("simple", "1", as_json=True)["model_stats"]
+    assert [(s["name"], s["version"]) for s in one] == [("simple", "1")]
+    latest = client.get_inference_statistics("simple", as_json=True)["model_stats"]
+    assert [(s["name"], s["version"]) for s in latest] == [("simple", "1")]
