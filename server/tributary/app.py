@@ -31,7 +31,7 @@ from .backends.onnxruntime import gpu_count
 from .model import build_loader
 from .options import ServerOptions
 from .repository import ModelRepository
-from .servicer import InferenceServicer, ServerState
+from .servicer import InferenceServicer, ServerState, server_ready
 
 log = logging.getLogger("tributary")
 
@@ -107,9 +107,7 @@ class Server:
         readiness, the other reads and sets, then the first sets its older answer).
         """
         with self._health_lock:
-            ready = (
-                not self.state.exiting and InferenceServicer(self.repository, self.state).is_ready()
-            )
+            ready = server_ready(self.repository, self.state)
             status = (
                 health_pb2.HealthCheckResponse.SERVING
                 if ready

@@ -88,7 +88,7 @@ def _request_params(request: object) -> tuple[int, int]:
     return priority, timeout_us
 
 
-def _shm_region(tensor: object, what: str, model: str) -> None:
+def _shm_region(tensor: object) -> None:
     """Shared-memory tensors: no region can be registered yet, so any name is unknown."""
     if "shared_memory_region" in tensor.parameters:  # type: ignore[attr-defined]
         kind, region = _param_value(tensor.parameters["shared_memory_region"])  # type: ignore[attr-defined]
@@ -148,7 +148,7 @@ def decode_request(
             raise InvalidArgument(f"{_prefix(rid)}input '{name}' already exists in request")
         seen.add(name)
         if tensor.parameters:
-            _shm_region(tensor, "input", model)
+            _shm_region(tensor)
         if tensor.datatype != spec.dtype.name:
             raise InvalidArgument(
                 f"{_prefix(rid)}inference input '{name}' data-type is '{tensor.datatype}', "
@@ -179,7 +179,7 @@ def decode_request(
     required = [s.name for s in sig.inputs if not s.optional]
     missing = [n for n in required if n not in seen]
     if missing:
-        got = [n for n in (t.name for t in request.inputs)]  # type: ignore[attr-defined]
+        got = [t.name for t in request.inputs]  # type: ignore[attr-defined]
         total = len(sig.inputs)
         expected = (
             f"expected {total} inputs"
@@ -260,7 +260,7 @@ def _requested_outputs(request: object, sig: ModelSignature, rid: str) -> list[R
                 )
             k = int(value)  # type: ignore[call-overload]
         if out.parameters:
-            _shm_region(out, "output", sig.name)
+            _shm_region(out)
         result.append(RequestedOutput(spec, k))
     return result
 

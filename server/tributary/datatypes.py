@@ -46,13 +46,3 @@ BY_ONNX: dict[str, DType] = {d.onnx: d for d in _ROWS if d.onnx}
 def from_config(value: int) -> DType:
     """DType for a model_config DataType enum value; KeyError for TYPE_INVALID."""
     return BY_CONFIG[value]
-
-
-def from_numpy(dtype: np.dtype) -> DType:
-    """DType for a numpy dtype (object/str/bytes arrays map to BYTES)."""
-    if dtype.kind in "OSU":
-        return BY_NAME["BYTES"]
-    for row in _ROWS:
-        if row.numpy is not None and row.numpy == dtype.newbyteorder("<"):
-            return row
-    raise KeyError(f"no protocol datatype for numpy dtype {dtype}")

@@ -95,6 +95,13 @@ class _Slot:
         return self._response
 
 
+def server_ready(repo: ModelRepository, state: ServerState) -> bool:
+    """ServerReady, health Check and Watch all answer this one question."""
+    if state.exiting:
+        return False
+    return repo.is_ready() if state.strict_readiness else True
+
+
 def _failure_reason(exc: BaseException) -> str:
     if isinstance(exc, Cancelled):
         return "CANCELED"
@@ -119,9 +126,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # ---- health and metadata -------------------------------------------------------------
     def is_ready(self) -> bool:
-        if self.state.exiting:
-            return False
-        return self.repo.is_ready() if self.state.strict_readiness else True
+        return server_ready(self.repo, self.state)
 
     @_rpc
     def ServerLive(self, request: Any, context: grpc.ServicerContext) -> Any:

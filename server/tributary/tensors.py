@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .datatypes import BY_NAME, DType
+from .datatypes import DType
 from .errors import InvalidArgument
 
 _LEN = struct.Struct("<I")
@@ -224,16 +224,6 @@ def serialize_bytes(arr: np.ndarray) -> bytes:
     return b"".join(parts)
 
 
-def deserialize_bytes(buf: bytes) -> list[bytes]:
-    """Inverse of serialize_bytes, for clients and tests."""
-    out, pos = [], 0
-    while pos < len(buf):
-        (n,) = _LEN.unpack_from(buf, pos)
-        out.append(bytes(buf[pos + 4 : pos + 4 + n]))
-        pos += 4 + n
-    return out
-
-
 def _format_value(value: object) -> str:
     """C++ std::to_string formatting, which Triton's classification strings use."""
     if isinstance(value, (float, np.floating)):
@@ -263,7 +253,3 @@ def classify(
                 text += f":{labels[idx]}"
             out[r, j] = text
     return out if batched else out.reshape(k)
-
-
-def dtype_named(name: str) -> DType | None:
-    return BY_NAME.get(name)
