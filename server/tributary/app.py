@@ -24,14 +24,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from tributary_client._proto import grpc_service_pb2 as pb
-from tributary_client._proto import grpc_service_pb2_grpc as pb_grpc
 from tributary_client._proto._pool import POOL
 
 from .backends.onnxruntime import gpu_count
 from .model import build_loader
 from .options import ServerOptions
 from .repository import ModelRepository
-from .servicer import InferenceServicer, ServerState, server_ready
+from .servicer import InferenceServicer, ServerState, register, server_ready
 
 log = logging.getLogger("tributary")
 
@@ -98,6 +97,8 @@ class Server:
     health: health.HealthServicer
     grpc_port: int
     metrics: Any = None
+    servicer: InferenceServicer | None = None
+    stream_pool: futures.ThreadPoolExecutor | None = None
     _health_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def refresh_health(self) -> None:
@@ -125,7 +126,11 @@ class Server:
             "shutting down: waiting up to %.0fs for in-flight requests",
             self.options.exit_timeout_secs,
         )
+        if self.servicer is not None:
+            self.servicer.close_streams()  # open streams end once their in-flight work answers
         self.grpc_server.stop(grace=self.options.exit_timeout_secs).wait()
+        if self.stream_pool is not None:
+            self.stream_pool.shutdown(wait=False)
         self.repository.close(max(0.0, deadline - time.monotonic()))
         if self.metrics is not None:
             self.metrics.stop()
@@ -172,6 +177,8 @@ def start(options: ServerOptions) -> Server | None:
         strict_readiness=options.strict_readiness,
         max_tensor_bytes=options.max_tensor_bytes,
         model_control_mode=options.model_control_mode,
+        max_streams=options.grpc_max_streams,
+        stream_max_pending=options.grpc_stream_max_pending,
     )
     server = grpc.server(
         futures.ThreadPoolExecutor(
@@ -185,7 +192,12 @@ def start(options: ServerOptions) -> Server | None:
         ),
     )
     servicer = InferenceServicer(repository, state)
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    # Streams get their own threads (a few spare ones answer RESOURCE_EXHAUSTED beyond the cap),
+    # so the server's pool stays free for unary RPCs and health checks however many are open.
+    stream_pool = futures.ThreadPoolExecutor(
+        max_workers=options.grpc_max_streams + 8, thread_name_prefix="grpc-stream"
+    )
+    register(server, servicer, stream_pool)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     _register_descriptors()
@@ -201,7 +213,16 @@ def start(options: ServerOptions) -> Server | None:
         log.error("could not bind gRPC port %s", address)
         repository.close(0)
         return None
-    running = Server(options, repository, state, server, health_servicer, port)
+    running = Server(
+        options,
+        repository,
+        state,
+        server,
+        health_servicer,
+        port,
+        servicer=servicer,
+        stream_pool=stream_pool,
+    )
     state.listeners.append(running.refresh_health)  # run-time load/unload moves readiness
     if options.allow_metrics:
         from .metrics import MetricsServer

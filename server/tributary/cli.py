@@ -160,7 +160,23 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive,
         default=128,
         metavar="N",
-        help="gRPC handler threads = max concurrent RPCs (default: 128)",
+        help="gRPC handler threads for unary RPCs (default: 128); streams have their own",
+    )
+    g.add_argument(
+        "--grpc-max-streams",
+        type=_positive,
+        default=512,
+        metavar="N",
+        help="open ModelStreamInfer streams allowed at once; more get RESOURCE_EXHAUSTED "
+        "(default: 512)",
+    )
+    g.add_argument(
+        "--grpc-stream-max-pending",
+        type=_positive,
+        default=256,
+        metavar="N",
+        help="replies a stream may have unsent before the server stops reading its "
+        "requests (default: 256)",
     )
     g.add_argument(
         "--grpc-max-message-size",
@@ -245,6 +261,8 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerOptions:
         grpc_address=a.grpc_address,
         grpc_port=a.grpc_port,
         grpc_worker_threads=a.grpc_worker_threads,
+        grpc_max_streams=a.grpc_max_streams,
+        grpc_stream_max_pending=a.grpc_stream_max_pending,
         grpc_max_message_bytes=a.grpc_max_message_size,
         reuse_grpc_port=a.reuse_grpc_port,
         grpc_use_ssl=a.grpc_use_ssl or a.grpc_use_ssl_mutual,

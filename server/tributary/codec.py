@@ -9,7 +9,7 @@ scheduler and backend can trust the arrays they get.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,10 +17,13 @@ import numpy as np
 from . import tensors
 from .config import ModelSignature, TensorSpec
 from .datatypes import BY_NAME
-from .errors import InvalidArgument, NotFound
+from .errors import InvalidArgument, NotFound, shown
 from .scheduler import WorkItem
 
 INT32_MAX = 2**31 - 1
+MAX_TIMEOUT_US = 365 * 24 * 3600 * 1_000_000
+"""A request's `timeout` parameter is clamped to a year: Triton takes any uint64, and a longer
+deadline is indistinguishable from none, but it must stay inside what clocks and waits accept."""
 _KNOWN_TRITON_PARAMS = {"triton_enable_empty_final_response"}
 _SHAPE_NOTE = (
     " NOTE: Setting a non-zero max_batch_size in the model config requires a batch dimension "
@@ -68,7 +71,7 @@ def _request_params(request: object) -> tuple[int, int]:
                 raise InvalidArgument(
                     "invalid value type for 'timeout' parameter, expected int64_param."
                 )
-            timeout_us = int(value)  # type: ignore[call-overload]
+            timeout_us = min(int(value), MAX_TIMEOUT_US)  # type: ignore[call-overload]
         elif key == "sequence_id":
             if kind not in ("int64_param", "string_param"):
                 raise InvalidArgument(
@@ -123,13 +126,24 @@ def decode_request(
     *,
     max_tensor_bytes: int,
     is_active: Callable[[], bool] | None = None,
+    raw: Sequence[bytes | memoryview] | None = None,
 ) -> DecodedRequest:
-    """Validate a ModelInferRequest against the signature and build the scheduler's WorkItem."""
-    rid: str = request.id  # type: ignore[attr-defined]
+    """Validate a ModelInferRequest against the signature and build the scheduler's WorkItem.
+
+    `raw` are the request's raw_input_contents when the caller split them off the wire
+    (`tributary.wire`); None reads them from the message.
+    """
+    rid: str = shown(request.id)  # type: ignore[attr-defined]
     model = sig.name
     priority, timeout_us = _request_params(request) if request.parameters else (0, 0)  # type: ignore[attr-defined]
-    raw = request.raw_input_contents  # type: ignore[attr-defined]
+    if raw is None:
+        raw = request.raw_input_contents  # type: ignore[attr-defined]
     batched = sig.max_batch_size > 0
+    if len(raw) > len(request.inputs):  # type: ignore[attr-defined]
+        raise InvalidArgument(
+            f"{_prefix(rid)}expected {len(request.inputs)} raw_input_contents (one per input) "  # type: ignore[attr-defined]
+            f"but got {len(raw)} for model '{model}'"
+        )
 
     checked: list[tuple[TensorSpec, object, tuple[int, ...]]] = []
     seen: set[str] = set()
@@ -139,11 +153,11 @@ def decode_request(
         if raw and tensor.HasField("contents"):
             raise InvalidArgument(
                 f"contents field must not be specified when using raw_input_contents for "
-                f"'{name}' for model '{model}'"
+                f"'{shown(name)}' for model '{model}'"
             )
         spec = sig.input(name)
         if spec is None:
-            raise InvalidArgument(f"unexpected inference input '{name}' for model '{model}'")
+            raise InvalidArgument(f"unexpected inference input '{shown(name)}' for model '{model}'")
         if name in seen:
             raise InvalidArgument(f"{_prefix(rid)}input '{name}' already exists in request")
         seen.add(name)
@@ -151,7 +165,7 @@ def decode_request(
             _shm_region(tensor)
         if tensor.datatype != spec.dtype.name:
             raise InvalidArgument(
-                f"{_prefix(rid)}inference input '{name}' data-type is '{tensor.datatype}', "
+                f"{_prefix(rid)}inference input '{name}' data-type is '{shown(tensor.datatype)}', "
                 f"but model '{model}' expects '{spec.dtype.name}'"
             )
         shape = tuple(tensor.shape)
@@ -179,7 +193,7 @@ def decode_request(
     required = [s.name for s in sig.inputs if not s.optional]
     missing = [n for n in required if n not in seen]
     if missing:
-        got = [t.name for t in request.inputs]  # type: ignore[attr-defined]
+        got = [shown(t.name) for t in request.inputs]  # type: ignore[attr-defined]
         total = len(sig.inputs)
         expected = (
             f"expected {total} inputs"
@@ -242,7 +256,7 @@ def _requested_outputs(request: object, sig: ModelSignature, rid: str) -> list[R
         spec = sig.output(out.name)
         if spec is None:
             raise InvalidArgument(
-                f"unexpected inference output '{out.name}' for model '{sig.name}'"
+                f"unexpected inference output '{shown(out.name)}' for model '{sig.name}'"
             )
         if out.name in seen:
             raise InvalidArgument(f"{_prefix(rid)}output '{out.name}' already exists in request")
@@ -270,9 +284,11 @@ def encode_response(
     decoded: DecodedRequest,
     results: dict[str, np.ndarray],
     model: str,
-) -> None:
-    """Fill a ModelInferResponse: one output entry and one raw buffer per output, same order."""
-    raws: list[bytes] = []
+) -> list[object]:
+    """Fill a ModelInferResponse's output entries and return one raw buffer per output, same
+    order. The buffers are contiguous arrays or bytes, appended as raw_output_contents by
+    `tributary.wire` (numeric outputs are not copied until the response is assembled)."""
+    raws: list[object] = []
     total = 0
     for req in decoded.outputs:
         spec = req.spec
@@ -291,11 +307,19 @@ def encode_response(
         out.name = spec.name
         out.datatype = datatype.name
         out.shape.extend(arr.shape)
-        data = tensors.numpy_to_raw(arr, datatype)
-        total += len(data)
+        data: object
+        if datatype.name == "BYTES":
+            data = tensors.serialize_bytes(arr)
+            size = len(data)  # type: ignore[arg-type]
+        else:
+            if arr.dtype != datatype.numpy:
+                arr = arr.astype(datatype.numpy)
+            data = np.ascontiguousarray(arr)
+            size = data.nbytes  # type: ignore[attr-defined]
+        total += size
         raws.append(data)
     if total > INT32_MAX:
         raise InvalidArgument(
             f"Response has byte size {total} which exceeds gRPC's byte size limit {INT32_MAX}."
         )
-    response.raw_output_contents.extend(raws)  # type: ignore[attr-defined]
+    return raws

@@ -63,3 +63,22 @@ class ModelLoadError(InferenceError):
     """A model (version) could not be loaded; the message is the reason shown in RepositoryIndex."""
 
     code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+MAX_SHOWN_NAME = 256
+"""A name a client sent is echoed into an error at most this long: a 1 MB model name in an error
+would otherwise exceed gRPC's metadata limit, and the client would see RESOURCE_EXHAUSTED
+instead of the real error."""
+MAX_MESSAGE = 4096
+"""Every error message sent to a client is cut to this many characters (at the error boundary)."""
+
+
+def shown(name: str, limit: int = MAX_SHOWN_NAME) -> str:
+    """`name` as it may appear in an error message: cut, with the cut said out loud."""
+    if len(name) <= limit:
+        return name
+    return f"{name[:limit]}...({len(name) - limit} more characters)"
+
+
+def clip_message(message: str) -> str:
+    return shown(message, MAX_MESSAGE)

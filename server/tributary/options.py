@@ -26,6 +26,8 @@ class ServerOptions:
     grpc_address: str = "0.0.0.0"
     grpc_port: int = 8001
     grpc_worker_threads: int = 128
+    grpc_max_streams: int = 512
+    grpc_stream_max_pending: int = 256
     grpc_max_message_bytes: int = INT32_MAX
     reuse_grpc_port: bool = False
     grpc_use_ssl: bool = False

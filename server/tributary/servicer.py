@@ -1,20 +1,32 @@
-"""RPC handlers for inference.GRPCInferenceService: thin, and one place maps errors.
+"""RPC handlers for inference.GRPCInferenceService: thin, behind one error boundary.
 
-Handlers turn protobuf into calls on the repository / models and back. `_rpc` is the only
-error mapping: an `InferenceError` becomes `context.abort(code, message)`; anything else is a
-bug, logged with its traceback and answered INTERNAL, and the server carries on.
+Every handler is wrapped by `_boundary` (unary) or answers through `_Stream` (streaming): an
+`InferenceError` becomes its status code and message; anything else is our bug, logged once
+with its traceback and a reference number and answered INTERNAL with that reference, never a
+hang or UNKNOWN. Messages are clipped (`errors.clip_message`) so an echoed name can never push
+the status past gRPC's metadata limit.
+
+ModelInfer and ModelStreamInfer are registered on raw bytes (`register`): `tributary.wire`
+parses them, so undecodable requests are INVALID_ARGUMENT and tensor payloads are never
+copied by protobuf. Streams run on their own thread pool, capped at `--grpc-max-streams`, so
+open streams (idle, or not reading their responses) can never take the threads that unary
+RPCs and health checks need; each stream has at most `--grpc-stream-max-pending` responses
+outstanding before the server stops reading its requests (HTTP/2 flow control then holds the
+client). On shutdown every open stream is ended promptly once its in-flight work is answered.
+See docs/limits.md.
 """
 
 from __future__ import annotations
 
-import functools
+import itertools
 import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 
@@ -24,8 +36,17 @@ from tributary_client._proto import grpc_service_pb2_grpc as pb_grpc
 from . import __version__
 from .codec import decode_request, encode_response
 from .control import ModelControl
-from .errors import Cancelled, InferenceError, Unavailable, Unimplemented
+from .errors import (
+    Cancelled,
+    InferenceError,
+    Internal,
+    ResourceExhausted,
+    Unavailable,
+    Unimplemented,
+    clip_message,
+)
 from .repository import ModelRepository
+from .wire import infer_response_bytes, split_request, stream_response_bytes
 
 log = logging.getLogger("tributary.servicer")
 
@@ -38,21 +59,30 @@ EXTENSIONS = (
     "statistics",
 )
 
-F = TypeVar("F", bound=Callable[..., Any])
+_refs = itertools.count(1)
 
 
-def _rpc(fn: F) -> F:
-    @functools.wraps(fn)
-    def handler(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+def _internal(where: str, exc: BaseException, request_id: str = "") -> Internal:
+    """Log a bug once, with a reference the client is given instead of our internals."""
+    ref = next(_refs)
+    log.error("internal error %d in %s (request id %r)", ref, where, request_id[:128], exc_info=exc)
+    return Internal(f"internal error in {where}: {type(exc).__name__} (server log reference {ref})")
+
+
+def _boundary(name: str, fn: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[..., Any]:
+    """The one error mapping of a unary RPC."""
+
+    def handler(request: Any, context: grpc.ServicerContext) -> Any:
         try:
-            return fn(self, request, context)
+            return fn(request, context)
         except InferenceError as exc:
-            context.abort(exc.code, exc.message)
-        except Exception as exc:  # a bug: keep serving, say what broke
-            log.exception("%s failed", fn.__name__)
-            context.abort(grpc.StatusCode.INTERNAL, f"internal error in {fn.__name__}: {exc}")
+            error: InferenceError = exc
+        except Exception as exc:  # a bug: keep serving, say where
+            error = _internal(name, exc)
+        context.abort(error.code, clip_message(error.message))
 
-    return handler  # type: ignore[return-value]
+    handler.__name__ = name
+    return handler
 
 
 @dataclass
@@ -63,36 +93,65 @@ class ServerState:
     strict_readiness: bool = True
     max_tensor_bytes: int = 2**31 - 1
     model_control_mode: str = "none"
+    max_streams: int = 512
+    stream_max_pending: int = 256
     exiting: bool = False
     # called after a model is loaded or unloaded at run time (health follows readiness)
     listeners: list[Callable[[], None]] = field(default_factory=list)
 
 
 class _Slot:
-    """One streamed request's place in the response order."""
+    """One streamed request's place in the response order: the serialized reply, once known."""
 
-    def __init__(self, request: Any) -> None:
-        self.request = request
+    __slots__ = ("_done", "_response")
+
+    def __init__(self) -> None:
         self._done = threading.Event()
-        self._response: Any = None
+        self._response = b""
 
-    def succeed(self, response: Any) -> None:
-        response.parameters["triton_final_response"].bool_param = True
-        self._response = pb.ModelStreamInferResponse(infer_response=response)
+    def succeed(self, head: Any, raws: list[object]) -> None:
+        head.parameters["triton_final_response"].bool_param = True
+        self._response = stream_response_bytes(head, raws)
         self._done.set()
 
-    def fail(self, exc: InferenceError) -> None:
-        reply = pb.ModelStreamInferResponse(error_message=exc.message)
-        reply.infer_response.id = self.request.id
-        reply.infer_response.model_name = self.request.model_name
-        reply.infer_response.model_version = self.request.model_version
+    def fail(self, exc: InferenceError, request: Any = None) -> None:
+        reply = pb.ModelStreamInferResponse(error_message=clip_message(exc.message))
+        if request is not None:
+            reply.infer_response.id = request.id
+            reply.infer_response.model_name = request.model_name
+            reply.infer_response.model_version = request.model_version
         reply.infer_response.parameters["triton_final_response"].bool_param = True
-        self._response = reply
+        self._response = reply.SerializeToString()
         self._done.set()
 
-    def wait(self) -> Any:
+    def wait(self) -> bytes:
         self._done.wait()
         return self._response
+
+
+_CLOSE = object()
+"""Put in a stream's queue at shutdown: answer what came before it, then end the stream."""
+
+
+class _Stream:
+    """One open ModelStreamInfer: replies in request order and a window of pending ones."""
+
+    def __init__(self, max_pending: int) -> None:
+        self.replies: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.room = threading.Semaphore(max_pending)
+        self.closed = threading.Event()
+
+    def close(self) -> None:
+        if not self.closed.is_set():
+            self.closed.set()
+            self.replies.put(_CLOSE)
+
+    def wait_for_room(self) -> bool:
+        """Block while the client has `max_pending` replies outstanding; False once closed."""
+        while not self.room.acquire(timeout=0.25):
+            if self.closed.is_set():
+                return False
+        return not self.closed.is_set()
 
 
 def server_ready(repo: ModelRepository, state: ServerState) -> bool:
@@ -119,6 +178,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.control = ModelControl(
             repository, explicit=state.model_control_mode == "explicit", on_change=self._changed
         )
+        self._streams: set[_Stream] = set()
+        self._streams_lock = threading.Lock()
 
     def _changed(self) -> None:
         for listener in self.state.listeners:
@@ -128,26 +189,21 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def is_ready(self) -> bool:
         return server_ready(self.repo, self.state)
 
-    @_rpc
     def ServerLive(self, request: Any, context: grpc.ServicerContext) -> Any:
         return pb.ServerLiveResponse(live=not self.state.exiting)
 
-    @_rpc
     def ServerReady(self, request: Any, context: grpc.ServicerContext) -> Any:
         return pb.ServerReadyResponse(ready=self.is_ready())
 
-    @_rpc
     def ModelReady(self, request: Any, context: grpc.ServicerContext) -> Any:
         ready = not self.state.exiting and self.repo.is_model_ready(request.name, request.version)
         return pb.ModelReadyResponse(ready=ready)
 
-    @_rpc
     def ServerMetadata(self, request: Any, context: grpc.ServicerContext) -> Any:
         return pb.ServerMetadataResponse(
             name=self.state.server_id, version=__version__, extensions=EXTENSIONS
         )
 
-    @_rpc
     def ModelMetadata(self, request: Any, context: grpc.ServicerContext) -> Any:
         if request.version:
             models = [self.repo.resolve(request.name, request.version)]
@@ -172,7 +228,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             ],
         )
 
-    @_rpc
     def ModelConfig(self, request: Any, context: grpc.ServicerContext) -> Any:
         model = self.repo.resolve(request.name, request.version)
         response = pb.ModelConfigResponse()
@@ -180,12 +235,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return response
 
     # ---- inference -----------------------------------------------------------------------
-    @_rpc
-    def ModelInfer(self, request: Any, context: grpc.ServicerContext) -> Any:
-        return self._infer(request, context.is_active)
+    def ModelInfer(self, data: bytes, context: grpc.ServicerContext) -> bytes:
+        """Registered on raw bytes (see `register`): parse, infer, assemble the reply."""
+        request, raws = split_request(data)
+        head, outputs = self._infer(request, raws, context.is_active)
+        return infer_response_bytes(head, outputs)
 
-    def _infer(self, request: Any, is_active: Callable[[], bool] | None) -> Any:
-        model, decoded, start = self._begin(request, is_active)
+    def _infer(
+        self, request: Any, raws: list[memoryview], is_active: Callable[[], bool] | None
+    ) -> tuple[Any, list[object]]:
+        model, decoded, start = self._begin(request, raws, is_active)
         try:
             results = model.scheduler.infer(decoded.item)
         except BaseException as exc:
@@ -193,7 +252,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise
         return self._finish(request, model, decoded, start, results)
 
-    def _begin(self, request: Any, is_active: Callable[[], bool] | None) -> tuple[Any, Any, int]:
+    def _begin(
+        self, request: Any, raws: list[memoryview], is_active: Callable[[], bool] | None
+    ) -> tuple[Any, Any, int]:
         """Resolve the model and validate the request (a failure here counts as OTHER)."""
         start = time.perf_counter_ns()
         if self.state.exiting:
@@ -205,6 +266,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 model.signature,
                 max_tensor_bytes=self.state.max_tensor_bytes,
                 is_active=is_active,
+                raw=raws,
             )
         except BaseException as exc:
             self._failed(model, None, start, exc)
@@ -217,13 +279,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             total_ns=time.perf_counter_ns() - start, reason=reason or _failure_reason(exc)
         )
 
-    def _finish(self, request: Any, model: Any, decoded: Any, start: int, results: Any) -> Any:
+    def _finish(
+        self, request: Any, model: Any, decoded: Any, start: int, results: Any
+    ) -> tuple[Any, list[object]]:
         """Encode the response and record the request's statistics."""
         response = pb.ModelInferResponse(
             model_name=request.model_name, model_version=str(model.version), id=request.id
         )
         try:
-            encode_response(response, decoded, results, model.name)
+            raws = encode_response(response, decoded, results, model.name)
         except BaseException as exc:
             self._failed(model, decoded, start, exc)
             raise
@@ -237,59 +301,117 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             rows=item.rows,
             now_ms=time.time_ns() // 1_000_000,
         )
-        return response
+        return response, raws
 
-    @_rpc
-    def ModelStreamInfer(self, request_iterator: Any, context: grpc.ServicerContext) -> Any:
-        """Bidirectional stream: requests run concurrently, responses go out in request order.
+    def ModelStreamInfer(
+        self, request_iterator: Iterator[bytes], context: grpc.ServicerContext
+    ) -> Iterator[bytes]:
+        """Bidirectional stream: requests run concurrently, replies go out in request order.
 
         A per-request error does not end the stream: it is answered with `error_message` and
-        the request id (PROTOCOL.md §2.7). Every response carries triton_final_response=true.
+        the request id (PROTOCOL.md §2.7). Every reply carries triton_final_response=true.
+        Runs on the stream pool (see `register`); a reader thread takes requests while this
+        generator writes replies.
         """
-        slots: queue.Queue[_Slot | None] = queue.Queue()
-
-        def read() -> None:
-            try:
-                for request in request_iterator:
-                    slot = _Slot(request)
-                    slots.put(slot)
-                    self._stream_one(request, slot, context.is_active)
-            except Exception:  # noqa: BLE001 - client went away mid-stream
-                log.debug("stream reader ended", exc_info=True)
-            finally:
-                slots.put(None)
-
-        threading.Thread(target=read, name="stream-reader", daemon=True).start()
-        while (slot := slots.get()) is not None:
-            yield slot.wait()
-
-    def _stream_one(self, request: Any, slot: _Slot, is_active: Callable[[], bool]) -> None:
+        stream = self._admit()
+        ended_by_server = False
         try:
-            model, decoded, start = self._begin(request, is_active)
+            reader = threading.Thread(
+                target=self._read_stream,
+                args=(stream, request_iterator, context.is_active),
+                name="stream-reader",
+                daemon=True,
+            )
+            reader.start()
+            while (slot := stream.replies.get()) is not None:
+                if slot is _CLOSE:
+                    ended_by_server = True
+                    break
+                data = slot.wait()
+                yield data
+                stream.room.release()
+        finally:
+            with self._streams_lock:
+                self._streams.discard(stream)
+            stream.closed.set()
+        if ended_by_server:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "Server exiting")
+
+    def _admit(self) -> _Stream:
+        with self._streams_lock:
+            if self.state.exiting:
+                raise Unavailable("Server exiting")
+            if len(self._streams) >= self.state.max_streams:
+                raise ResourceExhausted(
+                    f"too many open ModelStreamInfer streams: the server allows "
+                    f"{self.state.max_streams} (--grpc-max-streams)"
+                )
+            stream = _Stream(self.state.stream_max_pending)
+            self._streams.add(stream)
+            return stream
+
+    def _read_stream(
+        self, stream: _Stream, request_iterator: Iterator[bytes], is_active: Callable[[], bool]
+    ) -> None:
+        try:
+            for data in request_iterator:
+                if not stream.wait_for_room():
+                    break
+                slot = _Slot()
+                stream.replies.put(slot)
+                self._stream_one(data, slot, is_active)
+        except Exception:  # noqa: BLE001 - client went away mid-stream
+            log.debug("stream reader ended", exc_info=True)
+        finally:
+            stream.replies.put(None)
+
+    def _stream_one(self, data: bytes, slot: _Slot, is_active: Callable[[], bool]) -> None:
+        """Start one streamed request; whatever happens, `slot` is answered exactly once."""
+        request = None
+        try:
+            request, raws = split_request(data)
+            model, decoded, start = self._begin(request, raws, is_active)
         except InferenceError as exc:
-            slot.fail(exc)
+            slot.fail(exc, request)
+            return
+        except Exception as exc:
+            slot.fail(_internal("ModelStreamInfer", exc, getattr(request, "id", "")), request)
             return
 
         def done(results: Any, error: InferenceError | None) -> None:
-            if error is not None:
-                self._failed(model, decoded, start, error)
-                slot.fail(error)
-                return
             try:
-                slot.succeed(self._finish(request, model, decoded, start, results))
+                if error is not None:
+                    self._failed(model, decoded, start, error)
+                    slot.fail(error, request)
+                    return
+                slot.succeed(*self._finish(request, model, decoded, start, results))
             except InferenceError as exc:
-                slot.fail(exc)
+                slot.fail(exc, request)
+            except Exception as exc:
+                slot.fail(_internal("ModelStreamInfer", exc, request.id), request)
 
-        model.scheduler.submit(decoded.item, done)
+        try:
+            model.scheduler.submit(decoded.item, done)
+        except Exception as exc:  # submit reports refusals through `done`; this is a bug
+            slot.fail(_internal("ModelStreamInfer", exc, request.id), request)
+
+    def close_streams(self) -> None:
+        """Shutdown: every open stream answers what it already took, then ends (UNAVAILABLE)."""
+        with self._streams_lock:
+            streams = list(self._streams)
+        for stream in streams:
+            stream.close()
+
+    def open_streams(self) -> int:
+        with self._streams_lock:
+            return len(self._streams)
 
     # ---- statistics and repository ---------------------------------------------------------
-    @_rpc
     def ModelStatistics(self, request: Any, context: grpc.ServicerContext) -> Any:
         from .statistics import statistics_response
 
         return statistics_response(self.repo, request.name, request.version)
 
-    @_rpc
     def RepositoryIndex(self, request: Any, context: grpc.ServicerContext) -> Any:
         if request.repository_name:
             raise Unimplemented("'repository_name' specification is not supported")
@@ -301,19 +423,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             ]
         )
 
-    @_rpc
     def RepositoryModelLoad(self, request: Any, context: grpc.ServicerContext) -> Any:
         self.control.load(request)
         return pb.RepositoryModelLoadResponse()
 
-    @_rpc
     def RepositoryModelUnload(self, request: Any, context: grpc.ServicerContext) -> Any:
         self.control.unload(request)
         return pb.RepositoryModelUnloadResponse()
 
 
 def _unimplemented(name: str, what: str) -> Callable[..., Any]:
-    @_rpc
     def handler(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
         raise Unimplemented(f"{name} is not implemented by this server: {what}")
 
@@ -332,3 +451,55 @@ for _name, _what in {
     "LogSettings": "use --log-verbose at start-up",
 }.items():
     setattr(InferenceServicer, _name, _unimplemented(_name, _what))
+
+
+_RAW_METHODS = ("ModelInfer", "ModelStreamInfer")
+
+
+class _Capture:
+    """Stands in for a grpc.Server to collect the generated method handlers."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+        self.service = ""
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: Any) -> None:
+        self.service = service
+        self.handlers = dict(handlers)
+
+
+def register(
+    server: grpc.Server, servicer: InferenceServicer, stream_pool: ThreadPoolExecutor
+) -> None:
+    """Add the inference service to `server`: every RPC behind the error boundary, ModelInfer
+    and ModelStreamInfer on raw bytes, and streams on `stream_pool` (grpcio runs a handler
+    whose function has `experimental_thread_pool` on that pool instead of the server's)."""
+    capture = _Capture()
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, capture)  # type: ignore[arg-type]
+    handlers = capture.handlers
+    for name, h in list(handlers.items()):
+        if name == "ModelStreamInfer" or h.unary_unary is None:
+            continue
+        deserializer = None if name in _RAW_METHODS else h.request_deserializer
+        serializer = None if name in _RAW_METHODS else h.response_serializer
+        handlers[name] = grpc.unary_unary_rpc_method_handler(
+            _boundary(name, getattr(servicer, name)),
+            request_deserializer=deserializer,
+            response_serializer=serializer,
+        )
+
+    def stream(request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> Any:
+        try:
+            yield from servicer.ModelStreamInfer(request_iterator, context)
+        except InferenceError as exc:  # refused at admission
+            context.abort(exc.code, clip_message(exc.message))
+
+    stream.experimental_thread_pool = stream_pool  # type: ignore[attr-defined]
+    handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(stream)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(capture.service, handlers),)
+    )
+    server.add_registered_method_handlers(capture.service, handlers)

@@ -1,0 +1,142 @@
+"""ModelInfer on raw bytes: split the tensor payloads off the wire before protobuf sees them.
+
+Why: the servicer registers ModelInfer and ModelStreamInfer with no deserializer, so grpcio
+hands us the request's bytes and we parse them here.
+- Garbage costs nothing that stays. grpcio's own deserializer path keeps ~15 KB per request
+  that fails to parse and logs a traceback; here a bad request is one INVALID_ARGUMENT.
+- Zero-copy tensors. `raw_input_contents` (field 7) and `raw_output_contents` (field 6) are
+  the only large fields. The scanner walks the *top-level* fields of the message (a handful
+  per request), keeps the raw payloads as `memoryview` slices of the request bytes, and gives
+  protobuf only the small remainder. Letting protobuf parse them would copy every payload
+  once into its arena and once more into a Python `bytes` on access.
+- Responses are assembled the same way: protobuf serialises the small head, the payloads are
+  appended as length-delimited field 6 entries in one `join` (the only copy of an output).
+
+The scan is bounded by the message: at most `MAX_TOP_LEVEL_FIELDS` fields (a real request has
+one per input, output and parameter), each varint at most 10 bytes, each length checked
+against what is left. Nothing here allocates in proportion to a length the client claims.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from google.protobuf.message import DecodeError
+
+from tributary_client._proto import grpc_service_pb2 as pb
+
+from .errors import InvalidArgument
+
+MAX_TOP_LEVEL_FIELDS = 65_536
+_RAW_INPUT_FIELD = 7
+_RAW_OUTPUT_TAG = bytes([(6 << 3) | 2])  # ModelInferResponse.raw_output_contents
+_STREAM_RESPONSE_TAG = bytes([(2 << 3) | 2])  # ModelStreamInferResponse.infer_response
+
+
+class WireError(InvalidArgument):
+    """The request bytes are not a ModelInferRequest."""
+
+
+def _bad(detail: str) -> WireError:
+    return WireError(f"unable to parse the request: {detail}")
+
+
+def _varint(buf: bytes | memoryview, pos: int, end: int) -> tuple[int, int]:
+    """(value, next position) of the varint at `pos`; at most 10 bytes, never past `end`."""
+    value = shift = 0
+    stop = min(end, pos + 10)
+    while pos < stop:
+        b = buf[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, pos
+        shift += 7
+    raise _bad("truncated or over-long varint")
+
+
+def split_request(data: bytes) -> tuple[pb.ModelInferRequest, list[memoryview]]:
+    """Parse a serialized ModelInferRequest; raw_input_contents come back as views of `data`.
+
+    The returned message has an empty `raw_input_contents`; the views, in wire order, take
+    its place. Raises `WireError` (INVALID_ARGUMENT) for anything malformed.
+    """
+    view = memoryview(data)
+    end = len(data)
+    raws: list[memoryview] = []
+    keep: list[memoryview] = []
+    span = 0  # start of the current run of fields that protobuf will parse
+    pos = 0
+    fields = 0
+    while pos < end:
+        fields += 1
+        if fields > MAX_TOP_LEVEL_FIELDS:
+            raise _bad(f"more than {MAX_TOP_LEVEL_FIELDS} top-level fields")
+        start = pos
+        tag, pos = _varint(data, pos, end)
+        kind = tag & 7
+        if tag >> 3 == 0:
+            raise _bad("field number 0")
+        if kind == 0:
+            _, pos = _varint(data, pos, end)
+        elif kind == 1:
+            pos += 8
+        elif kind == 5:
+            pos += 4
+        elif kind == 2:
+            length, pos = _varint(data, pos, end)
+            if length > end - pos:
+                raise _bad("a length-delimited field runs past the end of the message")
+            if tag >> 3 == _RAW_INPUT_FIELD:
+                if span < start:
+                    keep.append(view[span:start])
+                raws.append(view[pos : pos + length])
+                pos += length
+                span = pos
+                continue
+            pos += length
+        else:
+            raise _bad(f"unsupported wire type {kind}")
+        if pos > end:
+            raise _bad("a fixed-size field runs past the end of the message")
+    if span < end:
+        keep.append(view[span:end])
+    head = keep[0] if len(keep) == 1 else b"".join(keep)
+    request = pb.ModelInferRequest()
+    try:
+        request.ParseFromString(head)
+    except (DecodeError, ValueError, TypeError) as exc:
+        raise _bad(str(exc)[:200] or type(exc).__name__) from None
+    return request, raws
+
+
+def _varint_bytes(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def response_parts(head: pb.ModelInferResponse, raws: Sequence[object]) -> list[object]:
+    """The serialized ModelInferResponse as a list of buffers: protobuf's head (the message
+    without raw outputs) followed by one length-delimited field 6 entry per payload."""
+    parts: list[object] = [head.SerializeToString()]
+    for raw in raws:
+        n = memoryview(raw).nbytes  # type: ignore[arg-type]
+        parts.append(_RAW_OUTPUT_TAG)
+        parts.append(_varint_bytes(n))
+        parts.append(raw)
+    return parts
+
+
+def infer_response_bytes(head: pb.ModelInferResponse, raws: Sequence[object]) -> bytes:
+    return b"".join(response_parts(head, raws))  # type: ignore[arg-type]
+
+
+def stream_response_bytes(head: pb.ModelInferResponse, raws: Sequence[object]) -> bytes:
+    """ModelStreamInferResponse{infer_response: <head + raws>}, without serialising twice."""
+    parts = response_parts(head, raws)
+    size = sum(memoryview(p).nbytes for p in parts)  # type: ignore[arg-type]
+    return b"".join([_STREAM_RESPONSE_TAG, _varint_bytes(size), *parts])  # type: ignore[list-item]
