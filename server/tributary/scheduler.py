@@ -61,6 +61,10 @@ __all__ = ["BatchPolicy", "Callback", "Instance", "QueuePolicy", "Scheduler", "W
 
 _log = logging.getLogger(__name__)
 
+_MAX_WAIT_S = 3600.0
+"""The longest single wait on a lock or condition: longer deadlines are waited out in steps,
+so no client-supplied timeout can reach a platform limit (time_t) in a wait call."""
+
 
 def _latch() -> threading.Lock:
     """A one-shot signal: cheaper than an Event, released exactly once by the completer."""
@@ -139,7 +143,11 @@ class Scheduler:
         borrowed = self._enqueue_or_borrow(entry)
         if borrowed is not None:
             return self._run_borrowed(entry, *borrowed)
-        self._await(entry)
+        try:
+            self._await(entry)
+        except BaseException:
+            self._abandon(entry)
+            raise
         if entry.error is not None:
             raise entry.error
         return entry.result  # type: ignore[return-value]
@@ -289,7 +297,9 @@ class Scheduler:
                     wait = plan.wait_until_ns
                     if wait is None:
                         self._idle.add(inst)  # nothing queued: a caller may borrow us
-                    self._cv.wait(None if wait is None else max(wait - now, 0) / 1e9)
+                    self._cv.wait(
+                        None if wait is None else min(max(wait - now, 0) / 1e9, _MAX_WAIT_S)
+                    )
                     self._idle.discard(inst)
                 if plan.batch and len(queue):
                     self._cv.notify()  # the rest may suit an idle sibling
@@ -324,8 +334,10 @@ class Scheduler:
         if entry.deadline_ns and entry.reject:
             while entry.state == QUEUED:
                 left = (entry.deadline_ns - self._clock()) / 1e9
-                if latch.acquire(timeout=max(left, 0.0)):
+                if latch.acquire(timeout=min(max(left, 0.0), _MAX_WAIT_S)):
                     return
+                if entry.deadline_ns > self._clock():
+                    continue  # a long deadline is waited out in steps
                 with self._lock:
                     expired = self._queue.expire(self._clock()) if entry.state == QUEUED else []
                     if expired:
@@ -354,7 +366,11 @@ class Scheduler:
         entry.latch = _latch()
         inst = self._acquire_or_enqueue(entry)
         if inst is None:
-            self._await(entry)  # released when an instance is handed over, or on failure
+            try:
+                self._await(entry)  # released when an instance is handed over, or on failure
+            except BaseException:
+                self._abandon(entry)
+                raise
             if entry.error is not None:
                 raise entry.error
             inst = entry.instance
@@ -404,6 +420,20 @@ class Scheduler:
             nxt.latch.release()  # type: ignore[union-attr]
         else:
             self._executor_for_direct().submit(self._run_direct_async, nxt, inst)
+
+    def _abandon(self, entry: Entry) -> None:
+        """The caller of `infer` stops waiting (an exception while it waited): take `entry` out
+        of the queue, or, when an instance was already handed to it, give that instance on so
+        it can never be lost. Batching mode: a taken entry simply runs and is discarded."""
+        with self._lock:
+            if self._queue.remove(entry):
+                self._stats.pending(-1)
+                return
+        if self._batching:
+            return
+        entry.latch.acquire()  # type: ignore[union-attr]  # the hand-over is under way
+        if entry.error is None and entry.instance is not None:
+            self._release(entry.instance)
 
     def _executor_for_direct(self) -> ThreadPoolExecutor:
         with self._lock:
