@@ -290,19 +290,46 @@ def render(repository: _Repository, *, cpu: CpuSampler | None, gpu: GpuSampler |
 # ------------------------------------------------------------------------------------ server
 
 
+METRICS_MAX_CONNECTIONS = 128
+"""Connections served at once; more are closed on accept (a scraper needs one or two)."""
+METRICS_SOCKET_TIMEOUT_S = 5.0
+"""A connection that sends nothing (or half a request) for this long is dropped, so slow or
+idle clients cannot hold threads."""
+
+
 class _HttpServer(ThreadingHTTPServer):
     daemon_threads = True  # a stuck scraper must not block shutdown
+    request_queue_size = METRICS_MAX_CONNECTIONS
 
     def __init__(self, address: tuple[str, int], body: Callable[[], str]) -> None:
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         self.body = body
+        self._slots = threading.BoundedSemaphore(METRICS_MAX_CONNECTIONS)
         super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            log.debug("metrics: connection from %s refused (busy)", client_address)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
 
 class _Handler(BaseHTTPRequestHandler):
     server: _HttpServer
     server_version = "tributary-metrics"
+    timeout = METRICS_SOCKET_TIMEOUT_S
 
     def do_GET(self) -> None:  # noqa: N802 - name fixed by BaseHTTPRequestHandler
         if self.path.split("?", 1)[0] != METRICS_PATH:

@@ -482,3 +482,31 @@ def test_sampler_thread_refreshes_and_stops() -> None:
     thread.stop()
     assert counting.closed
     assert not thread._thread.is_alive()
+
+
+def test_metrics_server_drops_idle_and_half_sent_connections(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Slow or idle clients cannot hold threads: each connection has a read timeout, and
+    scrapes keep working while many half-sent requests are open."""
+    from tributary import metrics
+
+    monkeypatch.setattr(metrics._Handler, "timeout", 0.5)
+    server = MetricsServer(FakeRepository(FakeModel("simple", 1, _known_stats())), _options(), 0)
+    server.start()
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(60):
+            s = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            s.sendall(b"GET /metr")  # never finished
+            socks.append(s)
+        assert _get(f"http://127.0.0.1:{server.port}/metrics")[0] == 200
+        for s in socks:  # the server hangs up on each of them by itself
+            try:
+                assert s.recv(1024) == b""
+            except ConnectionResetError:
+                pass
+    finally:
+        for s in socks:
+            s.close()
+        server.stop()
