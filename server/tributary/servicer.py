@@ -33,7 +33,7 @@ import grpc
 from tributary_client._proto import grpc_service_pb2 as pb
 from tributary_client._proto import grpc_service_pb2_grpc as pb_grpc
 
-from . import __version__
+from . import __version__, memory
 from .codec import decode_request, encode_response
 from .control import ModelControl
 from .errors import (
@@ -73,13 +73,16 @@ def _boundary(name: str, fn: Callable[[Any, grpc.ServicerContext], Any]) -> Call
     """The one error mapping of a unary RPC."""
 
     def handler(request: Any, context: grpc.ServicerContext) -> Any:
+        # Only the code and text leave the except blocks: a kept exception would hold its
+        # traceback, and with it this frame and the request's bytes, until a GC cycle.
         try:
             return fn(request, context)
         except InferenceError as exc:
-            error: InferenceError = exc
+            code, message = exc.code, exc.message
         except Exception as exc:  # a bug: keep serving, say where
-            error = _internal(name, exc)
-        context.abort(error.code, clip_message(error.message))
+            internal = _internal(name, exc)
+            code, message = internal.code, internal.message
+        context.abort(code, clip_message(message))
 
     handler.__name__ = name
     return handler
@@ -127,6 +130,10 @@ class _Slot:
     def wait(self) -> bytes:
         self._done.wait()
         return self._response
+
+
+def _no_callback(_fn: Callable[[], None]) -> None:
+    """Streams trim when a large request arrives only (their replies have no end callback)."""
 
 
 _CLOSE = object()
@@ -237,6 +244,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     # ---- inference -----------------------------------------------------------------------
     def ModelInfer(self, data: bytes, context: grpc.ServicerContext) -> bytes:
         """Registered on raw bytes (see `register`): parse, infer, assemble the reply."""
+        memory.large_request(len(data), context.add_callback)
         request, raws = split_request(data)
         head, outputs = self._infer(request, raws, context.is_active)
         return infer_response_bytes(head, outputs)
@@ -357,6 +365,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             for data in request_iterator:
                 if not stream.wait_for_room():
                     break
+                memory.large_request(len(data), _no_callback)
                 slot = _Slot()
                 stream.replies.put(slot)
                 self._stream_one(data, slot, is_active)
