@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from tributary import tensors
+from tributary import strings, tensors
 from tributary.datatypes import BY_NAME
 from tributary.errors import InvalidArgument
 
@@ -224,16 +224,16 @@ def stall(count: int) -> None:
                     gaps.append(now - last)
                     last = now
 
-            saved = tensors._yield_gil
+            saved = strings.yield_gil
             if name == no_yield:
-                tensors._yield_gil = lambda: None  # type: ignore[assignment]
+                strings.yield_gil = lambda: None  # type: ignore[assignment]
             thread = threading.Thread(target=ticker)
             thread.start()
             try:
                 time.sleep(0.05)  # the ticker is running before the decode starts
                 seconds, result = timed(lambda fn=fn, buf=buf: fn(buf, (1, count)))
             finally:
-                tensors._yield_gil = saved  # type: ignore[assignment]
+                strings.yield_gil = saved  # type: ignore[assignment]
                 stop.set()
                 thread.join()
             del result  # freeing millions of str objects holds the GIL too: not while ticking

@@ -12,7 +12,7 @@ import struct
 import numpy as np
 import pytest
 
-from tributary import tensors
+from tributary import strings, tensors
 from tributary.datatypes import BY_NAME
 from tributary.errors import InvalidArgument
 from tributary_client._proto import grpc_service_pb2 as pb
@@ -45,8 +45,8 @@ def in_slice(buf: bytes) -> memoryview:
 def chunks(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run a test with the real chunk sizes and with tiny ones (many chunks, byte caps hit)."""
     if request.param == "tiny":
-        monkeypatch.setattr(tensors, "_CHUNK", 3)
-        monkeypatch.setattr(tensors, "_CHUNK_BYTES", 16)
+        monkeypatch.setattr(strings, "CHUNK", 3)
+        monkeypatch.setattr(strings, "CHUNK_BYTES", 16)
     return request.param
 
 
@@ -81,8 +81,8 @@ def test_raw_round_trip(name: str, as_view: bool, chunks: str) -> None:
 
 
 def test_many_elements_cross_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(tensors, "_CHUNK", 7)
-    monkeypatch.setattr(tensors, "_CHUNK_BYTES", 64)
+    monkeypatch.setattr(strings, "CHUNK", 7)
+    monkeypatch.setattr(strings, "CHUNK_BYTES", 64)
     rng = np.random.default_rng(1)
     words = ["a", "bc", "é", "日本", "", "xyz\x00", "🙂"]
     picks = rng.integers(0, len(words), 500).tolist()
@@ -123,7 +123,7 @@ def test_zero_elements_declared_but_data_sent() -> None:
 
 def test_big_endian_host_path(monkeypatch: pytest.MonkeyPatch) -> None:
     """The byte-swapping copy used on big-endian hosts reads the same lengths here."""
-    monkeypatch.setattr(tensors, "_LITTLE_ENDIAN", False)
+    monkeypatch.setattr(strings, "_LITTLE_ENDIAN", False)
     values = [b"abc", b"", b"x" * 300, b"\x00z"]
     assert decode(ser(values), (4,)).tolist() == [v.decode() for v in values]
     assert decode_error(ser(values) + b"\x01\x00", (5,)).startswith(
@@ -303,7 +303,6 @@ def objects(values: list[object], shape: tuple[int, ...] | None = None) -> np.nd
 )
 def test_serialize_bytes(arr: np.ndarray, chunks: str) -> None:
     assert tensors.serialize_bytes(arr) == reference_encode(arr)
-    assert tensors.numpy_to_raw(arr, BYTES) == reference_encode(arr)
 
 
 def test_serialize_bytes_of_a_view() -> None:
