@@ -17,13 +17,24 @@ from pathlib import Path
 from google.protobuf import text_format
 
 from tributary.backends.graph import GraphInfo, GraphTensor, read_graph
-from tributary.config_check import read_labels, validate
+from tributary.config_check import (
+    RefusedConfig,
+    inside_model_dir,
+    read_labels,
+    read_text_file,
+    shown,
+    validate,
+)
 from tributary.datatypes import DType, from_config
 from tributary.errors import InvalidArgument, ModelLoadError
 from tributary_client._proto import model_config_pb2 as mc
 
 __all__ = [
+    "MAX_CONFIG_FILE_BYTES",
     "GraphReader",
+    "RefusedConfig",
+    "check_config_name",
+    "check_paths",
     "ModelSignature",
     "TensorSpec",
     "list_versions",
@@ -42,6 +53,12 @@ PLATFORM = "onnxruntime_onnx"
 BACKEND = "onnxruntime"
 DEFAULT_MODEL_FILENAME = "model.onnx"
 DEFAULT_SEQUENCE_IDLE_US = 1_000_000
+MAX_CONFIG_FILE_BYTES = 4 * 1024 * 1024  # Triton's largest real configs are a few KiB
+
+# ORT reads and writes these through the config (parameters, accelerator parameters): they
+# are paths too, so they get the same rules as the files the config itself names.
+_PATH_PARAMETERS = ("trt_engine_cache_path", "trt_timing_cache_path")
+_PATH_WORDS = ("path", "file", "folder", "dir")
 
 GraphReader = Callable[[Path], GraphInfo]
 _Group = mc.ModelInstanceGroup
@@ -101,23 +118,58 @@ def parse_config(text: str, source: str) -> mc.ModelConfig:
 def load_config(
     model_dir: Path, *, config_name: str | None = None, override: mc.ModelConfig | None = None
 ) -> mc.ModelConfig:
-    """The raw config of a model; a missing config.pbtxt reads as empty (auto-complete fills it)."""
+    """The raw config of a model; a missing config.pbtxt reads as empty (auto-complete fills it).
+
+    Messages name the file relative to the repository (`m/config.pbtxt`): they reach clients.
+    """
     if override is not None:
         config = mc.ModelConfig()
         config.CopyFrom(override)
         return config
+    model = model_dir.name
     path = model_dir / "config.pbtxt"
     if config_name:
+        check_config_name(config_name, model)
         custom = model_dir / "configs" / f"{config_name}.pbtxt"
         if custom.is_file():
             path = custom
     if not path.is_file():
         return mc.ModelConfig()
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ModelLoadError(f"failed to read model config {path}: {exc}") from exc
-    return parse_config(text, str(path))
+    source = f"{model}/{path.relative_to(model_dir).as_posix()}"
+    text = read_text_file(path, MAX_CONFIG_FILE_BYTES, model, f"model config '{source}'")
+    return parse_config(text, source)
+
+
+def check_config_name(name: str, model: str | None = None) -> None:
+    """--model-config-name picks `configs/<name>.pbtxt`: a file name, never a path."""
+    if not name or "/" in name or "\x00" in name or name in (".", ".."):
+        where = f"unable to load model '{model}', " if model else ""
+        raise RefusedConfig(
+            f"{where}model config name '{shown(name)}' must be a plain file name "
+            "(no '/', no NUL) naming configs/<name>.pbtxt inside the model directory"
+        )
+
+
+def check_paths(config: mc.ModelConfig, model_dir: Path) -> None:
+    """Refuse a config naming any file outside its model directory, before anything is read.
+
+    Run on the raw config (a client's override included) ahead of auto-complete, which would
+    otherwise open the model file it names; the readers check again where they open files.
+    """
+    model = model_dir.name
+    for out in config.output:
+        if out.label_filename:
+            inside_model_dir(model, "label_filename", out.label_filename, model_dir)
+    for version in select_versions(config, list_versions(model_dir)):
+        model_file(model_dir, version, config)
+    for key, value in config.parameters.items():
+        if key.startswith("session.") and any(w in key for w in _PATH_WORDS):
+            inside_model_dir(model, f"parameter '{key}'", value.string_value, model_dir)
+    accelerators = config.optimization.execution_accelerators
+    for acc in (*accelerators.gpu_execution_accelerator, *accelerators.cpu_execution_accelerator):
+        for key, value in acc.parameters.items():
+            if key in _PATH_PARAMETERS:
+                inside_model_dir(model, key, value, model_dir)
 
 
 def list_versions(model_dir: Path) -> list[int]:
@@ -146,9 +198,19 @@ def select_versions(config: mc.ModelConfig, available: list[int]) -> list[int]:
 
 
 def model_file(model_dir: Path, version: int, config: mc.ModelConfig) -> Path:
-    """The ONNX file of a version; ORT models may be a directory holding model.onnx."""
-    path = model_dir / str(version) / (config.default_model_filename or DEFAULT_MODEL_FILENAME)
+    """The ONNX file of a version; ORT models may be a directory holding model.onnx.
+
+    `default_model_filename` is relative to the version directory (Triton's meaning) and must
+    stay inside the model directory; `RefusedConfig` otherwise, before the file is stat'ed.
+    """
+    model = model_dir.name
+    name = config.default_model_filename or DEFAULT_MODEL_FILENAME
+    version_dir = model_dir / str(version)
+    inside_model_dir(model, "default_model_filename", name, model_dir, base=version_dir)
+    path = version_dir / name
     if path.is_dir():
+        inner = f"{name.rstrip('/')}/{DEFAULT_MODEL_FILENAME}"
+        inside_model_dir(model, "default_model_filename", inner, model_dir, base=version_dir)
         return path / DEFAULT_MODEL_FILENAME
     return path
 
@@ -343,9 +405,11 @@ def parse_version(version: str, model: str) -> int | None:
     """A request's version string; "" means "server chooses" (None). Texts are Triton's (§2.1)."""
     if version == "":
         return None
-    if not _VERSION_RE.fullmatch(version) or abs(int(version)) > _INT64_MAX:
+    # Length first: int() of a 5,000-digit string raises ValueError (Python's digit limit),
+    # and no int64 needs more than 64 characters even with spaces and a sign.
+    if len(version) > 64 or not _VERSION_RE.fullmatch(version) or abs(int(version)) > _INT64_MAX:
         raise InvalidArgument(
-            f"failed to get model version from specified version string '{version}' "
+            f"failed to get model version from specified version string '{shown(version)}' "
             "(details: stol), version should be an integral value > 0"
         )
     value = int(version)

@@ -8,9 +8,12 @@ Split from `config` only to keep both modules small; import it through `tributar
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import os
+import re
+import stat
+from collections.abc import Iterable, Sequence
 from math import prod
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from tributary.backends.graph import GraphInfo, GraphTensor
 from tributary.datatypes import BY_CONFIG
@@ -18,6 +21,9 @@ from tributary.errors import ModelLoadError
 from tributary_client._proto import model_config_pb2 as mc
 
 _Control = mc.ModelSequenceBatching.Control
+
+MAX_LABEL_FILE_BYTES = 16 * 1024 * 1024  # a label file is one line per class, never this big
+_SHOWN_CHARS = 200  # how much of a config's own value an error message repeats
 
 
 def fmt_dims(dims: Iterable[int | None]) -> str:
@@ -190,11 +196,116 @@ def _check_batching(config: mc.ModelConfig) -> None:
 
 def read_labels(model: str, output: mc.ModelOutput, model_dir: Path) -> tuple[str, ...]:
     """Classification labels of one output, one per line, relative to the model directory."""
-    path = model_dir / output.label_filename
+    path = inside_model_dir(model, "label_filename", output.label_filename, model_dir)
+    what = f"label file '{shown(output.label_filename)}' for output '{output.name}'"
+    text = read_text_file(path, MAX_LABEL_FILE_BYTES, model, what)
+    return tuple(text.splitlines())
+
+
+# -- the files a config names -------------------------------------------------------------------
+
+
+class RefusedConfig(ModelLoadError):
+    """A config names a file the server will not read: outside its model directory, too big.
+
+    Other config problems read as Triton's "failed to poll" and keep their reason for the log
+    and RepositoryIndex; this one goes back to the client as is (INVALID_ARGUMENT), because it
+    is the client's to fix and its text repeats only the config's own values.
+    """
+
+
+def shown(value: str) -> str:
+    """A config value as an error message may repeat it: printable, and not too long."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in value)
+    return text if len(text) <= _SHOWN_CHARS else text[: _SHOWN_CHARS - 3] + "..."
+
+
+def inside_model_dir(
+    model: str, field: str, value: str, model_dir: Path, *, base: Path | None = None
+) -> Path:
+    """The resolved path `value` names (relative to `base`, default the model directory).
+
+    A config may be a client's load override, so every path it names must stay inside the
+    model's directory. The lexical rules (relative, no `..`, no NUL) come first, so nothing
+    outside is even stat'ed; then symlinks are resolved and the target must still be inside
+    the resolved model directory (or the resolved `base`: an operator may link a version
+    directory to other storage; what a config names inside it still cannot leave it). Links
+    that stay inside keep working: Kubernetes ConfigMap mounts reach their files through
+    `..data/` links in the same directory.
+    """
+    refused = RefusedConfig(
+        f"unable to load model '{model}', {field} '{shown(value)}' must name a file inside "
+        "the model directory"
+    )
+    pure = PurePosixPath(value)
+    if "\x00" in value or pure.is_absolute() or ".." in pure.parts:
+        raise refused
+    roots = {Path(os.path.realpath(model_dir))}
+    if base is not None:  # e.g. a version directory the operator linked to other storage
+        roots.add(Path(os.path.realpath(base)))
+    target = Path(os.path.realpath((base or model_dir) / value))
+    if not any(target.is_relative_to(root) for root in roots):
+        raise refused
+    return target
+
+
+def read_text_file(path: Path, limit: int, model: str, what: str) -> str:
+    """UTF-8 text of a regular file of at most `limit` bytes, never holding more than that.
+
+    `what` names the file for messages, relative to the repository: the text may reach a
+    client, so it carries no absolute path and no OSError text (which would repeat one).
+    """
+    prefix = f"unable to load model '{model}',"
+    too_big = RefusedConfig(f"{prefix} {what} is larger than the {limit}-byte limit")
     try:
-        return tuple(path.read_text(encoding="utf-8").splitlines())
-    except (OSError, UnicodeDecodeError) as exc:
+        # O_NONBLOCK: a FIFO must not hang the load; it is refused below as not a regular file.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ModelLoadError(f"{prefix} failed to read {what}: {_os_reason(exc)}") from exc
+    with os.fdopen(fd, "rb") as file:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ModelLoadError(f"{prefix} {what} is not a regular file")
+        if info.st_size > limit:
+            raise too_big
+        try:
+            data = file.read(limit + 1)  # sizes can lie (/proc), so the read is bounded too
+        except OSError as exc:
+            raise ModelLoadError(f"{prefix} failed to read {what}: {_os_reason(exc)}") from exc
+    if len(data) > limit:
+        raise too_big
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
         raise ModelLoadError(
-            f"unable to load model '{model}', failed to read label file "
-            f"'{output.label_filename}' for output '{output.name}': {exc}"
+            f"{prefix} {what} is not UTF-8 text (invalid byte at offset {exc.start})"
         ) from exc
+
+
+def _os_reason(exc: OSError) -> str:
+    return exc.strerror or type(exc).__name__
+
+
+def repository_relative(text: str, model_dir: Path, roots: Sequence[Path]) -> str:
+    """`text` with server paths replaced by paths relative to the model repository.
+
+    Errors from the loader (ONNX Runtime's among them) name the files they failed on in full;
+    clients get `simple/1/model.onnx` instead, while the server log keeps the original.
+    """
+    prefixes: dict[str, str] = {}
+    for root in roots:
+        for form in (str(root), os.path.abspath(root), os.path.realpath(root)):
+            prefixes[form] = ""
+    for form in (str(model_dir), os.path.abspath(model_dir), os.path.realpath(model_dir)):
+        prefixes[form] = model_dir.name  # a model directory may link to outside its root
+    for prefix in sorted(prefixes, key=len, reverse=True):
+        if prefix in ("", "/", "."):
+            continue
+        short = prefixes[prefix]
+        # Whole path components only: `/repo/simple` is not a prefix of `/repo/simple_int8`.
+        start = r"(?<![\w./+@-])" + re.escape(prefix)
+        text = re.sub(start + "/", lambda _, s=short: s + "/" if s else "", text)
+        if os.path.isabs(prefix):  # a relative one bare could be any word of the message
+            bare = short or "<model repository>"
+            text = re.sub(start + r"(?![\w.+@-])", lambda _, b=bare: b, text)
+    return text

@@ -24,6 +24,9 @@ from tributary.backends.graph import read_graph
 from tributary.config import (
     GraphReader,
     ModelSignature,
+    RefusedConfig,
+    check_config_name,
+    check_paths,
     load_config,
     model_file,
     normalize,
@@ -31,6 +34,7 @@ from tributary.config import (
     validate,
     versions_of,
 )
+from tributary.config_check import repository_relative
 from tributary.errors import (
     InferenceError,
     Internal,
@@ -121,6 +125,8 @@ class ModelRepository:
         self._lock = threading.Lock()
         self._models: dict[str, _Model] = {}
         self._op_locks: dict[str, threading.Lock] = {}
+        if config_name:
+            check_config_name(config_name)  # a start-up error rather than every load failing
         for root in self._roots:
             if not root.is_dir():
                 raise Internal(f"failed to stat model repository '{root}': not a directory")
@@ -135,10 +141,14 @@ class ModelRepository:
                 if not child.is_dir() or child.name.startswith("."):
                     continue
                 if child.name in found:
-                    raise Internal(
-                        f"model '{child.name}' appears in multiple model repositories: "
-                        f"'{found[child.name].parent}' and '{root}'"
+                    # Clients can reach this (load, index): the paths go to the log only.
+                    log.error(
+                        "model '%s' appears in multiple model repositories: '%s' and '%s'",
+                        child.name,
+                        found[child.name].parent,
+                        root,
                     )
+                    raise Internal(f"model '{child.name}' appears in multiple model repositories")
                 found[child.name] = child
         return found
 
@@ -175,6 +185,7 @@ class ModelRepository:
             seen: mc.ModelConfig | None = None  # the most complete config we got, for display
             try:
                 seen = load_config(model_dir, config_name=self._config_name, override=override)
+                check_paths(seen, model_dir)  # before auto-complete opens the model file
                 config = seen = normalize(
                     seen,
                     model_dir,
@@ -185,9 +196,11 @@ class ModelRepository:
                 )
                 wanted = versions_of(name, config, model_dir)
             except Exception as exc:
-                reason = str(exc)
-                log.error("failed to load model '%s': %s", name, reason)
+                log.error("failed to load model '%s': %s", name, exc)
+                reason = self._public(exc, model_dir)
                 self._record_model_failure(name, model_dir, seen, reason)
+                if isinstance(exc, RefusedConfig):
+                    raise RefusedConfig(reason) from exc  # the client's to fix: say what
                 raise Internal(
                     f"failed to load '{name}', failed to poll from model repository"
                 ) from exc
@@ -195,6 +208,10 @@ class ModelRepository:
         errors = [f"version {v} is at UNAVAILABLE state: {r}" for v, r in sorted(failed.items())]
         if errors:
             raise ModelLoadError(f"load failed for model '{name}': " + "; ".join(errors))
+
+    def _public(self, exc: BaseException, model_dir: Path) -> str:
+        """A failure's text as clients see it (index reasons, load errors): no server paths."""
+        return repository_relative(str(exc) or type(exc).__name__, model_dir, self._roots)
 
     def _record_model_failure(
         self, name: str, model_dir: Path, config: mc.ModelConfig | None, reason: str
@@ -227,7 +244,7 @@ class ModelRepository:
                 fresh[v] = self._loader(name, v, config, path, model_dir)
             except Exception as exc:  # the loader may raise anything; the reason is its text
                 log.error("failed to load model '%s' version %d: %s", name, v, exc)
-                failed[v] = str(exc) or type(exc).__name__
+                failed[v] = self._public(exc, model_dir)
         to_close: list[Servable] = []
         with self._lock:
             for v in wanted:

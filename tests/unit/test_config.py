@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import pytest
 from google.protobuf import text_format
 
 from tributary import config as C
+from tributary import config_check as CC
 from tributary.backends.graph import GraphInfo, GraphTensor, read_graph
 from tributary.datatypes import BY_NAME
 from tributary.errors import InvalidArgument, ModelLoadError
@@ -626,3 +629,235 @@ def test_signature_reshape_labels_optional_and_backend_platform(tmp_path: Path) 
     (tmp_path / "labels.txt").unlink()
     with pytest.raises(ModelLoadError, match="labels.txt"):
         C.signature(config, tmp_path)
+
+
+# -- paths a config names (security: a load override must not read host files) -----------------
+
+
+def refused(model: str, field: str, value: str) -> str:
+    return (
+        f"unable to load model '{model}', {field} '{value}' must name a file inside the model "
+        "directory"
+    )
+
+
+def labelled(label: str) -> mc.ModelConfig:
+    config = cfg('output [{ name: "OUT" data_type: TYPE_FP32 dims: [4] }]')
+    config.output[0].label_filename = label
+    return config
+
+
+def refusal(fn, *args, **kwargs) -> str:
+    with pytest.raises(C.RefusedConfig) as err:
+        fn(*args, **kwargs)
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    return err.value.message
+
+
+@pytest.mark.parametrize(
+    ("label", "shown"),
+    [
+        ("../../../../etc/passwd", "../../../../etc/passwd"),
+        ("/etc/passwd", "/etc/passwd"),
+        ("/proc/self/environ", "/proc/self/environ"),
+        ("sub/../../x", "sub/../../x"),
+        ("..", ".."),
+        ("labels.txt\x00", "labels.txt\\x00"),
+    ],
+    ids=["dotdot", "absolute", "proc", "inner-dotdot", "parent", "nul"],
+)
+def test_label_filename_outside_model_dir_is_refused(
+    tmp_path: Path, label: str, shown: str
+) -> None:
+    d = model_dir(tmp_path)
+    (d / "labels.txt").write_text("a\n")
+    config = labelled(label)
+    out = config.output[0]
+    assert refusal(C.check_paths, config, d) == refused("m", "label_filename", shown)
+    assert refusal(CC.read_labels, "m", out, d) == refused("m", "label_filename", shown)
+
+
+def test_label_symlink_inside_model_dir_works_configmap_style(tmp_path: Path) -> None:
+    """Kubernetes mounts ConfigMaps as `f -> ..data/f`, `..data -> ..<timestamp>/`."""
+    d = model_dir(tmp_path)
+    (d / "..2024_01_01").mkdir()
+    (d / "..2024_01_01" / "labels.txt").write_text("cat\ndog\n")
+    (d / "..data").symlink_to("..2024_01_01")
+    (d / "labels.txt").symlink_to("..data/labels.txt")
+    C.check_paths(labelled("labels.txt"), d)
+    assert CC.read_labels("m", labelled("labels.txt").output[0], d) == ("cat", "dog")
+    (d / "1" / "up.txt").symlink_to("../labels.txt")  # a link through `..` that stays inside
+    assert CC.read_labels("m", labelled("1/up.txt").output[0], d) == ("cat", "dog")
+
+
+def test_label_symlink_escaping_model_dir_is_refused(tmp_path: Path) -> None:
+    d = model_dir(tmp_path)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("password\n")
+    (d / "labels.txt").symlink_to(secret)
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "labels.txt").write_text("x\n")
+    (d / "sub").symlink_to(tmp_path / "outside")
+    for label in ("labels.txt", "sub/labels.txt"):
+        config = labelled(label)
+        assert refusal(C.check_paths, config, d) == refused("m", "label_filename", label)
+        with pytest.raises(C.RefusedConfig):
+            CC.read_labels("m", config.output[0], d)
+
+
+def test_oversize_label_file_is_refused_without_reading_it(tmp_path: Path) -> None:
+    d = model_dir(tmp_path)
+    with (d / "labels.txt").open("wb") as f:
+        f.truncate(CC.MAX_LABEL_FILE_BYTES + 1)  # sparse: costs no disk or time
+    msg = refusal(CC.read_labels, "m", labelled("labels.txt").output[0], d)
+    assert msg == (
+        "unable to load model 'm', label file 'labels.txt' for output 'OUT' is larger than the "
+        f"{CC.MAX_LABEL_FILE_BYTES}-byte limit"
+    )
+
+
+def test_label_file_must_be_utf8_and_errors_name_no_server_path(tmp_path: Path) -> None:
+    d = model_dir(tmp_path)
+    (d / "labels.txt").write_bytes("caf\u00e9\n".encode("latin-1"))
+    out = labelled("labels.txt").output[0]
+    with pytest.raises(ModelLoadError) as err:
+        CC.read_labels("m", out, d)
+    assert err.value.message == (
+        "unable to load model 'm', label file 'labels.txt' for output 'OUT' is not UTF-8 text "
+        "(invalid byte at offset 3)"
+    )
+    (d / "labels.txt").unlink()
+    with pytest.raises(ModelLoadError) as err:
+        CC.read_labels("m", out, d)
+    assert err.value.message == (
+        "unable to load model 'm', failed to read label file 'labels.txt' for output 'OUT': "
+        "No such file or directory"
+    )
+    assert str(tmp_path) not in err.value.message
+
+
+def test_label_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
+    d = model_dir(tmp_path)
+    os.mkfifo(d / "labels.txt")
+    result: list[BaseException | tuple] = []
+
+    def read() -> None:
+        try:
+            result.append(CC.read_labels("m", labelled("labels.txt").output[0], d))
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            result.append(exc)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(10)
+    assert result, "reading a FIFO label file blocked the load"
+    assert isinstance(result[0], ModelLoadError)
+    assert result[0].message.endswith(
+        "label file 'labels.txt' for output 'OUT' is not a regular file"
+    )
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["/etc/passwd", "../../1/model.onnx", "../model.onnx", "sub/../../model.onnx", "model\x00"],
+    ids=["absolute", "dotdot", "sibling", "inner-dotdot", "nul"],
+)
+def test_default_model_filename_outside_is_refused(tmp_path: Path, name: str) -> None:
+    d = model_dir(tmp_path)
+    config = mc.ModelConfig(default_model_filename=name)
+    expected = refused("m", "default_model_filename", name.replace("\x00", "\\x00"))
+    assert refusal(C.model_file, d, 1, config) == expected
+    assert refusal(C.check_paths, config, d) == expected
+    # auto-complete never reads the graph of a refused file
+    with pytest.raises(C.RefusedConfig):
+        C.normalize(config, d, graph_reader=never)
+
+
+def test_default_model_filename_symlinks(tmp_path: Path) -> None:
+    d = model_dir(tmp_path, versions=(1, 2, 3))
+    outside = tmp_path / "elsewhere.onnx"
+    outside.write_bytes(b"")
+    (d / "shared.onnx").write_bytes(b"")
+    (d / "1" / "net.onnx").symlink_to("../shared.onnx")  # inside: fine
+    (d / "2" / "net.onnx").symlink_to(outside)  # escapes: refused
+    (d / "3" / "net.onnx").mkdir()  # a directory holding model.onnx, which escapes
+    (d / "3" / "net.onnx" / "model.onnx").symlink_to(outside)
+    config = mc.ModelConfig(default_model_filename="net.onnx")
+    assert C.model_file(d, 1, config) == d / "1" / "net.onnx"
+    assert refusal(C.model_file, d, 2, config) == refused("m", "default_model_filename", "net.onnx")
+    assert refusal(C.model_file, d, 3, config) == refused(
+        "m", "default_model_filename", "net.onnx/model.onnx"
+    )
+    config.version_policy.specific.versions.append(1)
+    C.check_paths(config, d)  # only the versions the policy selects are checked
+    config.version_policy.specific.versions.append(2)
+    assert refusal(C.check_paths, config, d) == refused("m", "default_model_filename", "net.onnx")
+
+
+def test_path_parameters_are_checked(tmp_path: Path) -> None:
+    d = model_dir(tmp_path)
+    trt = cfg(
+        "optimization { execution_accelerators { gpu_execution_accelerator [ { name: "
+        '"tensorrt" parameters { key: "trt_engine_cache_path" value: "/tmp/x" } } ] } }'
+    )
+    assert refusal(C.check_paths, trt, d) == refused("m", "trt_engine_cache_path", "/tmp/x")
+    session = cfg(
+        'parameters { key: "session.model_external_initializers_file_folder_path" '
+        'value: { string_value: "../../x" } }'
+    )
+    assert refusal(C.check_paths, session, d) == refused(
+        "m", "parameter 'session.model_external_initializers_file_folder_path'", "../../x"
+    )
+    ok = cfg('parameters { key: "session.intra_op.allow_spinning" value: { string_value: "1" } }')
+    C.check_paths(ok, d)
+
+
+@pytest.mark.parametrize("name", ["../../../etc/x", "a/b", "/etc/x", "x\x00", "..", "."])
+def test_model_config_name_must_be_a_file_name(tmp_path: Path, name: str) -> None:
+    d = model_dir(tmp_path, text="max_batch_size: 1")
+    msg = refusal(C.load_config, d, config_name=name)
+    assert msg.startswith("unable to load model 'm', model config name '")
+    assert "must be a plain file name" in msg
+    with pytest.raises(C.RefusedConfig):
+        C.check_config_name(name)
+    C.check_config_name("..big")  # `configs/..big.pbtxt` is a plain file name
+
+
+def test_oversize_config_is_refused_and_messages_are_repository_relative(tmp_path: Path) -> None:
+    d = model_dir(tmp_path, text="max_batch_size: 1")
+    with (d / "config.pbtxt").open("wb") as f:
+        f.truncate(C.MAX_CONFIG_FILE_BYTES + 1)
+    assert refusal(C.load_config, d) == (
+        "unable to load model 'm', model config 'm/config.pbtxt' is larger than the "
+        f"{C.MAX_CONFIG_FILE_BYTES}-byte limit"
+    )
+    (d / "config.pbtxt").write_text("max_batch_size: banana")
+    with pytest.raises(ModelLoadError) as err:
+        C.load_config(d)
+    assert err.value.message.startswith("failed to read text proto from m/config.pbtxt: ")
+    assert str(tmp_path) not in err.value.message
+    (d / "configs").mkdir()
+    (d / "configs" / "big.pbtxt").write_bytes(b"\xff")
+    with pytest.raises(ModelLoadError, match="model config 'm/configs/big.pbtxt' is not UTF-8"):
+        C.load_config(d, config_name="big")
+
+
+def test_repository_relative(tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    d = root / "simple"
+    d.mkdir(parents=True)
+    (root / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    text = (
+        f"Load model from {d}/1/model.onnx failed; {root}/simple_int8/1/model.onnx; "
+        f"repository {root}; model {d}"
+    )
+    assert CC.repository_relative(text, d, [root]) == (
+        "Load model from simple/1/model.onnx failed; simple_int8/1/model.onnx; "
+        "repository <model repository>; model simple"
+    )
+    linked = root / "linked"
+    real = tmp_path / "elsewhere"
+    real.mkdir()
+    assert CC.repository_relative(f"x {real}/1/model.onnx", linked, [root]) == (
+        "x linked/1/model.onnx"
+    )

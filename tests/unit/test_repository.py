@@ -387,3 +387,111 @@ def test_concurrent_loads_of_one_model(repo: ModelRepository, loader: FakeLoader
     assert len(loader.created) == 9
     live = repo.resolve("simple_identity", "1")
     assert [s for s in loader.created if s.closed_with is None] == [live]
+
+
+# -- paths a config names, and what clients see of server paths ----------------------------------
+
+
+def simple_override(bm, **fields: str) -> mc.ModelConfig:
+    config = text_format.Parse(bm.simple_config("simple"), mc.ModelConfig())
+    for key, value in fields.items():
+        if key == "label_filename":
+            config.output[0].label_filename = value
+        else:
+            setattr(config, key, value)
+    return config
+
+
+def inside_message(field: str, value: str) -> str:
+    return (
+        f"unable to load model 'simple', {field} '{value}' must name a file inside the model "
+        "directory"
+    )
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("label_filename", "../../../../etc/passwd"),
+        ("label_filename", "/proc/self/environ"),
+        ("default_model_filename", "/etc/passwd"),
+        ("default_model_filename", "../../simple_int8/1/model.onnx"),
+    ],
+)
+def test_override_naming_a_file_outside_is_refused(
+    repo: ModelRepository, loader: FakeLoader, bm, field: str, value: str
+) -> None:
+    with pytest.raises(ModelLoadError) as err:
+        repo.load("simple", override=simple_override(bm, **{field: value}))
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.message == inside_message(field, value)
+    assert loader.calls == []
+    assert not repo.is_model_ready("simple")
+    [entry] = [e for e in repo.index() if e.name == "simple"]
+    assert (entry.state, entry.reason) == ("UNAVAILABLE", inside_message(field, value))
+
+
+def test_refused_reload_keeps_the_old_labels(root: Path, repo: ModelRepository, bm) -> None:
+    (root / "simple" / "labels.txt").write_text("a\nb\n")
+    repo.load("simple", override=simple_override(bm, label_filename="labels.txt"))
+    before = repo.resolve("simple", "")
+    assert before.signature.output("OUTPUT0").labels == ("a", "b")
+    secret = root.parent / "secret.txt"
+    secret.write_text("root:x:0:0\n")
+    (root / "simple" / "escape.txt").symlink_to(secret)
+    with pytest.raises(ModelLoadError) as err:
+        repo.load("simple", override=simple_override(bm, label_filename="escape.txt"))
+    assert err.value.message == inside_message("label_filename", "escape.txt")
+    assert repo.resolve("simple", "") is before
+    assert repo.is_ready()  # the failed reload is not shown as a failure of a serving model
+
+
+def test_reasons_and_errors_name_no_server_path(
+    tmp_path: Path, root: Path, repo: ModelRepository, loader: FakeLoader
+) -> None:
+    (root / "simple_int8" / "1" / "model.onnx").write_bytes(b"not an ONNX protobuf")
+    loader.fail["simple_identity"] = RuntimeError(
+        f"Load model from {root / 'simple_identity' / '1' / 'model.onnx'} failed"
+    )
+    (root / "simple" / "config.pbtxt").write_text("max_batch_size: [")
+    failures = repo.load_models()
+    assert set(failures) == {"simple", "simple_identity", "simple_int8"}
+    reasons = [e.reason for e in repo.index()] + list(failures.values())
+    assert all(str(tmp_path) not in r for r in reasons), reasons
+    assert failures["simple_identity"] == (
+        "version 1 is at UNAVAILABLE state: Load model from simple_identity/1/model.onnx failed"
+    )
+    assert failures["simple_int8"].startswith(
+        "version 1 is at UNAVAILABLE state: failed to read ONNX model 'simple_int8/1/model.onnx': "
+    )
+    assert failures["simple"].startswith("failed to read text proto from simple/config.pbtxt: ")
+    with pytest.raises(ModelLoadError) as err:
+        repo.load("simple_int8")
+    assert str(tmp_path) not in err.value.message
+    assert "'simple_int8/1/model.onnx'" in err.value.message
+
+
+def test_model_dir_linked_from_outside_the_root(tmp_path: Path, root: Path, bm) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    bm.build_simple(elsewhere, "linked")
+    (elsewhere / "linked" / "1" / "model.onnx").write_bytes(b"garbage")
+    (root / "linked").symlink_to(elsewhere / "linked", target_is_directory=True)
+    loader = FakeLoader()
+    repo = ModelRepository([root], loader)
+    failures = repo.load_models(["linked"])
+    assert str(tmp_path) not in failures["linked"]
+    assert "'linked/1/model.onnx'" in failures["linked"]
+
+
+def test_duplicate_model_error_names_no_path(tmp_path: Path, root: Path, bm) -> None:
+    other = tmp_path / "other"
+    bm.build_simple(other, "extra")
+    repo = ModelRepository([root, other], FakeLoader())
+    bm.build_simple(other, "simple_int8", "INT8")  # appears after start-up
+    err = message(Internal, lambda: repo.load("simple_int8"))
+    assert err == "model 'simple_int8' appears in multiple model repositories"
+
+
+def test_bad_model_config_name_fails_at_startup(root: Path) -> None:
+    with pytest.raises(ModelLoadError, match="model config name '../x' must be a plain file name"):
+        ModelRepository([root], FakeLoader(), config_name="../x")
