@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from tributary_client._proto import grpc_service_pb2 as pb
@@ -30,7 +30,8 @@ from .backends.onnxruntime import gpu_count
 from .model import build_loader
 from .options import ServerOptions
 from .repository import ModelRepository
-from .servicer import InferenceServicer, ServerState, register, server_ready
+from .rpcs import Front, register
+from .servicer import InferenceServicer, ServerState, server_ready
 
 log = logging.getLogger("tributary")
 
@@ -97,8 +98,7 @@ class Server:
     health: health.HealthServicer
     grpc_port: int
     metrics: Any = None
-    servicer: InferenceServicer | None = None
-    stream_pool: futures.ThreadPoolExecutor | None = None
+    front: Front | None = None
     _health_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def refresh_health(self) -> None:
@@ -126,11 +126,11 @@ class Server:
             "shutting down: waiting up to %.0fs for in-flight requests",
             self.options.exit_timeout_secs,
         )
-        if self.servicer is not None:
-            self.servicer.close_streams()  # open streams end once their in-flight work answers
+        if self.front is not None:
+            self.front.end_streams()  # open streams end once their in-flight work answers
         self.grpc_server.stop(grace=self.options.exit_timeout_secs).wait()
-        if self.stream_pool is not None:
-            self.stream_pool.shutdown(wait=False)
+        if self.front is not None:
+            self.front.shutdown()
         self.repository.close(max(0.0, deadline - time.monotonic()))
         if self.metrics is not None:
             self.metrics.stop()
@@ -192,17 +192,14 @@ def start(options: ServerOptions) -> Server | None:
         ),
     )
     servicer = InferenceServicer(repository, state)
-    # Streams get their own threads (a few spare ones answer RESOURCE_EXHAUSTED beyond the cap),
-    # so the server's pool stays free for unary RPCs and health checks however many are open.
-    stream_pool = futures.ThreadPoolExecutor(
-        max_workers=options.grpc_max_streams + 8, thread_name_prefix="grpc-stream"
-    )
-    register(server, servicer, stream_pool)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     _register_descriptors()
-    reflection.enable_server_reflection(
-        (INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server, pool=POOL
+    front = register(
+        server,
+        servicer,
+        health_servicer,
+        reflected=(INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME),
+        max_streams=options.grpc_max_streams,
     )
     address = f"{options.grpc_address}:{options.grpc_port}"
     if options.grpc_use_ssl:
@@ -220,8 +217,7 @@ def start(options: ServerOptions) -> Server | None:
         server,
         health_servicer,
         port,
-        servicer=servicer,
-        stream_pool=stream_pool,
+        front=front,
     )
     state.listeners.append(running.refresh_health)  # run-time load/unload moves readiness
     if options.allow_metrics:

@@ -69,8 +69,10 @@ MAX_SHOWN_NAME = 256
 """A name a client sent is echoed into an error at most this long: a 1 MB model name in an error
 would otherwise exceed gRPC's metadata limit, and the client would see RESOURCE_EXHAUSTED
 instead of the real error."""
-MAX_MESSAGE = 4096
-"""Every error message sent to a client is cut to this many characters (at the error boundary)."""
+MAX_MESSAGE_BYTES = 2048
+"""Every error message sent to a client is cut to this many UTF-8 bytes (at the error boundary).
+gRPC sends the message percent-encoded in a header, three characters per non-ASCII byte, so
+this keeps any message under ~6 KB there: well inside the default metadata limits."""
 
 
 def shown(name: str, limit: int = MAX_SHOWN_NAME) -> str:
@@ -81,4 +83,10 @@ def shown(name: str, limit: int = MAX_SHOWN_NAME) -> str:
 
 
 def clip_message(message: str) -> str:
-    return shown(message, MAX_MESSAGE)
+    if len(message) <= MAX_MESSAGE_BYTES // 4:  # fast path: cannot exceed the byte limit
+        return message
+    data = message.encode("utf-8", "replace")
+    if len(data) <= MAX_MESSAGE_BYTES:
+        return message
+    cut = data[:MAX_MESSAGE_BYTES].decode("utf-8", "ignore")
+    return f"{cut}...({len(data) - MAX_MESSAGE_BYTES} more bytes)"

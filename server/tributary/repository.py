@@ -43,6 +43,7 @@ from tributary.errors import (
     NotFound,
     Unavailable,
 )
+from tributary.errors import shown as shown_name
 from tributary_client._proto import model_config_pb2 as mc
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ class _Model:
 
 
 def _unknown(name: str) -> NotFound:
-    return NotFound(f"Request for unknown model: '{name}' is not found")
+    return NotFound(f"Request for unknown model: '{shown_name(name)}' is not found")
 
 
 class ModelRepository:

@@ -1,19 +1,19 @@
 """RPC handlers for inference.GRPCInferenceService: thin, behind one error boundary.
 
-Every handler is wrapped by `_boundary` (unary) or answers through `_Stream` (streaming): an
+`tributary.rpcs` puts these handlers on the server behind one error boundary per unary RPC;
+streamed requests are answered through `_Stream`, each exactly once whatever is raised. An
 `InferenceError` becomes its status code and message; anything else is our bug, logged once
-with its traceback and a reference number and answered INTERNAL with that reference, never a
-hang or UNKNOWN. Messages are clipped (`errors.clip_message`) so an echoed name can never push
-the status past gRPC's metadata limit.
+with its traceback and a reference number (`internal_error`) and answered INTERNAL with that
+reference, never a hang or UNKNOWN. Messages are clipped (`errors.clip_message`) so an echoed
+name can never push the status past gRPC's metadata limit.
 
-ModelInfer and ModelStreamInfer are registered on raw bytes (`register`): `tributary.wire`
-parses them, so undecodable requests are INVALID_ARGUMENT and tensor payloads are never
-copied by protobuf. Streams run on their own thread pool, capped at `--grpc-max-streams`, so
-open streams (idle, or not reading their responses) can never take the threads that unary
-RPCs and health checks need; each stream has at most `--grpc-stream-max-pending` responses
-outstanding before the server stops reading its requests (HTTP/2 flow control then holds the
-client). On shutdown every open stream is ended promptly once its in-flight work is answered.
-See docs/limits.md.
+ModelInfer and ModelStreamInfer take the request's bytes: `tributary.wire` parses them, so
+undecodable requests are INVALID_ARGUMENT and tensor payloads are never copied by protobuf.
+Streams are admitted up to `--grpc-max-streams`; each has at most `--grpc-stream-max-pending`
+replies outstanding before the server stops reading its requests (HTTP/2 flow control then
+holds the client). A stream leaves the count the moment its RPC ends (a cancelled stream does
+not wait for its in-flight work), and at shutdown every open stream answers what it took,
+then ends. See docs/limits.md.
 """
 
 from __future__ import annotations
@@ -23,8 +23,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,30 +61,11 @@ EXTENSIONS = (
 _refs = itertools.count(1)
 
 
-def _internal(where: str, exc: BaseException, request_id: str = "") -> Internal:
+def internal_error(where: str, exc: BaseException, request_id: str = "") -> Internal:
     """Log a bug once, with a reference the client is given instead of our internals."""
     ref = next(_refs)
     log.error("internal error %d in %s (request id %r)", ref, where, request_id[:128], exc_info=exc)
     return Internal(f"internal error in {where}: {type(exc).__name__} (server log reference {ref})")
-
-
-def _boundary(name: str, fn: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[..., Any]:
-    """The one error mapping of a unary RPC."""
-
-    def handler(request: Any, context: grpc.ServicerContext) -> Any:
-        # Only the code and text leave the except blocks: a kept exception would hold its
-        # traceback, and with it this frame and the request's bytes, until a GC cycle.
-        try:
-            return fn(request, context)
-        except InferenceError as exc:
-            code, message = exc.code, exc.message
-        except Exception as exc:  # a bug: keep serving, say where
-            internal = _internal(name, exc)
-            code, message = internal.code, internal.message
-        context.abort(code, clip_message(message))
-
-    handler.__name__ = name
-    return handler
 
 
 @dataclass
@@ -250,7 +230,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return infer_response_bytes(head, outputs)
 
     def _infer(
-        self, request: Any, raws: list[memoryview], is_active: Callable[[], bool] | None
+        self, request: Any, raws: Sequence[bytes | memoryview], is_active: Callable[[], bool] | None
     ) -> tuple[Any, list[object]]:
         model, decoded, start = self._begin(request, raws, is_active)
         try:
@@ -261,7 +241,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return self._finish(request, model, decoded, start, results)
 
     def _begin(
-        self, request: Any, raws: list[memoryview], is_active: Callable[[], bool] | None
+        self, request: Any, raws: Sequence[bytes | memoryview], is_active: Callable[[], bool] | None
     ) -> tuple[Any, Any, int]:
         """Resolve the model and validate the request (a failure here counts as OTHER)."""
         start = time.perf_counter_ns()
@@ -322,6 +302,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         generator writes replies.
         """
         stream = self._admit()
+        context.add_callback(lambda: self._forget(stream))  # the RPC ended, however
         ended_by_server = False
         try:
             reader = threading.Thread(
@@ -339,11 +320,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 yield data
                 stream.room.release()
         finally:
-            with self._streams_lock:
-                self._streams.discard(stream)
-            stream.closed.set()
+            self._forget(stream)
         if ended_by_server:
             context.abort(grpc.StatusCode.UNAVAILABLE, "Server exiting")
+
+    def _forget(self, stream: _Stream) -> None:
+        with self._streams_lock:
+            self._streams.discard(stream)
+        stream.closed.set()
 
     def _admit(self) -> _Stream:
         with self._streams_lock:
@@ -384,7 +368,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             slot.fail(exc, request)
             return
         except Exception as exc:
-            slot.fail(_internal("ModelStreamInfer", exc, getattr(request, "id", "")), request)
+            slot.fail(internal_error("ModelStreamInfer", exc, getattr(request, "id", "")), request)
             return
 
         def done(results: Any, error: InferenceError | None) -> None:
@@ -397,12 +381,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             except InferenceError as exc:
                 slot.fail(exc, request)
             except Exception as exc:
-                slot.fail(_internal("ModelStreamInfer", exc, request.id), request)
+                slot.fail(internal_error("ModelStreamInfer", exc, request.id), request)
 
         try:
             model.scheduler.submit(decoded.item, done)
         except Exception as exc:  # submit reports refusals through `done`; this is a bug
-            slot.fail(_internal("ModelStreamInfer", exc, request.id), request)
+            slot.fail(internal_error("ModelStreamInfer", exc, request.id), request)
 
     def close_streams(self) -> None:
         """Shutdown: every open stream answers what it already took, then ends (UNAVAILABLE)."""
@@ -460,55 +444,3 @@ for _name, _what in {
     "LogSettings": "use --log-verbose at start-up",
 }.items():
     setattr(InferenceServicer, _name, _unimplemented(_name, _what))
-
-
-_RAW_METHODS = ("ModelInfer", "ModelStreamInfer")
-
-
-class _Capture:
-    """Stands in for a grpc.Server to collect the generated method handlers."""
-
-    def __init__(self) -> None:
-        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
-        self.service = ""
-
-    def add_generic_rpc_handlers(self, handlers: Any) -> None:
-        pass
-
-    def add_registered_method_handlers(self, service: str, handlers: Any) -> None:
-        self.service = service
-        self.handlers = dict(handlers)
-
-
-def register(
-    server: grpc.Server, servicer: InferenceServicer, stream_pool: ThreadPoolExecutor
-) -> None:
-    """Add the inference service to `server`: every RPC behind the error boundary, ModelInfer
-    and ModelStreamInfer on raw bytes, and streams on `stream_pool` (grpcio runs a handler
-    whose function has `experimental_thread_pool` on that pool instead of the server's)."""
-    capture = _Capture()
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, capture)  # type: ignore[arg-type]
-    handlers = capture.handlers
-    for name, h in list(handlers.items()):
-        if name == "ModelStreamInfer" or h.unary_unary is None:
-            continue
-        deserializer = None if name in _RAW_METHODS else h.request_deserializer
-        serializer = None if name in _RAW_METHODS else h.response_serializer
-        handlers[name] = grpc.unary_unary_rpc_method_handler(
-            _boundary(name, getattr(servicer, name)),
-            request_deserializer=deserializer,
-            response_serializer=serializer,
-        )
-
-    def stream(request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> Any:
-        try:
-            yield from servicer.ModelStreamInfer(request_iterator, context)
-        except InferenceError as exc:  # refused at admission
-            context.abort(exc.code, clip_message(exc.message))
-
-    stream.experimental_thread_pool = stream_pool  # type: ignore[attr-defined]
-    handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(stream)
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(capture.service, handlers),)
-    )
-    server.add_registered_method_handlers(capture.service, handlers)

@@ -77,6 +77,13 @@ def check_size_limit(
             f"input '{tensor}' for model '{model}' declares shape {format_shape(shape)} "
             f"({implied} bytes), which exceeds the server's tensor size limit of {limit} bytes"
         )
+    # An empty tensor implies 0 bytes, but numpy still refuses dimensions whose product
+    # (skipping the zero) overflows; no dimension may be larger than the limit either.
+    if any(d > limit for d in shape):
+        raise InvalidArgument(
+            f"input '{tensor}' for model '{model}' declares shape {format_shape(shape)}, "
+            f"whose dimensions exceed the server's tensor size limit of {limit} bytes"
+        )
 
 
 def raw_to_numpy(

@@ -12,8 +12,10 @@ hands us the request's bytes and we parse them here.
 - Responses are assembled the same way: protobuf serialises the small head, the payloads are
   appended as length-delimited field 6 entries in one `join` (the only copy of an output).
 
-The scan is bounded by the message: at most `MAX_TOP_LEVEL_FIELDS` fields (a real request has
-one per input, output and parameter), each varint at most 10 bytes, each length checked
+Only requests of `SCAN_FROM_BYTES` or more are walked (smaller ones go to protobuf whole: in C
+that is cheaper, and copying small payloads costs little). The walk is bounded: at most
+`MAX_SCANNED_FIELDS` fields (a request with more, or with groups, goes to protobuf whole, so
+no field count can cost Python time), each varint at most 10 bytes, each length checked
 against what is left. Nothing here allocates in proportion to a length the client claims.
 """
 
@@ -27,7 +29,12 @@ from tributary_client._proto import grpc_service_pb2 as pb
 
 from .errors import InvalidArgument
 
-MAX_TOP_LEVEL_FIELDS = 65_536
+SCAN_FROM_BYTES = 64 * 1024
+"""Smaller requests are parsed by protobuf whole (C, faster than any Python walk; copying
+their payloads is cheap); larger ones have their payloads split off by the walk."""
+MAX_SCANNED_FIELDS = 256
+"""The walk looks at most this many top-level fields (a real request has a few per input);
+a request with more is handed to protobuf whole, so no field count costs Python time."""
 _RAW_INPUT_FIELD = 7
 _RAW_OUTPUT_TAG = bytes([(6 << 3) | 2])  # ModelInferResponse.raw_output_contents
 _STREAM_RESPONSE_TAG = bytes([(2 << 3) | 2])  # ModelStreamInferResponse.infer_response
@@ -55,12 +62,34 @@ def _varint(buf: bytes | memoryview, pos: int, end: int) -> tuple[int, int]:
     raise _bad("truncated or over-long varint")
 
 
-def split_request(data: bytes) -> tuple[pb.ModelInferRequest, list[memoryview]]:
-    """Parse a serialized ModelInferRequest; raw_input_contents come back as views of `data`.
+def split_request(data: bytes) -> tuple[pb.ModelInferRequest, Sequence[bytes | memoryview]]:
+    """Parse a serialized ModelInferRequest; returns it with its raw_input_contents.
 
-    The returned message has an empty `raw_input_contents`; the views, in wire order, take
-    its place. Raises `WireError` (INVALID_ARGUMENT) for anything malformed.
+    For a large request the payloads come back as views of `data` and the message's own
+    `raw_input_contents` is empty; for a small one (or an odd one, with very many fields)
+    they are the message's own. Raises `WireError` (INVALID_ARGUMENT) for anything malformed.
     """
+    if len(data) >= SCAN_FROM_BYTES:
+        split = _split_large(data)
+        if split is not None:
+            head, raws = split
+            return _parse(head), raws
+    request = _parse(data)
+    return request, request.raw_input_contents
+
+
+def _parse(data: bytes | memoryview) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest()
+    try:
+        request.ParseFromString(data)
+    except (DecodeError, ValueError, TypeError, RuntimeError) as exc:
+        raise _bad(str(exc)[:200] or type(exc).__name__) from None
+    return request
+
+
+def _split_large(data: bytes) -> tuple[bytes | memoryview, list[memoryview]] | None:
+    """(the message without field 7, field 7's payloads as views), or None past
+    `MAX_SCANNED_FIELDS` fields."""
     view = memoryview(data)
     end = len(data)
     raws: list[memoryview] = []
@@ -70,8 +99,8 @@ def split_request(data: bytes) -> tuple[pb.ModelInferRequest, list[memoryview]]:
     fields = 0
     while pos < end:
         fields += 1
-        if fields > MAX_TOP_LEVEL_FIELDS:
-            raise _bad(f"more than {MAX_TOP_LEVEL_FIELDS} top-level fields")
+        if fields > MAX_SCANNED_FIELDS:
+            return None
         start = pos
         tag, pos = _varint(data, pos, end)
         kind = tag & 7
@@ -96,18 +125,13 @@ def split_request(data: bytes) -> tuple[pb.ModelInferRequest, list[memoryview]]:
                 continue
             pos += length
         else:
-            raise _bad(f"unsupported wire type {kind}")
+            return None  # groups (deprecated, legal as unknown fields): protobuf knows them
         if pos > end:
             raise _bad("a fixed-size field runs past the end of the message")
     if span < end:
         keep.append(view[span:end])
     head = keep[0] if len(keep) == 1 else b"".join(keep)
-    request = pb.ModelInferRequest()
-    try:
-        request.ParseFromString(head)
-    except (DecodeError, ValueError, TypeError) as exc:
-        raise _bad(str(exc)[:200] or type(exc).__name__) from None
-    return request, raws
+    return head, raws
 
 
 def _varint_bytes(value: int) -> bytes:

@@ -1,0 +1,111 @@
+"""tributary.wire against protobuf itself: the split must mean exactly what protobuf reads."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tributary import wire
+from tributary.errors import InvalidArgument
+from tributary_client._proto import grpc_service_pb2 as pb
+
+names = st.text(max_size=20)
+payloads = st.lists(st.binary(max_size=2048), max_size=4)
+
+
+@st.composite
+def requests(draw) -> pb.ModelInferRequest:
+    r = pb.ModelInferRequest(model_name=draw(names), model_version=draw(names), id=draw(names))
+    for i, data in enumerate(draw(payloads)):
+        r.inputs.add(name=f"in{i}", datatype="UINT8", shape=[len(data)])
+        r.raw_input_contents.append(data)
+    for key in draw(st.lists(names, max_size=3)):
+        r.parameters[key].int64_param = draw(st.integers(-(2**63), 2**63 - 1))
+    if draw(st.booleans()):  # big enough to take the zero-copy walk
+        r.raw_input_contents.append(draw(st.binary(min_size=1, max_size=8)) * 70_000)
+        r.inputs.add(name="big", datatype="UINT8", shape=[len(r.raw_input_contents[-1])])
+    return r
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(requests(), st.booleans())
+def test_split_matches_protobuf(request: pb.ModelInferRequest, shuffle: bool) -> None:
+    data = request.SerializeToString(deterministic=True)
+    if shuffle:  # raw fields first: field order on the wire is free
+        head = pb.ModelInferRequest()
+        head.CopyFrom(request)
+        del head.raw_input_contents[:]
+        tail = pb.ModelInferRequest(raw_input_contents=request.raw_input_contents)
+        data = tail.SerializeToString() + head.SerializeToString()
+    parsed, raws = wire.split_request(data)
+    assert [bytes(r) for r in raws] == list(request.raw_input_contents)
+    parsed_copy = pb.ModelInferRequest()
+    parsed_copy.CopyFrom(parsed)
+    del parsed_copy.raw_input_contents[:]
+    expected = pb.ModelInferRequest()
+    expected.CopyFrom(request)
+    del expected.raw_input_contents[:]
+    assert parsed_copy == expected
+
+
+def test_large_payloads_are_views_not_copies() -> None:
+    big = bytes(range(256)) * 1024
+    r = pb.ModelInferRequest(model_name="m", raw_input_contents=[big, b"x"])
+    data = r.SerializeToString()
+    parsed, raws = wire.split_request(data)
+    assert isinstance(raws[0], memoryview) and raws[0].obj is data
+    assert bytes(raws[0]) == big and bytes(raws[1]) == b"x"
+    assert len(parsed.raw_input_contents) == 0 and parsed.model_name == "m"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\xff",  # truncated varint
+        b"\x0a\x05ab",  # length past the end
+        b"\x08" + b"\xff" * 11,  # over-long varint
+        b"\x00\x01",  # field number 0
+        b"\x3a\xff\xff\xff\xff\x0f" + b"\0" * 70_000,  # raw field claiming 4 GiB
+        b"\x0d\x01\x02" + b"\0" * 0,  # fixed32 past the end
+    ],
+)
+def test_malformed_is_invalid_argument(data: bytes) -> None:
+    with pytest.raises(InvalidArgument, match="^unable to parse the request"):
+        wire.split_request(data)
+
+
+@settings(
+    max_examples=300,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(st.binary(max_size=256), st.sampled_from([0, 70_000]))
+def test_random_bytes_either_parse_or_are_invalid_argument(prefix: bytes, pad: int) -> None:
+    # garbage, or garbage followed by a large raw field (so the walk runs over the garbage)
+    data = prefix + b"\x3a" + wire._varint_bytes(pad) + b"\0" * pad if pad else prefix
+    try:
+        wire.split_request(data)
+    except InvalidArgument:
+        pass
+
+
+def test_many_small_fields_are_left_to_protobuf() -> None:
+    """65,536 tiny fields: the walk gives up after MAX_SCANNED_FIELDS and protobuf parses."""
+    data = b"\x3a\x00" * 65_536 + b"\x0a\x01m"
+    parsed, raws = wire.split_request(data)
+    assert parsed.model_name == "m" and len(raws) == 65_536
+
+
+def test_response_assembly_parses_back() -> None:
+    import numpy as np
+
+    head = pb.ModelInferResponse(model_name="m", id="7")
+    head.outputs.add(name="o", datatype="FP32", shape=[3])
+    arr = np.arange(3, dtype=np.float32)
+    reply = pb.ModelInferResponse.FromString(wire.infer_response_bytes(head, [arr, b"zz"]))
+    assert reply.id == "7" and list(reply.raw_output_contents) == [arr.tobytes(), b"zz"]
+    stream = pb.ModelStreamInferResponse.FromString(wire.stream_response_bytes(head, [arr]))
+    assert stream.infer_response.raw_output_contents[0] == arr.tobytes()
+    assert stream.error_message == ""
