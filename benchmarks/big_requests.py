@@ -3,6 +3,8 @@
 For each payload size (default 64 MiB, 256 MiB, 1 GiB, skipping sizes this machine's free RAM
 cannot hold), and for two cases:
 
+    bytes      (with --cases bytes) one BYTES tensor of that size, 4-byte strings, through
+               a string identity model: the element-wise decode/encode path
     accepted   one FP32 tensor of that size through an identity model (max_batch_size 0,
                dims [-1]), built into a temporary repository next to model_repository/
     rejected   the same bytes, but a declared shape one element larger: INVALID_ARGUMENT
@@ -53,6 +55,7 @@ from tributary_client._proto import grpc_service_pb2 as pb  # noqa: E402
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 MODEL = "big_identity"
+STRINGS = "big_strings"
 MiB = 1024 * 1024
 # What a size costs this machine at most, in payloads: the client holds the request and the
 # response (and briefly a second copy while building the request); the server a few copies.
@@ -90,7 +93,25 @@ def build_repository(out: Path) -> Path:
         'output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ -1 ] } ]\n'
     )
     build_models.write_model(out, MODEL, build_models.make_model(graph), config)
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["INPUT0"], ["OUTPUT0"])],
+        STRINGS,
+        [helper.make_tensor_value_info("INPUT0", TensorProto.STRING, ["n"])],
+        [helper.make_tensor_value_info("OUTPUT0", TensorProto.STRING, ["n"])],
+    )
+    config = config.replace(MODEL, STRINGS).replace("TYPE_FP32", "TYPE_STRING")
+    build_models.write_model(out, STRINGS, build_models.make_model(graph), config)
     return out
+
+
+def bytes_request(nbytes: int) -> bytes:
+    """A ModelInferRequest carrying `nbytes` of BYTES elements, each the 4-byte string 'abcd'."""
+    elements = nbytes // 8
+    head = pb.ModelInferRequest(model_name=STRINGS, id=f"strings-{nbytes}")
+    head.inputs.add(name="INPUT0", datatype="BYTES", shape=[elements])
+    prefix = head.SerializeToString() + b"\x3a" + _varint(elements * 8)
+    one = np.frombuffer(b"\x04\x00\x00\x00abcd", dtype=np.uint64)
+    return prefix + np.broadcast_to(one, (elements,)).tobytes()
 
 
 def _varint(n: int) -> bytes:
@@ -167,7 +188,7 @@ def settle(pid: int, seconds: float = 3.0) -> int:
 
 def measure(repos: list[Path], workdir: Path, nbytes: int, case: str, a) -> dict:
     extra = 1 if case == "rejected" else 0
-    payload = big_request(nbytes, extra)
+    payload = bytes_request(nbytes) if case == "bytes" else big_request(nbytes, extra)
     args = ["--grpc-max-message-size", str(2**31 - 1), "--max-tensor-bytes", str(2**31 - 1)]
     with Server(repos, workdir / f"{case}-{nbytes}", *args) as server:
         with grpc.insecure_channel(server.url, options=CHANNEL_OPTIONS) as channel:

@@ -89,7 +89,7 @@ def _unary(
         # Only the code and text leave the except blocks: a kept exception would hold its
         # traceback, and with it this frame and the request's bytes, until a GC cycle.
         try:
-            return fn(_parse(parse, data), context)
+            return fn(data if parse is None else _parse(parse, data), context)
         except InferenceError as exc:
             code, message = exc.code, exc.message
         except Exception as exc:  # a bug: keep serving, say where

@@ -98,14 +98,20 @@ def test_many_small_fields_are_left_to_protobuf() -> None:
     assert parsed.model_name == "m" and len(raws) == 65_536
 
 
-def test_response_assembly_parses_back() -> None:
+@pytest.mark.parametrize("n", [3, 100_000], ids=["small-protobuf", "large-joined"])
+def test_response_assembly_parses_back(n: int) -> None:
     import numpy as np
 
-    head = pb.ModelInferResponse(model_name="m", id="7")
-    head.outputs.add(name="o", datatype="FP32", shape=[3])
-    arr = np.arange(3, dtype=np.float32)
-    reply = pb.ModelInferResponse.FromString(wire.infer_response_bytes(head, [arr, b"zz"]))
-    assert reply.id == "7" and list(reply.raw_output_contents) == [arr.tobytes(), b"zz"]
-    stream = pb.ModelStreamInferResponse.FromString(wire.stream_response_bytes(head, [arr]))
+    def head() -> pb.ModelInferResponse:
+        h = pb.ModelInferResponse(model_name="m", id="7")
+        h.outputs.add(name="o", datatype="FP32", shape=[n])
+        return h
+
+    arr = np.arange(n, dtype=np.float32)
+    flags = np.array([True, False])
+    reply = pb.ModelInferResponse.FromString(wire.infer_response_bytes(head(), [arr, b"zz", flags]))
+    assert reply.id == "7" and reply.outputs[0].shape == [n]
+    assert list(reply.raw_output_contents) == [arr.tobytes(), b"zz", b"\x01\x00"]
+    stream = pb.ModelStreamInferResponse.FromString(wire.stream_response_bytes(head(), [arr]))
     assert stream.infer_response.raw_output_contents[0] == arr.tobytes()
     assert stream.error_message == ""
