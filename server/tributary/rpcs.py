@@ -177,8 +177,13 @@ def _inference(
     def stream(request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> Any:
         try:
             yield from servicer.ModelStreamInfer(request_iterator, context)
+            return
         except InferenceError as exc:  # refused at admission
-            context.abort(exc.code, clip_message(exc.message))
+            code, message = exc.code, exc.message
+        except Exception as exc:  # a bug (per-request errors never get here): say where
+            internal = internal_error("ModelStreamInfer", exc)
+            code, message = internal.code, internal.message
+        context.abort(code, clip_message(message))
 
     handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(_on(streams, stream))
     _add(server, cap.service, handlers)

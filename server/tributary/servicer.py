@@ -312,7 +312,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 name="stream-reader",
                 daemon=True,
             )
-            reader.start()
+            try:
+                reader.start()
+            except RuntimeError as exc:  # the process is out of threads
+                raise ResourceExhausted(f"cannot serve another stream now: {exc}") from None
             while (slot := stream.replies.get()) is not None:
                 if slot is _CLOSE:
                     ended_by_server = True
@@ -323,7 +326,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         finally:
             self._forget(stream)
         if ended_by_server:
-            context.abort(grpc.StatusCode.UNAVAILABLE, "Server exiting")
+            raise Unavailable("Server exiting")  # tributary.rpcs answers it
 
     def _forget(self, stream: _Stream) -> None:
         with self._streams_lock:
