@@ -63,19 +63,31 @@ def _prefix(request_id: str) -> str:
     return f"[request id: {request_id or '<id_unknown>'}] "
 
 
+BYTES_ELEMENT_COST = 64
+"""What one BYTES element counts for against --max-tensor-bytes: ONNX Runtime's string tensors
+need a Python `str` per element (~50-60 bytes of object even for a short string, plus the
+array slot), so a short-string tensor costs ~15x its wire size in memory. Counting its
+4-byte wire minimum instead let a 2 GiB request ask for 536 M strings (~30 GB)."""
+
+
 def check_size_limit(
     shape: Sequence[int], dtype: DType, limit: int, tensor: str, model: str
 ) -> None:
     """Refuse a tensor whose declared shape implies more than `limit` bytes, before allocation.
 
-    BYTES elements are counted at their 4-byte minimum, since that is what any valid payload
-    needs at least.
+    Numeric elements count at their size; BYTES elements at `BYTES_ELEMENT_COST`.
     """
-    implied = element_count(shape) * (dtype.size or 4)
+    count = element_count(shape)
+    if dtype.size:
+        implied = count * dtype.size
+        what = f"{implied} bytes"
+    else:
+        implied = count * BYTES_ELEMENT_COST
+        what = f"{count} BYTES elements at {BYTES_ELEMENT_COST} bytes each: {implied} bytes"
     if implied > limit:
         raise InvalidArgument(
             f"input '{tensor}' for model '{model}' declares shape {format_shape(shape)} "
-            f"({implied} bytes), which exceeds the server's tensor size limit of {limit} bytes"
+            f"({what}), which exceeds the server's tensor size limit of {limit} bytes"
         )
     # An empty tensor implies 0 bytes, but numpy still refuses dimensions whose product
     # (skipping the zero) overflows; no dimension may be larger than the limit either.

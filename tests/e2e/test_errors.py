@@ -274,13 +274,13 @@ def test_bad_sizes_cost_no_memory(limited, limited_stub) -> None:
         assert msg.endswith(f"Expected {n * 4}, got 16")
         # beyond the limit
         rpc_error(INVALID, limited_stub.ModelInfer, fp32_request([8, 2**60], b"\0" * 16))
-        # millions of strings declared, one carried
+        # 200,000 strings declared (within the limit at 64 bytes each), one carried
         strings = raw_request(
-            "identity_bytes", [("INPUT0", "BYTES", [1, 4_000_000], serialize_bytes([b"x"]))]
+            "identity_bytes", [("INPUT0", "BYTES", [1, 200_000], serialize_bytes([b"x"]))]
         )
         msg = rpc_error(INVALID, limited_stub.ModelInfer, strings)
         assert msg.endswith(
-            "expected 4000000 string elements for inference input 'INPUT0' "
+            "expected 200000 string elements for inference input 'INPUT0' "
             "for model 'identity_bytes', got 1"
         )
     grown = rss_kib(pid) - before
@@ -318,3 +318,23 @@ def test_server_still_serves_after_all_errors(server, client, stub) -> None:
         np.testing.assert_array_equal(got1.reshape(batch, 16), a - b)
     index = client.get_model_repository_index().models
     assert all(m.state == "READY" for m in index)
+
+
+def test_bytes_elements_count_at_their_memory_cost(limited_stub) -> None:
+    """A BYTES element costs a Python str (~60 bytes) however short it is on the wire, so the
+    limit counts it at 64 bytes: LIMIT // 64 + 1 one-byte strings are refused before decoding."""
+    n = LIMIT // 64 + 1
+    data = serialize_bytes([b"a"] * n)  # 5 bytes each on the wire: far below LIMIT
+    request = raw_request("identity_bytes", [("INPUT0", "BYTES", [1, n], data)])
+    msg = rpc_error(INVALID, limited_stub.ModelInfer, request)
+    assert msg == (
+        f"input 'INPUT0' for model 'identity_bytes' declares shape [1,{n}] ({n} BYTES elements "
+        f"at 64 bytes each: {n * 64} bytes), which exceeds the server's tensor size limit of "
+        f"{LIMIT} bytes"
+    )
+    n = LIMIT // 64
+    request = raw_request(
+        "identity_bytes", [("INPUT0", "BYTES", [1, n], serialize_bytes([b"a"] * n))]
+    )
+    reply = limited_stub.ModelInfer(request)
+    assert reply.raw_output_contents[0] == serialize_bytes([b"a"] * n)

@@ -142,12 +142,18 @@ def test_length_larger_than_buffer(stub) -> None:
 
 
 def test_huge_declared_string_count_is_refused_cheaply(stub) -> None:
-    # 100 million elements declared, 6 bytes carried: refused without allocating for the shape
+    # 20 million elements declared (within the default limit at 64 bytes each), 6 bytes
+    # carried: refused without allocating for the shape
     data = serialize_bytes([b"ab"])
+    msg = rpc_error(
+        grpc.StatusCode.INVALID_ARGUMENT, stub.ModelInfer, identity_raw([1, 20_000_000], data)
+    )
+    assert msg.endswith(
+        "expected 20000000 string elements for inference input 'INPUT0' for model "
+        "'simple_identity', got 1"
+    )
+    # 100 million: over the limit by the shape alone
     msg = rpc_error(
         grpc.StatusCode.INVALID_ARGUMENT, stub.ModelInfer, identity_raw([1, 100_000_000], data)
     )
-    assert msg.endswith(
-        "expected 100000000 string elements for inference input 'INPUT0' for model "
-        "'simple_identity', got 1"
-    )
+    assert "(100000000 BYTES elements at 64 bytes each" in msg
