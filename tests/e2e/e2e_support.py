@@ -40,6 +40,21 @@ DTYPES: dict[str, tuple[np.dtype, str]] = {
     "FP64": (np.dtype("<f8"), "TYPE_FP64"),
     "BYTES": (np.dtype(object), "TYPE_STRING"),
 }
+# which InferTensorContents field carries each datatype (typed, non-raw requests)
+TYPED_FIELD = {
+    "BOOL": "bool_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
 _ONNX_ELEM = {
     "BOOL": 9,
     "UINT8": 2,

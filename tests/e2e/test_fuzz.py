@@ -33,7 +33,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from e2e_support import MODEL_REPOSITORY, rss_kib, serialize_bytes, simple_request
+from e2e_support import MODEL_REPOSITORY, TYPED_FIELD, rss_kib, serialize_bytes, simple_request
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, Phase, assume, example, given, settings
@@ -86,20 +86,6 @@ ELEMENT_SIZE = {
     "INT64": 8,
     "FP64": 8,
     "BYTES": 4,  # the length prefix: the least any element takes
-}
-TYPED_FIELD = {
-    "BOOL": "bool_contents",
-    "UINT8": "uint_contents",
-    "UINT16": "uint_contents",
-    "UINT32": "uint_contents",
-    "UINT64": "uint64_contents",
-    "INT8": "int_contents",
-    "INT16": "int_contents",
-    "INT32": "int_contents",
-    "INT64": "int64_contents",
-    "FP32": "fp32_contents",
-    "FP64": "fp64_contents",
-    "BYTES": "bytes_contents",
 }
 _NUMPY = {
     "BOOL": np.bool_,

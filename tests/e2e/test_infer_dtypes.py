@@ -15,7 +15,14 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import tritonclient.grpc as grpcclient
-from e2e_support import DTYPES, MODEL_REPOSITORY, identity_model, output_arrays, rpc_error
+from e2e_support import (
+    DTYPES,
+    MODEL_REPOSITORY,
+    TYPED_FIELD,
+    identity_model,
+    output_arrays,
+    rpc_error,
+)
 
 from tributary_client._proto import grpc_service_pb2 as pb
 from tributary_client._proto import grpc_service_pb2_grpc as pb_grpc
@@ -23,20 +30,6 @@ from tributary_client._proto import grpc_service_pb2_grpc as pb_grpc
 ALL = list(DTYPES)
 # dims [-1] for half of them, fixed [4] for the other half
 DIMS = {dt: ([-1] if i % 2 == 0 else [4]) for i, dt in enumerate(ALL)}
-TYPED_FIELD = {
-    "BOOL": "bool_contents",
-    "UINT8": "uint_contents",
-    "UINT16": "uint_contents",
-    "UINT32": "uint_contents",
-    "UINT64": "uint64_contents",
-    "INT8": "int_contents",
-    "INT16": "int_contents",
-    "INT32": "int_contents",
-    "INT64": "int64_contents",
-    "FP32": "fp32_contents",
-    "FP64": "fp64_contents",
-    "BYTES": "bytes_contents",
-}
 _BITS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 _NAN_PAYLOAD = {2: 0x7E01, 4: 0x7FC00123, 8: 0x7FF8000000000123}
 _NEG_NAN = {2: 0xFE00, 4: 0xFFC00000, 8: 0xFFF8000000000000}
