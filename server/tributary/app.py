@@ -30,7 +30,7 @@ from .backends.onnxruntime import gpu_count
 from .model import build_loader
 from .options import ServerOptions
 from .repository import ModelRepository
-from .rpcs import Front, register
+from .rpcs import Front, HealthService, register
 from .servicer import InferenceServicer, ServerState, server_ready
 
 log = logging.getLogger("tributary")
@@ -192,7 +192,7 @@ def start(options: ServerOptions) -> Server | None:
         ),
     )
     servicer = InferenceServicer(repository, state)
-    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_servicer = HealthService()
     _register_descriptors()
     front = register(
         server,

@@ -55,8 +55,17 @@ def _param_value(param: object) -> tuple[str | None, object]:
     return kind, getattr(param, kind) if kind else None
 
 
+MAX_PARAMETERS = 64
+"""Request parameters looked at: Triton defines a handful; more is refused before the loop."""
+
+
 def _request_params(request: object) -> tuple[int, int]:
     """(priority, timeout_us) from request parameters; other keys are checked and passed over."""
+    if len(request.parameters) > MAX_PARAMETERS:  # type: ignore[attr-defined]
+        raise InvalidArgument(
+            f"a request may carry at most {MAX_PARAMETERS} parameters, got "
+            f"{len(request.parameters)}"  # type: ignore[attr-defined]
+        )
     priority = timeout_us = 0
     for key, param in request.parameters.items():  # type: ignore[attr-defined]
         kind, value = _param_value(param)
@@ -112,12 +121,20 @@ def _check_shape(
     ok = (not batched or len(shape) >= 1) and len(body) == len(dims)
     ok = ok and all(d == -1 or d == s for d, s in zip(dims, body, strict=False))
     if not ok:
-        expected = ((-1,) if batched else ()) + dims
-        raise InvalidArgument(
-            f"{_prefix(request_id)}unexpected shape for input '{spec.name}' for model "
-            f"'{sig.name}'. Expected {tensors.format_shape(expected)}, got "
-            f"{tensors.format_shape(shape)}." + (_SHAPE_NOTE if batched else "")
-        )
+        _shape_error(spec, shape, len(shape), sig, request_id)
+
+
+def _shape_error(
+    spec: TensorSpec, shape: tuple[int, ...], rank: int, sig: ModelSignature, request_id: str
+) -> None:
+    """Triton's text for a shape that does not match; `shape` may be a prefix of `rank`."""
+    batched = sig.max_batch_size > 0
+    expected = ((-1,) if batched else ()) + spec.dims
+    raise InvalidArgument(
+        f"{_prefix(request_id)}unexpected shape for input '{spec.name}' for model "
+        f"'{sig.name}'. Expected {tensors.format_shape(expected)}, got "
+        f"{tensors.format_shape(shape, rank)}." + (_SHAPE_NOTE if batched else "")
+    )
 
 
 def decode_request(
@@ -168,6 +185,9 @@ def decode_request(
                 f"{_prefix(rid)}inference input '{name}' data-type is '{shown(tensor.datatype)}', "
                 f"but model '{model}' expects '{spec.dtype.name}'"
             )
+        rank = len(tensor.shape)
+        if rank > len(spec.dims) + 1:  # cannot match: don't build a tuple of a huge shape
+            _shape_error(spec, tuple(tensor.shape[: tensors.MAX_SHOWN_DIMS]), rank, sig, rid)
         shape = tuple(tensor.shape)
         if shape and min(shape) < 0:
             raise InvalidArgument(

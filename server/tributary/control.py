@@ -17,7 +17,7 @@ from google.protobuf import json_format
 
 from tributary_client._proto import model_config_pb2 as mc
 
-from .errors import Internal, InvalidArgument, Unavailable, Unimplemented
+from .errors import Internal, InvalidArgument, Unavailable, Unimplemented, shown
 from .repository import ModelRepository
 
 log = logging.getLogger("tributary.control")
@@ -28,7 +28,7 @@ FILE_PREFIX = "file:"
 
 def _poll_failed(name: str) -> Internal:
     """What Triton answers for anything that goes wrong before a model's versions are tried."""
-    return Internal(f"failed to load '{name}', failed to poll from model repository")
+    return Internal(f"failed to load '{shown(name)}', failed to poll from model repository")
 
 
 def _check_repository_name(repository_name: str) -> None:
@@ -54,11 +54,11 @@ def _load_parameters(parameters: Mapping[str, Any]) -> tuple[str | None, list[st
         elif key.startswith(FILE_PREFIX):
             if kind != "bytes_param":
                 raise InvalidArgument(
-                    f"invalid value type for load parameter '{key}', expected bytes_param."
+                    f"invalid value type for load parameter '{shown(key)}', expected bytes_param."
                 )
             files.append(key)
         else:
-            raise InvalidArgument(f"unrecognized load parameter '{key}'.")
+            raise InvalidArgument(f"unrecognized load parameter '{shown(key)}'.")
     return config, files
 
 
@@ -71,7 +71,7 @@ def parse_override(name: str, text: str) -> mc.ModelConfig:
     try:
         return json_format.Parse(text, mc.ModelConfig())
     except json_format.Error as exc:
-        log.error("failed to load model '%s': Invalid config override: %s", name, exc)
+        log.error("failed to load model %r: Invalid config override: %s", shown(name), exc)
         raise _poll_failed(name) from exc
 
 
@@ -96,15 +96,16 @@ class ModelControl:
         if files:
             # Triton writes these into a temporary model directory; we do not build one, so
             # the load fails exactly as Triton's does when it cannot write that directory.
-            shown = files[0] if len(files[0]) <= 64 else files[0][:61] + "..."
             log.error(
-                "failed to load model '%s': model file overrides ('%s') are not supported",
-                name,
-                shown,
+                "failed to load model %r: model file overrides (%r) are not supported",
+                shown(name),
+                shown(files[0], 64),
             )
             raise _poll_failed(name)
         if name not in self._repo.model_names():
-            log.error("failed to load model '%s': no such directory in the model repository", name)
+            log.error(
+                "failed to load model %r: no such directory in the model repository", shown(name)
+            )
             raise _poll_failed(name)
         try:
             self._repo.load(name, override=override)
@@ -116,7 +117,7 @@ class ModelControl:
         _check_repository_name(request.repository_name)
         for key, value in request.parameters.items():
             if key != "unload_dependents":
-                raise InvalidArgument(f"unrecognized unload parameter '{key}'.")
+                raise InvalidArgument(f"unrecognized unload parameter '{shown(key)}'.")
             if value.WhichOneof("parameter_choice") != "bool_param":
                 raise InvalidArgument(
                     "invalid value type for 'unload_dependents' parameter, expected bool_param."
@@ -128,4 +129,4 @@ class ModelControl:
             self._repo.unload(request.model_name)
         finally:
             self._on_change()
-        log.info("unloaded model '%s'", request.model_name)
+        log.info("unloaded model %r", shown(request.model_name))

@@ -48,6 +48,33 @@ RAW_METHODS = ("ModelInfer", "ModelStreamInfer")
 PROBES = ("ServerLive", "ServerReady")
 PROBE_THREADS = 8
 REFLECTION_STREAMS = 8
+HEALTH_WATCHES = 1024
+MAX_SERVICE_NAME = 256
+
+
+class HealthService(health.HealthServicer):
+    """grpcio's HealthServicer without its leak: it keeps a set of watchers per service name
+    and never deletes an emptied one, so Watches on ever-new names (1 MB each, say) grew the
+    server for good. The entry now goes with its last watcher."""
+
+    def __init__(self) -> None:
+        super().__init__(experimental_non_blocking=True)
+
+    def _on_close_callback(self, send_response_callback: Any, service: str) -> Any:
+        def callback() -> None:
+            with self._lock:
+                watchers = self._send_response_callbacks.get(service)
+                if watchers is not None:
+                    watchers.discard(send_response_callback)
+                    if not watchers:
+                        del self._send_response_callbacks[service]
+            send_response_callback(None)
+
+        return callback
+
+    def watched_services(self) -> int:
+        with self._lock:
+            return len(self._send_response_callbacks)
 
 
 class _Capture:
@@ -145,14 +172,14 @@ class Front:
 
     servicer: InferenceServicer
     pools: list[ThreadPoolExecutor] = field(default_factory=list)
-    reflection_gate: _StreamGate | None = None
+    gates: list[_StreamGate] = field(default_factory=list)
 
     def end_streams(self) -> None:
-        """Shutdown: inference streams answer what they took, then end; reflection streams
-        (debugging sessions) are cancelled."""
+        """Shutdown (after health went NOT_SERVING): inference streams answer what they took,
+        then end; reflection streams and health Watches are cancelled."""
         self.servicer.close_streams()
-        if self.reflection_gate is not None:
-            self.reflection_gate.cancel_all()
+        for gate in self.gates:
+            gate.cancel_all()
 
     def shutdown(self) -> None:
         for pool in self.pools:
@@ -189,7 +216,9 @@ def _inference(
     _add(server, cap.service, handlers)
 
 
-def _health(server: grpc.Server, servicer: health.HealthServicer, probes: Any) -> None:
+def _health(
+    server: grpc.Server, servicer: health.HealthServicer, probes: Any, watches: _StreamGate
+) -> None:
     cap = _capture(lambda c: health_pb2_grpc.add_HealthServicer_to_server(servicer, c))
     check = cap.handlers["Check"]
     watch = cap.handlers["Watch"]
@@ -204,15 +233,20 @@ def _health(server: grpc.Server, servicer: health.HealthServicer, probes: Any) -
     ) -> Any:
         try:
             request = _parse(parse_watch, data)
+            if len(request.service) > MAX_SERVICE_NAME:
+                raise InvalidArgument(f"service name longer than {MAX_SERVICE_NAME} characters")
+            watches.enter(context)
         except InferenceError as exc:
             context.abort(exc.code, exc.message)
+        if not context.add_callback(lambda: watches.leave(context)):
+            watches.leave(context)
         return servicer.Watch(request, context, send_response_callback)
 
     # Watch holds no thread while it waits (grpcio's non-blocking mode, which HealthServicer
-    # was built with); keep it that way.
+    # was built with); it starts on the probe pool, so a busy unary pool cannot delay it.
     watch_fn.experimental_non_blocking = True  # type: ignore[attr-defined]
     cap.handlers["Watch"] = grpc.unary_stream_rpc_method_handler(
-        watch_fn, response_serializer=watch.response_serializer
+        _on(probes, watch_fn), response_serializer=watch.response_serializer
     )
     _add(server, cap.service, cap.handlers)
 
@@ -272,7 +306,8 @@ def register(
     probes = ThreadPoolExecutor(PROBE_THREADS, thread_name_prefix="grpc-probe")
     reflect_pool = ThreadPoolExecutor(REFLECTION_STREAMS + 4, thread_name_prefix="grpc-reflect")
     gate = _StreamGate("reflection", REFLECTION_STREAMS)
+    watches = _StreamGate("health Watch", HEALTH_WATCHES)
     _inference(server, servicer, streams, probes)
-    _health(server, health_servicer, probes)
+    _health(server, health_servicer, probes, watches)
     _reflection(server, reflected, reflect_pool, gate)
-    return Front(servicer, [streams, probes, reflect_pool], gate)
+    return Front(servicer, [streams, probes, reflect_pool], [gate, watches])

@@ -107,9 +107,9 @@ class _Slot:
         self._response = reply.SerializeToString()
         self._done.set()
 
-    def wait(self) -> bytes:
-        self._done.wait()
-        return self._response
+    def wait(self, timeout: float) -> bytes | None:
+        """The reply, or None if it is not ready within `timeout` seconds."""
+        return self._response if self._done.wait(timeout) else None
 
 
 def _no_callback(_fn: Callable[[], None]) -> None:
@@ -126,7 +126,8 @@ class _Stream:
     def __init__(self, max_pending: int) -> None:
         self.replies: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.room = threading.Semaphore(max_pending)
-        self.closed = threading.Event()
+        self.closed = threading.Event()  # stop reading requests (shutdown, or the RPC ended)
+        self.ended = threading.Event()  # the RPC is over: nobody will read another reply
 
     def close(self) -> None:
         if not self.closed.is_set():
@@ -302,8 +303,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         Runs on the stream pool (see `register`); a reader thread takes requests while this
         generator writes replies.
         """
-        stream = self._admit()
-        context.add_callback(lambda: self._forget(stream))  # the RPC ended, however
+        stream = self._admit(context)
         ended_by_server = False
         try:
             reader = threading.Thread(
@@ -320,7 +320,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 if slot is _CLOSE:
                     ended_by_server = True
                     break
-                data = slot.wait()
+                while (data := slot.wait(0.25)) is None:
+                    if stream.ended.is_set():  # the client left: its work finishes unread
+                        return
                 yield data
                 stream.room.release()
         finally:
@@ -332,8 +334,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         with self._streams_lock:
             self._streams.discard(stream)
         stream.closed.set()
+        stream.ended.set()
 
-    def _admit(self) -> _Stream:
+    def _admit(self, context: grpc.ServicerContext) -> _Stream:
+        """Count a new stream, or refuse it. A handler that grpcio ran after its call ended
+        (it waited for a pool thread) is not counted at all."""
+        stream = self._register()
+        if not context.is_active() or not context.add_callback(lambda: self._forget(stream)):
+            self._forget(stream)
+            raise Cancelled("the stream ended before it was served")
+        return stream
+
+    def _register(self) -> _Stream:
         with self._streams_lock:
             if self.state.exiting:
                 raise Unavailable("Server exiting")

@@ -54,9 +54,18 @@ def element_count(shape: Sequence[int]) -> int:
     return math.prod(shape)
 
 
-def format_shape(shape: Sequence[int]) -> str:
-    """Triton prints shapes as `[a,b]` with no spaces; clients and docs match on it."""
-    return "[" + ",".join(str(int(d)) for d in shape) + "]"
+MAX_SHOWN_DIMS = 16
+
+
+def format_shape(shape: Sequence[int], rank: int | None = None) -> str:
+    """Triton prints shapes as `[a,b]` with no spaces; clients and docs match on it. Past
+    `MAX_SHOWN_DIMS` dimensions (or when only a prefix of a `rank`-long shape is given) the
+    rest is summarised, so a client's 16 M-dimension shape never becomes a 100 MB message."""
+    rank = len(shape) if rank is None else rank
+    if rank <= MAX_SHOWN_DIMS and len(shape) == rank:
+        return "[" + ",".join(str(int(d)) for d in shape) + "]"
+    shown = ",".join(str(int(d)) for d in shape[:MAX_SHOWN_DIMS])
+    return f"[{shown},...({rank} dimensions)]"
 
 
 def _prefix(request_id: str) -> str:

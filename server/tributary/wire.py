@@ -14,9 +14,9 @@ hands us the request's bytes and we parse them here.
 
 Only requests of `SCAN_FROM_BYTES` or more are walked (smaller ones go to protobuf whole: in C
 that is cheaper, and copying small payloads costs little). The walk is bounded: at most
-`MAX_SCANNED_FIELDS` fields (a request with more, or with groups, goes to protobuf whole, so
-no field count can cost Python time), each varint at most 10 bytes, each length checked
-against what is left. Nothing here allocates in proportion to a length the client claims.
+`MAX_FIELDS` fields, each varint at most 10 bytes, each length checked against what is left;
+what protobuf then parses besides the payloads is at most `MAX_HEAD_BYTES`. Nothing here
+allocates in proportion to a length or a count the client claims.
 """
 
 from __future__ import annotations
@@ -32,9 +32,14 @@ from .errors import InvalidArgument
 SCAN_FROM_BYTES = 64 * 1024
 """Smaller requests are parsed by protobuf whole (C, faster than any Python walk; copying
 their payloads is cheap); larger ones have their payloads split off by the walk."""
-MAX_SCANNED_FIELDS = 256
-"""The walk looks at most this many top-level fields (a real request has a few per input);
-a request with more is handed to protobuf whole, so no field count costs Python time."""
+MAX_FIELDS = 4096
+"""Top-level fields a large request may have (a real request has a few per input, output and
+parameter). More is INVALID_ARGUMENT: handing such a message to protobuf whole would build one
+object per field (17-110x the message in memory, seconds with the GIL held)."""
+MAX_HEAD_BYTES = 8 * 1024 * 1024
+"""What protobuf may parse of one request besides the raw payloads (names, shapes,
+parameters, typed contents). Typed contents are the only large legitimate part; send big
+tensors in raw_input_contents."""
 _RAW_INPUT_FIELD = 7
 _RAW_OUTPUT_TAG = bytes([(6 << 3) | 2])  # ModelInferResponse.raw_output_contents
 _STREAM_RESPONSE_TAG = bytes([(2 << 3) | 2])  # ModelStreamInferResponse.infer_response
@@ -73,9 +78,20 @@ def split_request(data: bytes) -> tuple[pb.ModelInferRequest, Sequence[bytes | m
         split = _split_large(data)
         if split is not None:
             head, raws = split
+            if len(head) > MAX_HEAD_BYTES:
+                raise _head_too_large(len(head))
             return _parse(head), raws
+        if len(data) > MAX_HEAD_BYTES:  # groups in a large message: not worth the risk
+            raise _bad("protobuf groups are not accepted in a request this large")
     request = _parse(data)
     return request, request.raw_input_contents
+
+
+def _head_too_large(size: int) -> WireError:
+    return _bad(
+        f"the request has {size} bytes besides raw_input_contents, more than the "
+        f"{MAX_HEAD_BYTES} accepted; send large tensors in raw_input_contents"
+    )
 
 
 def _parse(data: bytes | memoryview) -> pb.ModelInferRequest:
@@ -88,8 +104,8 @@ def _parse(data: bytes | memoryview) -> pb.ModelInferRequest:
 
 
 def _split_large(data: bytes) -> tuple[bytes | memoryview, list[memoryview]] | None:
-    """(the message without field 7, field 7's payloads as views), or None past
-    `MAX_SCANNED_FIELDS` fields."""
+    """(the message without field 7, field 7's payloads as views), or None when the message
+    holds protobuf groups (deprecated; protobuf itself knows how to skip them)."""
     view = memoryview(data)
     end = len(data)
     raws: list[memoryview] = []
@@ -99,10 +115,12 @@ def _split_large(data: bytes) -> tuple[bytes | memoryview, list[memoryview]] | N
     fields = 0
     while pos < end:
         fields += 1
-        if fields > MAX_SCANNED_FIELDS:
-            return None
+        if fields > MAX_FIELDS:
+            raise _bad(f"more than {MAX_FIELDS} top-level fields")
         start = pos
         tag, pos = _varint(data, pos, end)
+        if pos - start > 5:  # protobuf's own limit: a tag is at most 5 bytes
+            raise _bad("invalid tag")
         kind = tag & 7
         if tag >> 3 == 0:
             raise _bad("field number 0")

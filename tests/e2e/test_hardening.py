@@ -449,3 +449,36 @@ def test_non_ascii_names_cannot_turn_errors_into_resource_exhausted(stub) -> Non
         grpc.StatusCode.NOT_FOUND, stub.ModelMetadata, pb.ModelMetadataRequest(name="\u2603" * 3000)
     )
     assert "Request for unknown model" in details
+
+
+def test_a_shape_with_millions_of_dimensions_is_refused_cheaply(stub) -> None:
+    request, _, _ = simple_request()
+    del request.inputs[0].shape[:]
+    request.inputs[0].shape.extend([1] * 2_000_000)  # 2 MB on the wire, 2 M Python ints
+    details = rpc_error(grpc.StatusCode.INVALID_ARGUMENT, stub.ModelInfer, request)
+    assert "unexpected shape for input 'INPUT0'" in details
+    assert "...(2000000 dimensions)]" in details and len(details) < 2048
+
+
+def test_health_watch_names_are_bounded_and_watches_end_at_shutdown(server_factory) -> None:
+    srv = server_factory(MODEL_REPOSITORY, "--exit-timeout-secs", "30")
+    channel = grpc.insecure_channel(srv.url)
+    health = health_pb2_grpc.HealthStub(channel)
+    try:
+        with pytest.raises(grpc.RpcError) as info:
+            next(health.Watch(health_pb2.HealthCheckRequest(service="s" * 100_000), timeout=10))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        watches = [health.Watch(health_pb2.HealthCheckRequest()) for _ in range(20)]
+        for w in watches:
+            assert next(w).status == health_pb2.HealthCheckResponse.SERVING
+        t0 = time.monotonic()
+        assert srv.terminate(timeout=25) == 0
+        assert time.monotonic() - t0 < 10, "open health Watches held shutdown"
+        for w in watches:  # each saw NOT_SERVING before its stream ended
+            statuses = []
+            with pytest.raises(grpc.RpcError):
+                for reply in w:
+                    statuses.append(reply.status)
+            assert statuses == [health_pb2.HealthCheckResponse.NOT_SERVING]
+    finally:
+        channel.close()

@@ -91,11 +91,33 @@ def test_random_bytes_either_parse_or_are_invalid_argument(prefix: bytes, pad: i
         pass
 
 
-def test_many_small_fields_are_left_to_protobuf() -> None:
-    """65,536 tiny fields: the walk gives up after MAX_SCANNED_FIELDS and protobuf parses."""
-    data = b"\x3a\x00" * 65_536 + b"\x0a\x01m"
+@pytest.mark.parametrize("field", [b"\x3a\x00", b"\x2a\x00", b"\x32\x00", b"\x0a\x00"])
+def test_field_bombs_are_refused_before_protobuf(field: bytes) -> None:
+    """65,536 tiny fields (raw, inputs, outputs, names): protobuf would build an object per
+    field (17-110x the message in memory, with the GIL held); refused by the walk instead."""
+    data = field * 65_536 + b"\x0a\x01m"
+    with pytest.raises(InvalidArgument, match="more than 4096 top-level fields"):
+        wire.split_request(data)
+
+
+def test_a_large_head_is_refused() -> None:
+    request = pb.ModelInferRequest(model_name="m", id="x" * (wire.MAX_HEAD_BYTES + 1))
+    with pytest.raises(InvalidArgument, match="besides raw_input_contents"):
+        wire.split_request(request.SerializeToString())
+
+
+def test_small_requests_with_many_fields_still_parse() -> None:
+    """Below SCAN_FROM_BYTES protobuf parses whole: at most 64 KiB of fields, no bomb."""
+    data = b"\x3a\x00" * 1000 + b"\x0a\x01m"
     parsed, raws = wire.split_request(data)
-    assert parsed.model_name == "m" and len(raws) == 65_536
+    assert parsed.model_name == "m" and len(raws) == 1000
+
+
+def test_over_long_tags_are_refused_on_both_paths() -> None:
+    tag = b"\xba\x80\x80\x80\x80\x00"  # field 7, wire type 2, in 6 bytes
+    for pad in (10, 70_000):
+        with pytest.raises(InvalidArgument):
+            wire.split_request(tag + wire._varint_bytes(pad) + b"\0" * pad)
 
 
 @pytest.mark.parametrize("n", [3, 100_000], ids=["small-protobuf", "large-joined"])
