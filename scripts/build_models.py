@@ -243,9 +243,27 @@ def digits_graph(clf: object) -> onnx.ModelProto:
     return model
 
 
+DIGITS_EXPECTED = "expected_outputs.npz"
+"""Beside the digits model: its inputs and what scikit-learn predicted for them when the model
+was built. The tests compare the served model with these, not with a model refitted by
+whatever scikit-learn is installed (another version fits slightly different weights)."""
+
+
+def write_digits_expected(model_dir: Path, clf: object, x: np.ndarray) -> Path:
+    path = Path(model_dir) / DIGITS_EXPECTED
+    with path.open("wb") as f:  # np.savez would add its own suffix to a str path
+        np.savez_compressed(
+            f,
+            input=x.astype(np.uint8),  # pixel values 0..16: exact in uint8
+            label=clf.predict(x).astype(np.int64),  # type: ignore[attr-defined]
+            probabilities=clf.predict_proba(x).astype(np.float32),  # type: ignore[attr-defined]
+        )
+    return path
+
+
 def build_digits(out: Path, name: str = "digits", *, versions: Sequence[int] = (1,)) -> Path:
-    clf, _, _ = train_digits()
-    return write_model(
+    clf, x, _ = train_digits()
+    model_dir = write_model(
         out,
         name,
         digits_graph(clf),
@@ -253,6 +271,8 @@ def build_digits(out: Path, name: str = "digits", *, versions: Sequence[int] = (
         DIGIT_NAMES,
         versions=versions,
     )
+    write_digits_expected(model_dir, clf, x)
+    return model_dir
 
 
 MLP_WIDTH = 1024

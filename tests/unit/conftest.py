@@ -31,10 +31,12 @@ def digits_trained() -> tuple:
 def digits_dir(tmp_path_factory: pytest.TempPathFactory, digits_trained: tuple) -> Path:
     clf = digits_trained[0]
     out = tmp_path_factory.mktemp("digits")
-    return build_models.write_model(
+    model_dir = build_models.write_model(
         out,
         "digits",
         build_models.digits_graph(clf),
         build_models.DIGITS_CONFIG.format(name="digits"),
         build_models.DIGIT_NAMES,
     )
+    build_models.write_digits_expected(model_dir, clf, digits_trained[1])
+    return model_dir
