@@ -7,12 +7,13 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /opt/tributary
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY server/ server/
 COPY clients/ clients/
-# Same pins as the Makefile's install (pyproject.toml), plus NVML for GPU metrics.
+# The exact versions CI tested (constraints.txt, written by `make lock`), plus NVML for GPU
+# metrics.
 RUN python3 -m venv /opt/venv \
- && /opt/venv/bin/pip install --no-cache-dir ".[gpu]"
+ && /opt/venv/bin/pip install --no-cache-dir -c constraints.txt ".[gpu]"
 COPY model_repository/ /models/
 
 RUN useradd --uid 1000 --create-home tributary

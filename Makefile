@@ -7,16 +7,29 @@ STAMP  := $(VENV)/.installed-stamp
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 
-.PHONY: install serve test unit lint format protos check-protos models bench clean
+.PHONY: install lock serve test unit lint format protos check-protos models bench clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# Installs exactly the versions in constraints.txt (`make lock` writes it), so a fresh clone
+# gets what CI tested rather than whatever the index serves today.
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 needed"'
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -c constraints.txt pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
+
+# Resolve pyproject.toml's ranges afresh in a scratch venv and pin the result (server, dev and
+# GPU extras) into constraints.txt. Run it on purpose, then `make test`, then commit both.
+lock:
+	rm -rf .lock-venv
+	$(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/python -m pip install -q --upgrade pip
+	.lock-venv/bin/python -m pip install -q -e ".[dev,gpu]"
+	( echo "# Written by 'make lock' from pyproject.toml; used by make install and the Dockerfile."; \
+	  .lock-venv/bin/python -m pip freeze --all --exclude-editable | LC_ALL=C sort ) > constraints.txt
+	rm -rf .lock-venv
 
 serve: install
 	$(BIN)/tributary --model-repository model_repository --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
