@@ -177,7 +177,7 @@ class Front:
     def end_streams(self) -> None:
         """Shutdown (after health went NOT_SERVING): inference streams answer what they took,
         then end; reflection streams and health Watches are cancelled."""
-        self.servicer.close_streams()
+        self.servicer.streams.close_all()
         for gate in self.gates:
             gate.cancel_all()
 

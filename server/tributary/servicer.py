@@ -1,27 +1,23 @@
 """RPC handlers for inference.GRPCInferenceService: thin, behind one error boundary.
 
 `tributary.rpcs` puts these handlers on the server behind one error boundary per unary RPC;
-streamed requests are answered through `_Stream`, each exactly once whatever is raised. An
-`InferenceError` becomes its status code and message; anything else is our bug, logged once
-with its traceback and a reference number (`internal_error`) and answered INTERNAL with that
-reference, never a hang or UNKNOWN. Messages are clipped (`errors.clip_message`) so an echoed
-name can never push the status past gRPC's metadata limit.
+each streamed request is answered through its `streams.Slot`, exactly once whatever is
+raised. An `InferenceError` becomes its status code and message; anything else is our bug,
+logged once with its traceback and a reference number (`internal_error`) and answered
+INTERNAL with that reference, never a hang or UNKNOWN. Messages are clipped
+(`errors.clip_message`) so an echoed name can never push the status past gRPC's metadata
+limit.
 
 ModelInfer and ModelStreamInfer take the request's bytes: `tributary.wire` parses them, so
 undecodable requests are INVALID_ARGUMENT and tensor payloads are never copied by protobuf.
-Streams are admitted up to `--grpc-max-streams`; each has at most `--grpc-stream-max-pending`
-replies outstanding before the server stops reading its requests (HTTP/2 flow control then
-holds the client). A stream leaves the count the moment its RPC ends (a cancelled stream does
-not wait for its in-flight work), and at shutdown every open stream answers what it took,
-then ends. See docs/limits.md.
+Stream admission, ordering, flow control and shutdown live in `tributary.streams`. See
+docs/limits.md.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-import queue
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -39,13 +35,12 @@ from .errors import (
     Cancelled,
     InferenceError,
     Internal,
-    ResourceExhausted,
     Unavailable,
     Unimplemented,
-    clip_message,
 )
 from .repository import ModelRepository
-from .wire import infer_response_bytes, split_request, stream_response_bytes
+from .streams import Slot, Streams
+from .wire import infer_response_bytes, split_request
 
 log = logging.getLogger("tributary.servicer")
 
@@ -83,65 +78,6 @@ class ServerState:
     listeners: list[Callable[[], None]] = field(default_factory=list)
 
 
-class _Slot:
-    """One streamed request's place in the response order: the serialized reply, once known."""
-
-    __slots__ = ("_done", "_response")
-
-    def __init__(self) -> None:
-        self._done = threading.Event()
-        self._response = b""
-
-    def succeed(self, head: Any, raws: list[object]) -> None:
-        head.parameters["triton_final_response"].bool_param = True
-        self._response = stream_response_bytes(head, raws)
-        self._done.set()
-
-    def fail(self, exc: InferenceError, request: Any = None) -> None:
-        reply = pb.ModelStreamInferResponse(error_message=clip_message(exc.message))
-        if request is not None:
-            reply.infer_response.id = request.id
-            reply.infer_response.model_name = request.model_name
-            reply.infer_response.model_version = request.model_version
-        reply.infer_response.parameters["triton_final_response"].bool_param = True
-        self._response = reply.SerializeToString()
-        self._done.set()
-
-    def wait(self, timeout: float) -> bytes | None:
-        """The reply, or None if it is not ready within `timeout` seconds."""
-        return self._response if self._done.wait(timeout) else None
-
-
-def _no_callback(_fn: Callable[[], None]) -> None:
-    """Streams trim when a large request arrives only (their replies have no end callback)."""
-
-
-_CLOSE = object()
-"""Put in a stream's queue at shutdown: answer what came before it, then end the stream."""
-
-
-class _Stream:
-    """One open ModelStreamInfer: replies in request order and a window of pending ones."""
-
-    def __init__(self, max_pending: int) -> None:
-        self.replies: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self.room = threading.Semaphore(max_pending)
-        self.closed = threading.Event()  # stop reading requests (shutdown, or the RPC ended)
-        self.ended = threading.Event()  # the RPC is over: nobody will read another reply
-
-    def close(self) -> None:
-        if not self.closed.is_set():
-            self.closed.set()
-            self.replies.put(_CLOSE)
-
-    def wait_for_room(self) -> bool:
-        """Block while the client has `max_pending` replies outstanding; False once closed."""
-        while not self.room.acquire(timeout=0.25):
-            if self.closed.is_set():
-                return False
-        return not self.closed.is_set()
-
-
 def server_ready(repo: ModelRepository, state: ServerState) -> bool:
     """ServerReady, health Check and Watch all answer this one question."""
     if state.exiting:
@@ -166,8 +102,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.control = ModelControl(
             repository, explicit=state.model_control_mode == "explicit", on_change=self._changed
         )
-        self._streams: set[_Stream] = set()
-        self._streams_lock = threading.Lock()
+        self.streams = Streams(
+            max_streams=state.max_streams,
+            max_pending=state.stream_max_pending,
+            exiting=lambda: state.exiting,
+        )
 
     def _changed(self) -> None:
         for listener in self.state.listeners:
@@ -296,85 +235,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def ModelStreamInfer(
         self, request_iterator: Iterator[bytes], context: grpc.ServicerContext
     ) -> Iterator[bytes]:
-        """Bidirectional stream: requests run concurrently, replies go out in request order.
+        """Bidirectional stream: requests run concurrently, replies go out in request order
+        (`tributary.streams`). A per-request error does not end the stream: it is answered
+        with `error_message` and the request id (PROTOCOL.md §2.7). Every reply carries
+        triton_final_response=true."""
+        return self.streams.serve(request_iterator, context, self._stream_one)
 
-        A per-request error does not end the stream: it is answered with `error_message` and
-        the request id (PROTOCOL.md §2.7). Every reply carries triton_final_response=true.
-        Runs on the stream pool (see `register`); a reader thread takes requests while this
-        generator writes replies.
-        """
-        stream = self._admit(context)
-        ended_by_server = False
-        try:
-            reader = threading.Thread(
-                target=self._read_stream,
-                args=(stream, request_iterator, context.is_active),
-                name="stream-reader",
-                daemon=True,
-            )
-            try:
-                reader.start()
-            except RuntimeError as exc:  # the process is out of threads
-                raise ResourceExhausted(f"cannot serve another stream now: {exc}") from None
-            while (slot := stream.replies.get()) is not None:
-                if slot is _CLOSE:
-                    ended_by_server = True
-                    break
-                while (data := slot.wait(0.25)) is None:
-                    if stream.ended.is_set():  # the client left: its work finishes unread
-                        return
-                yield data
-                stream.room.release()
-        finally:
-            self._forget(stream)
-        if ended_by_server:
-            raise Unavailable("Server exiting")  # tributary.rpcs answers it
-
-    def _forget(self, stream: _Stream) -> None:
-        with self._streams_lock:
-            self._streams.discard(stream)
-        stream.closed.set()
-        stream.ended.set()
-
-    def _admit(self, context: grpc.ServicerContext) -> _Stream:
-        """Count a new stream, or refuse it. A handler that grpcio ran after its call ended
-        (it waited for a pool thread) is not counted at all."""
-        stream = self._register()
-        if not context.is_active() or not context.add_callback(lambda: self._forget(stream)):
-            self._forget(stream)
-            raise Cancelled("the stream ended before it was served")
-        return stream
-
-    def _register(self) -> _Stream:
-        with self._streams_lock:
-            if self.state.exiting:
-                raise Unavailable("Server exiting")
-            if len(self._streams) >= self.state.max_streams:
-                raise ResourceExhausted(
-                    f"too many open ModelStreamInfer streams: the server allows "
-                    f"{self.state.max_streams} (--grpc-max-streams)"
-                )
-            stream = _Stream(self.state.stream_max_pending)
-            self._streams.add(stream)
-            return stream
-
-    def _read_stream(
-        self, stream: _Stream, request_iterator: Iterator[bytes], is_active: Callable[[], bool]
-    ) -> None:
-        try:
-            for data in request_iterator:
-                if not stream.wait_for_room():
-                    break
-                memory.large_request(len(data), _no_callback)
-                slot = _Slot()
-                stream.replies.put(slot)
-                self._stream_one(data, slot, is_active)
-        except Exception:  # noqa: BLE001 - client went away mid-stream
-            log.debug("stream reader ended", exc_info=True)
-        finally:
-            stream.replies.put(None)
-
-    def _stream_one(self, data: bytes, slot: _Slot, is_active: Callable[[], bool]) -> None:
+    def _stream_one(self, data: bytes, slot: Slot, is_active: Callable[[], bool]) -> None:
         """Start one streamed request; whatever happens, `slot` is answered exactly once."""
         request = None
         try:
@@ -403,17 +270,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             model.scheduler.submit(decoded.item, done)
         except Exception as exc:  # submit reports refusals through `done`; this is a bug
             slot.fail(internal_error("ModelStreamInfer", exc, request.id), request)
-
-    def close_streams(self) -> None:
-        """Shutdown: every open stream answers what it already took, then ends (UNAVAILABLE)."""
-        with self._streams_lock:
-            streams = list(self._streams)
-        for stream in streams:
-            stream.close()
-
-    def open_streams(self) -> int:
-        with self._streams_lock:
-            return len(self._streams)
 
     # ---- statistics and repository ---------------------------------------------------------
     def ModelStatistics(self, request: Any, context: grpc.ServicerContext) -> Any:
