@@ -1,9 +1,10 @@
 """Composition root: build repository, models, gRPC server, health, reflection, metrics.
 
-Start-up order follows Triton: load the start-up models first (every model, or in explicit mode
-only the --load-model ones), and only then open the gRPC port, so a client (or Kubernetes) that
-can connect can also infer. Shutdown order: health NOT_SERVING, stop accepting, let in-flight
-and queued requests finish within --exit-timeout-secs, unload.
+Start-up order: bind the gRPC and metrics ports first, so a port that is taken fails in one
+line before any model loads; then load the start-up models (every model, or in explicit mode
+only the --load-model ones); only then start serving gRPC, so a client (or Kubernetes) that
+gets an answer can also infer. Shutdown order: health NOT_SERVING, end open streams, stop
+accepting, let in-flight and queued requests finish within --exit-timeout-secs, unload.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from tributary_client._proto import grpc_service_pb2 as pb
 from tributary_client._proto._pool import POOL
 
 from .backends.onnxruntime import gpu_count
+from .errors import InferenceError
 from .model import build_loader
 from .options import ServerOptions
 from .repository import ModelRepository
@@ -149,29 +151,24 @@ def startup_models(options: ServerOptions) -> list[str] | None:
 
 
 def start(options: ServerOptions) -> Server | None:
-    """Load models, then open the port. None when start-up must fail (models failed to load)."""
+    """Bind the ports, load models, then serve. None when start-up must fail (a port cannot
+    be bound, said in one line before any model loads; or models failed to load)."""
     started = time.monotonic()
     gpus = gpu_count()
     log.info("tributary starting: %d GPU(s), %d CPU core(s)", gpus, os.cpu_count() or 1)
-    repository = ModelRepository(
-        options.model_repositories,
-        build_loader(gpus),
-        auto_complete=options.auto_complete_config,
-        default_max_batch_size=options.default_max_batch_size,
-        gpu_count=gpus,
-        config_name=options.model_config_name,
-        load_threads=options.model_load_thread_count,
-    )
-    failures = repository.load_models(startup_models(options))
-    for name, reason in sorted(failures.items()):
-        log.error("failed to load model '%s': %s", name, reason)
-    if failures and options.exit_on_error:
-        log.error(
-            "failed to load all models: %s (--exit-on-error=true)", ", ".join(sorted(failures))
+    try:
+        repository = ModelRepository(
+            options.model_repositories,
+            build_loader(gpus),
+            auto_complete=options.auto_complete_config,
+            default_max_batch_size=options.default_max_batch_size,
+            gpu_count=gpus,
+            config_name=options.model_config_name,
+            load_threads=options.model_load_thread_count,
         )
-        repository.close(0)
+    except InferenceError as exc:
+        log.error("cannot start: %s", exc)
         return None
-
     state = ServerState(
         server_id=options.server_id,
         strict_readiness=options.strict_readiness,
@@ -201,15 +198,41 @@ def start(options: ServerOptions) -> Server | None:
         reflected=(INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME),
         max_streams=options.grpc_max_streams,
     )
-    address = f"{options.grpc_address}:{options.grpc_port}"
-    if options.grpc_use_ssl:
-        port = server.add_secure_port(address, _credentials(options))
-    else:
-        port = server.add_insecure_port(address)
+    # Bound now, served only once the start-up models are loaded (Triton's order): a port
+    # that is taken fails here, in one line, without loading anything.
+    port = _bind(server, options)
+    metrics = None
+    if port and options.allow_metrics:
+        from .metrics import MetricsServer
+
+        metrics = MetricsServer(repository, options, gpus)
+        try:
+            metrics.start()
+        except OSError as exc:
+            log.error(
+                "could not bind metrics port %s:%d: %s",
+                options.metrics_address,
+                options.metrics_port,
+                exc.strerror or exc,
+            )
+            port = 0
     if not port:
-        log.error("could not bind gRPC port %s", address)
+        front.shutdown()
+        return None
+
+    failures = repository.load_models(startup_models(options))
+    for name, reason in sorted(failures.items()):
+        log.error("failed to load model '%s': %s", name, reason)
+    if failures and options.exit_on_error:
+        log.error(
+            "failed to load all models: %s (--exit-on-error=true)", ", ".join(sorted(failures))
+        )
+        if metrics is not None:
+            metrics.stop()
+        front.shutdown()
         repository.close(0)
         return None
+
     running = Server(
         options,
         repository,
@@ -217,14 +240,10 @@ def start(options: ServerOptions) -> Server | None:
         server,
         health_servicer,
         port,
+        metrics=metrics,
         front=front,
     )
     state.listeners.append(running.refresh_health)  # run-time load/unload moves readiness
-    if options.allow_metrics:
-        from .metrics import MetricsServer
-
-        running.metrics = MetricsServer(repository, options, gpus)
-        running.metrics.start()
     server.start()
     running.refresh_health()
     log.info(
@@ -238,6 +257,23 @@ def start(options: ServerOptions) -> Server | None:
         log.info("Started Metrics Service at %s:%d", options.metrics_address, running.metrics.port)
     _announce(running)
     return running
+
+
+def _bind(server: grpc.Server, options: ServerOptions) -> int:
+    """The bound gRPC port, or 0 after logging one line (grpcio raises RuntimeError for a
+    port in use rather than returning 0, so both are handled)."""
+    address = f"{options.grpc_address}:{options.grpc_port}"
+    try:
+        if options.grpc_use_ssl:
+            port = server.add_secure_port(address, _credentials(options))
+        else:
+            port = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        log.error("could not bind gRPC port %s: %s", address, exc)
+        return 0
+    if not port:
+        log.error("could not bind gRPC port %s", address)
+    return port
 
 
 def _announce(server: Server) -> None:

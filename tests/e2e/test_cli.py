@@ -75,3 +75,22 @@ def test_sigterm_exits_zero(server_factory, tmp_path) -> None:
         with pytest.raises(InferenceServerException) as info:
             c.is_server_live(client_timeout=30)
     assert info.value.status() == "StatusCode.UNAVAILABLE"
+
+
+def test_a_taken_port_fails_in_one_line_before_loading_models(server) -> None:
+    """grpcio raises (it does not return 0) for a port in use: that used to come after every
+    model had loaded, as a 26-line traceback."""
+    proc = run_cli(
+        "--model-repository",
+        str(MODEL_REPOSITORY),
+        "--grpc-address",
+        "127.0.0.1",
+        "--grpc-port",
+        str(server.grpc_port),
+        "--metrics-port",
+        "0",
+    )
+    assert proc.returncode == 1
+    assert f"could not bind gRPC port 127.0.0.1:{server.grpc_port}" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "loaded" not in proc.stderr  # no model was loaded first
