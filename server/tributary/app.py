@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
@@ -49,14 +50,37 @@ def configure_logging(verbose: int) -> None:
     )
 
 
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
 def _register_descriptors() -> None:
-    """Reflection serves from our private pool; add health and reflection protos to it."""
+    """Reflection serves from our private pool; add health and reflection protos to it, and
+    grpc.reflection.v1 (grpcurl 1.9+ and Postman ask for it first). grpcio-reflection ships
+    only v1alpha; v1 is the same file under another package, so it is derived from it."""
     for module in (health_pb2, reflection_pb2):
         name = module.DESCRIPTOR.name
         try:
             POOL.FindFileByName(name)
         except KeyError:
             POOL.AddSerializedFile(module.DESCRIPTOR.serialized_pb)
+    v1 = descriptor_pb2.FileDescriptorProto.FromString(reflection_pb2.DESCRIPTOR.serialized_pb)
+    v1.name = "grpc/reflection/v1/reflection.proto"
+    try:
+        POOL.FindFileByName(v1.name)
+        return
+    except KeyError:
+        pass
+    old, new = v1.package, "grpc.reflection.v1"
+    v1.package = new
+    for message in v1.message_type:
+        for f in message.field:
+            if f.type_name.startswith(f".{old}."):
+                f.type_name = f".{new}." + f.type_name[len(old) + 2 :]
+    for service in v1.service:
+        for method in service.method:
+            method.input_type = method.input_type.replace(f".{old}.", f".{new}.")
+            method.output_type = method.output_type.replace(f".{old}.", f".{new}.")
+    POOL.AddSerializedFile(v1.SerializeToString())
 
 
 def _grpc_options(o: ServerOptions) -> list[tuple[str, Any]]:
@@ -195,7 +219,11 @@ def start(options: ServerOptions) -> Server | None:
         server,
         servicer,
         health_servicer,
-        reflected=(INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME),
+        reflected=(
+            (INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME, REFLECTION_V1)
+            if options.allow_grpc_reflection
+            else ()
+        ),
         max_streams=options.grpc_max_streams,
     )
     # Bound now, served only once the start-up models are loaded (Triton's order): a port

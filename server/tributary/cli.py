@@ -186,6 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="max send/receive message size (default: 2^31-1)",
     )
     _flag(g, "--reuse-grpc-port", False, "allow several servers on one port (SO_REUSEPORT)")
+    _flag(
+        g,
+        "--allow-grpc-reflection",
+        True,
+        "serve gRPC server reflection (grpc.reflection.v1 and v1alpha) for grpcurl and Postman",
+    )
     _flag(g, "--grpc-use-ssl", False, "serve TLS")
     _flag(g, "--grpc-use-ssl-mutual", False, "require client certificates")
     g.add_argument("--grpc-server-cert", type=Path, metavar="PEM")
@@ -265,6 +271,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerOptions:
         grpc_stream_max_pending=a.grpc_stream_max_pending,
         grpc_max_message_bytes=a.grpc_max_message_size,
         reuse_grpc_port=a.reuse_grpc_port,
+        allow_grpc_reflection=a.allow_grpc_reflection,
         grpc_use_ssl=a.grpc_use_ssl or a.grpc_use_ssl_mutual,
         grpc_use_ssl_mutual=a.grpc_use_ssl_mutual,
         grpc_server_cert=a.grpc_server_cert,

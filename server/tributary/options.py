@@ -30,6 +30,7 @@ class ServerOptions:
     grpc_stream_max_pending: int = 256
     grpc_max_message_bytes: int = INT32_MAX
     reuse_grpc_port: bool = False
+    allow_grpc_reflection: bool = True
     grpc_use_ssl: bool = False
     grpc_use_ssl_mutual: bool = False
     grpc_server_cert: Path | None = None

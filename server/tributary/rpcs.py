@@ -285,6 +285,8 @@ def _reflection(
         _on(pool, reflect), response_serializer=info.response_serializer
     )
     _add(server, cap.service, cap.handlers)
+    # grpc.reflection.v1: the same messages under another package, so the same bytes.
+    _add(server, "grpc.reflection.v1.ServerReflection", dict(cap.handlers))
 
 
 def _add(server: grpc.Server, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
@@ -309,5 +311,6 @@ def register(
     watches = _StreamGate("health Watch", HEALTH_WATCHES)
     _inference(server, servicer, streams, probes)
     _health(server, health_servicer, probes, watches)
-    _reflection(server, reflected, reflect_pool, gate)
+    if reflected:  # --allow-grpc-reflection
+        _reflection(server, reflected, reflect_pool, gate)
     return Front(servicer, [streams, probes, reflect_pool], [gate, watches])

@@ -12,7 +12,7 @@ import subprocess
 
 import numpy as np
 import pytest
-from e2e_support import deserialize_bytes, serialize_bytes
+from e2e_support import MODEL_REPOSITORY, deserialize_bytes, serialize_bytes
 
 SERVICE = "inference.GRPCInferenceService"
 
@@ -127,3 +127,70 @@ def test_health_check(grpcurl_run) -> None:
     assert reply == {"status": "SERVING"}
     named = grpcurl_run("grpc.health.v1.Health/Check", data={"service": SERVICE}).stdout
     assert json.loads(named) == {"status": "SERVING"}
+
+
+REFLECTION = ("grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection")
+LIST = {"list_services": ""}
+
+
+def _reflect(channel, service: str, request):
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    call = channel.stream_stream(
+        f"/{service}/ServerReflectionInfo",
+        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+    )
+    return next(call(iter([request]), timeout=10))
+
+
+def test_reflection_v1_and_v1alpha(server) -> None:
+    """grpcurl 1.9+ and Postman ask for grpc.reflection.v1 first; older tools for v1alpha.
+    The messages are the same under both packages, so v1alpha's classes read v1's bytes."""
+    import grpc
+    from google.protobuf import descriptor_pb2
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    channel = grpc.insecure_channel(server.url)
+    try:
+        for service in REFLECTION:
+            reply = _reflect(channel, service, reflection_pb2.ServerReflectionRequest(**LIST))
+            names = {s.name for s in reply.list_services_response.service}
+            assert {
+                "inference.GRPCInferenceService",
+                "grpc.health.v1.Health",
+                "grpc.reflection.v1.ServerReflection",
+                "grpc.reflection.v1alpha.ServerReflection",
+            } <= names
+            reply = _reflect(
+                channel,
+                service,
+                reflection_pb2.ServerReflectionRequest(
+                    file_containing_symbol="grpc.reflection.v1.ServerReflection"
+                ),
+            )
+            files = [
+                descriptor_pb2.FileDescriptorProto.FromString(b)
+                for b in reply.file_descriptor_response.file_descriptor_proto
+            ]
+            assert [f.package for f in files] == ["grpc.reflection.v1"]
+            assert files[0].service[0].method[0].input_type == (
+                ".grpc.reflection.v1.ServerReflectionRequest"
+            )
+    finally:
+        channel.close()
+
+
+def test_reflection_can_be_turned_off(server_factory) -> None:
+    import grpc
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    srv = server_factory(MODEL_REPOSITORY, "--allow-grpc-reflection=false")
+    channel = grpc.insecure_channel(srv.url)
+    try:
+        for service in REFLECTION:
+            with pytest.raises(grpc.RpcError) as info:
+                _reflect(channel, service, reflection_pb2.ServerReflectionRequest(**LIST))
+            assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        channel.close()
