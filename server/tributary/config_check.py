@@ -15,6 +15,7 @@ from collections.abc import Iterable, Sequence
 from math import prod
 from pathlib import Path, PurePosixPath
 
+from tributary import errors
 from tributary.backends.graph import GraphInfo, GraphTensor
 from tributary.datatypes import BY_CONFIG
 from tributary.errors import ModelLoadError
@@ -215,9 +216,10 @@ class RefusedConfig(ModelLoadError):
 
 
 def shown(value: str) -> str:
-    """A config value as an error message may repeat it: printable, and not too long."""
-    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in value)
-    return text if len(text) <= _SHOWN_CHARS else text[: _SHOWN_CHARS - 3] + "..."
+    """A config value as an error message may repeat it: cut like every echoed name
+    (`errors.shown`, first, since the value may be a client's megabyte), then printable."""
+    text = errors.shown(value, _SHOWN_CHARS)
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def inside_model_dir(

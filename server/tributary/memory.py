@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import logging
 from collections.abc import Callable
-
-log = logging.getLogger("tributary.memory")
 
 LARGE_REQUEST_BYTES = 32 * 1024 * 1024
 

@@ -164,8 +164,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     # ---- inference -----------------------------------------------------------------------
     def ModelInfer(self, data: bytes, context: grpc.ServicerContext) -> bytes:
         """Registered on raw bytes (see `register`): parse, infer, assemble the reply."""
-        if len(data) >= memory.LARGE_REQUEST_BYTES:
-            memory.large_request(len(data), context.add_callback)
+        memory.large_request(len(data), context.add_callback)
         request, raws = split_request(data)
         head, outputs = self._infer(request, raws, context.is_active)
         return infer_response_bytes(head, outputs)

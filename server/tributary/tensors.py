@@ -10,7 +10,7 @@ Why this shape:
   take Python `str` (PROTOCOL.md §10: bytes objects are silently `str()`-mangled), so BYTES
   decode to UTF-8 `str` here, once, and invalid UTF-8 is a clear INVALID_ARGUMENT. BYTES are
   the one place where work grows with elements: it is kept vectorised, chunked so other
-  threads get the GIL, and on the error path bounded by the declared shape (see "BYTES" below).
+  threads get the GIL, and on the error path bounded by the declared shape (`tributary.strings`).
 This module knows datatypes and buffers; it knows nothing about models (names arrive as strings
 for error messages).
 """
