@@ -430,6 +430,21 @@ def scheduler(instances, policy: BatchPolicy, **kw) -> tuple[Scheduler, ModelSta
     return Scheduler("m", instances, policy, stats, **kw), stats
 
 
+Busy = tuple[Scheduler, ModelStats, FakeInstance, threading.Event, Collector]
+
+
+def busy_direct_scheduler() -> Busy:
+    """A direct-mode scheduler whose one instance is held by a running request until `gate`
+    is set: the next caller has to queue. Returns (sched, stats, instance, gate, collector)."""
+    gate = threading.Event()
+    inst = FakeInstance(gate=gate)
+    sched, stats = scheduler([inst], BatchPolicy(max_batch_size=4))
+    got = Collector()
+    sched.submit(make_item(value=1.0), got.callback("busy"))
+    assert inst.entered.wait(10)
+    return sched, stats, inst, gate, got
+
+
 def test_direct_mode_runs_inline_and_reports_timings() -> None:
     now = [1_000]
     inst = FakeInstance()
@@ -566,12 +581,7 @@ def test_backend_inference_errors_pass_through() -> None:
 
 
 def test_direct_mode_timeout_does_not_wait_for_a_free_instance() -> None:
-    gate = threading.Event()
-    inst = FakeInstance(gate=gate)
-    sched, stats = scheduler([inst], BatchPolicy(max_batch_size=4))
-    got = Collector()
-    sched.submit(make_item(value=1.0), got.callback("busy"))
-    assert inst.entered.wait(10)
+    sched, stats, _, gate, got = busy_direct_scheduler()
     item = make_item(value=2.0, timeout_us=20_000)
     with pytest.raises(Unavailable, match="^Request timeout expired$"):
         sched.infer(item)
@@ -807,6 +817,11 @@ def test_lone_request_runs_inline_on_the_callers_thread() -> None:
         name="second-caller",
     )
     second.start()
+    for _ in range(5_000):  # the second request must be queued before the first finishes
+        if stats.snapshot().pending == 1:
+            break
+        threading.Event().wait(0.001)
+    assert stats.snapshot().pending == 1, "the second request never queued"
     gate.set()
     first.join(5)
     second.join(5)

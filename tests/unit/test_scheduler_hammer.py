@@ -12,7 +12,14 @@ import threading
 import time
 
 import pytest
-from test_scheduler import Collector, FakeInstance, batching, make_item, scheduler
+from test_scheduler import (
+    Collector,
+    FakeInstance,
+    batching,
+    busy_direct_scheduler,
+    make_item,
+    scheduler,
+)
 
 from tributary.errors import InferenceError
 from tributary.scheduler import BatchPolicy, QueuePolicy
@@ -114,12 +121,7 @@ def test_hammered_scheduler_gives_every_instance_back(policy: BatchPolicy) -> No
 def test_direct_mode_huge_timeout_waits_and_keeps_the_instance() -> None:
     """A queued caller with a 2^62 us timeout used to die in the wait (time_t overflow) while
     staying queued, so the instance handed to it later was never returned."""
-    gate = threading.Event()
-    inst = FakeInstance(gate=gate)
-    sched, stats = scheduler([inst], BatchPolicy(max_batch_size=4))
-    got = Collector()
-    sched.submit(make_item(value=1.0), got.callback("busy"))
-    assert inst.entered.wait(10)
+    sched, stats, inst, gate, got = busy_direct_scheduler()
     result: list[object] = []
     waiter = threading.Thread(
         target=lambda: result.append(sched.infer(make_item(value=2.0, timeout_us=2**62)))
@@ -138,12 +140,7 @@ def test_direct_mode_huge_timeout_waits_and_keeps_the_instance() -> None:
 
 def test_caller_interrupted_while_queued_leaves_nothing_behind(monkeypatch) -> None:
     """Whatever interrupts a waiting caller, its queue entry goes and no instance is lost."""
-    gate = threading.Event()
-    inst = FakeInstance(gate=gate)
-    sched, stats = scheduler([inst], BatchPolicy(max_batch_size=4))
-    got = Collector()
-    sched.submit(make_item(value=1.0), got.callback("busy"))
-    assert inst.entered.wait(10)
+    sched, stats, inst, gate, got = busy_direct_scheduler()
 
     def boom(entry) -> None:
         raise OverflowError("timestamp out of range for platform time_t")
