@@ -43,6 +43,10 @@ def test_version() -> None:
         (["--model-repository", str(MODEL_REPOSITORY), "--exit-on-error=maybe"], "maybe"),
         (["--model-repository", "/nonexistent/models"], "/nonexistent/models"),
         (["--grpc-port", "0"], "--model-repository"),
+        (["--model-repository", str(MODEL_REPOSITORY), "--grpc-max-streams=0"], "0"),
+        (["--model-repository", str(MODEL_REPOSITORY), "--grpc-max-streams=1e99"], "1e99"),
+        (["--model-repository", str(MODEL_REPOSITORY), "--grpc-stream-max-pending=-1"], "-1"),
+        (["--model-repository", str(MODEL_REPOSITORY), "--allow-grpc-reflection=sure"], "sure"),
     ],
     ids=[
         "unknown-flag",
@@ -51,6 +55,10 @@ def test_version() -> None:
         "bad-bool",
         "missing-repo",
         "no-repo",
+        "zero-streams",
+        "huge-streams",
+        "negative-pending",
+        "bad-reflection-bool",
     ],
 )
 def test_bad_command_lines_are_one_line_and_exit_2(args: list[str], mentions: str) -> None:
