@@ -60,7 +60,7 @@ check-protos: install
 models: install
 	$(BIN)/python scripts/build_models.py --out model_repository
 
-# Benchmarks need perf_analyzer on PATH (pip install perf-analyzer; see benchmarks/README.md).
+# Benchmarks need perf_analyzer on PATH or $PERF_ANALYZER (see docs/benchmarks.md).
 bench: install
 	$(BIN)/python benchmarks/run.py
 

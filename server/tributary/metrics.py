@@ -1,4 +1,4 @@
-"""Prometheus endpoint with Triton's metric names (PROTOCOL.md §6).
+"""Prometheus endpoint with Triton's metric names (docs/protocol.md#metrics).
 
 Dashboards and KServe annotations written for Triton look for `nv_inference_count` etc. typed
 `counter` *without* a `_total` suffix, which is what prometheus-cpp emits. prometheus_client

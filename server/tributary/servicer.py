@@ -236,7 +236,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> Iterator[bytes]:
         """Bidirectional stream: requests run concurrently, replies go out in request order
         (`tributary.streams`). A per-request error does not end the stream: it is answered
-        with `error_message` and the request id (PROTOCOL.md §2.7). Every reply carries
+        with `error_message` and the request id (docs/protocol.md#streams). Every reply carries
         triton_final_response=true."""
         return self.streams.serve(request_iterator, context, self._stream_one)
 
