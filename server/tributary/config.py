@@ -357,7 +357,7 @@ def _auto_complete(
 
 def _fill_tensor(spec: mc.ModelInput | mc.ModelOutput, tensor: GraphTensor, batching: bool) -> None:
     spec.name = tensor.name
-    spec.data_type = tensor.dtype.config  # type: ignore[assignment]
+    spec.data_type = tensor.dtype.config
     shape = tensor.shape[1:] if batching else tensor.shape
     if shape:
         spec.dims.extend(-1 if d is None else d for d in shape)

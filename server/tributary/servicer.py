@@ -171,7 +171,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def _infer(
         self, request: Any, raws: Sequence[bytes | memoryview], is_active: Callable[[], bool] | None
-    ) -> tuple[Any, list[object]]:
+    ) -> tuple[Any, list[bytes | memoryview]]:
         model, decoded, start = self._begin(request, raws, is_active)
         try:
             results = model.scheduler.infer(decoded.item)
@@ -209,7 +209,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def _finish(
         self, request: Any, model: Any, decoded: Any, start: int, results: Any
-    ) -> tuple[Any, list[object]]:
+    ) -> tuple[Any, list[bytes | memoryview]]:
         """Encode the response and record the request's statistics."""
         response = pb.ModelInferResponse(
             model_name=request.model_name, model_version=str(model.version), id=request.id
