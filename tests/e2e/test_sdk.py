@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -303,13 +304,28 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
-def test_tls_end_to_end(server_factory, pki: Path) -> None:
-    tls_server = server_factory(
+@pytest.fixture(scope="module")
+def tls_server(server_factory, pki: Path):
+    return server_factory(
         MODEL_REPOSITORY,
         "--grpc-use-ssl=true",
         "--grpc-server-cert", str(pki / "server.crt"),
         "--grpc-server-key", str(pki / "server.key"),
     )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def mtls_server(server_factory, pki: Path):
+    return server_factory(
+        MODEL_REPOSITORY,
+        "--grpc-use-ssl-mutual=true",
+        "--grpc-server-cert", str(pki / "server.crt"),
+        "--grpc-server-key", str(pki / "server.key"),
+        "--grpc-root-cert", str(pki / "ca.crt"),
+    )  # fmt: skip
+
+
+def test_tls_end_to_end(tls_server, pki: Path) -> None:
     tls = TLSConfig.from_files(pki / "ca.crt", server_name_override="tributary.test")
     with Client(tls_server.url, tls=tls, timeout=30) as client:
         assert client.is_ready()
@@ -327,14 +343,7 @@ def test_tls_end_to_end(server_factory, pki: Path) -> None:
         assert info.value.code == UNAVAILABLE
 
 
-def test_mutual_tls_needs_the_client_certificate(server_factory, pki: Path) -> None:
-    mtls_server = server_factory(
-        MODEL_REPOSITORY,
-        "--grpc-use-ssl-mutual=true",
-        "--grpc-server-cert", str(pki / "server.crt"),
-        "--grpc-server-key", str(pki / "server.key"),
-        "--grpc-root-cert", str(pki / "ca.crt"),
-    )  # fmt: skip
+def test_mutual_tls_needs_the_client_certificate(mtls_server, pki: Path) -> None:
     tls = TLSConfig.from_files(
         pki / "ca.crt",
         pki / "client.key",
@@ -348,6 +357,55 @@ def test_mutual_tls_needs_the_client_certificate(server_factory, pki: Path) -> N
         with pytest.raises(InferenceServerError) as info:
             client.is_live()
         assert info.value.code == UNAVAILABLE
+
+
+# -- tributary-health (the installed console script, as a container HEALTHCHECK runs it) -----
+
+
+def health_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    script = Path(sys.executable).parent / "tributary-health"
+    return subprocess.run(
+        [str(script), *args], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def test_health_cli_plaintext(server, dead_url: str) -> None:
+    ok = health_cli(server.url, "--timeout", "10")
+    assert (ok.returncode, ok.stdout) == (0, "status: SERVING\n")
+    named = health_cli(server.url, "--service", "inference.GRPCInferenceService", "--timeout", "10")
+    assert (named.returncode, named.stdout) == (0, "status: SERVING\n")
+    unknown = health_cli(server.url, "--service", "no.such.Service", "--timeout", "10")
+    assert unknown.returncode == 1 and "NOT_FOUND" in unknown.stderr
+    down = health_cli(dead_url, "--timeout", "2")
+    assert down.returncode == 1 and "health check failed: UNAVAILABLE" in down.stderr
+
+
+def test_health_cli_follows_a_tls_server(tls_server, pki: Path) -> None:
+    ca = str(pki / "ca.crt")
+    ok = health_cli(
+        tls_server.url, "--ca", ca, "--server-name", "tributary.test", "--timeout", "10"
+    )
+    assert (ok.returncode, ok.stdout) == (0, "status: SERVING\n"), ok.stderr
+    # --tls alone trusts only the system roots, which never signed our throwaway CA
+    untrusted = health_cli(tls_server.url, "--tls", "--server-name", "tributary.test")
+    assert untrusted.returncode == 1 and "UNAVAILABLE" in untrusted.stderr
+    plaintext = health_cli(tls_server.url, "--timeout", "5")
+    assert plaintext.returncode == 1 and "UNAVAILABLE" in plaintext.stderr
+    wrong_name = health_cli(tls_server.url, "--ca", ca, "--server-name", "other.test")
+    assert wrong_name.returncode == 1 and "UNAVAILABLE" in wrong_name.stderr
+
+
+def test_health_cli_mutual_tls_and_usage_errors(mtls_server, pki: Path) -> None:
+    common = ["--ca", str(pki / "ca.crt"), "--server-name", "tributary.test", "--timeout", "10"]
+    client_cert = ["--cert", str(pki / "client.crt"), "--key", str(pki / "client.key")]
+    ok = health_cli(mtls_server.url, *common, *client_cert)
+    assert (ok.returncode, ok.stdout) == (0, "status: SERVING\n"), ok.stderr
+    anonymous = health_cli(mtls_server.url, *common)
+    assert anonymous.returncode == 1 and "UNAVAILABLE" in anonymous.stderr
+    half = health_cli(mtls_server.url, *common, "--cert", str(pki / "client.crt"))
+    assert half.returncode == 2 and "--cert and --key go together" in half.stderr
+    missing = health_cli(mtls_server.url, "--ca", str(pki / "nope.crt"))
+    assert missing.returncode == 2 and "nope.crt" in missing.stderr
 
 
 # -- streaming ------------------------------------------------------------------------------
