@@ -13,10 +13,13 @@ install: $(STAMP)
 
 # Installs exactly the versions in constraints.txt (`make lock` writes it), so a fresh clone
 # gets what CI tested rather than whatever the index serves today.
-$(STAMP): pyproject.toml constraints.txt
+# The SDK (clients/, distribution tributary-client) goes first: the server requires it and it
+# is on no index.
+$(STAMP): pyproject.toml clients/pyproject.toml constraints.txt
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 needed"'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -c constraints.txt pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e ./clients
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
@@ -26,6 +29,7 @@ lock:
 	rm -rf .lock-venv
 	$(PYTHON) -m venv .lock-venv
 	.lock-venv/bin/python -m pip install -q --upgrade pip
+	.lock-venv/bin/python -m pip install -q -e ./clients
 	.lock-venv/bin/python -m pip install -q -e ".[dev,gpu]"
 	( echo "# Written by 'make lock' from pyproject.toml; used by make install and the Dockerfile."; \
 	  .lock-venv/bin/python -m pip freeze --all --exclude-editable | LC_ALL=C sort ) > constraints.txt
