@@ -7,7 +7,6 @@ are pure functions. Retry tests inject the sleep, so nothing here waits on a clo
 from __future__ import annotations
 
 import asyncio
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,6 +15,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from sdk_support import CountingInterceptor, refused_url, simple_inputs
 
 from tributary_client import (
     AsyncClient,
@@ -34,24 +34,6 @@ MODEL_REPOSITORY = ROOT / "model_repository"
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 
 
-def simple_inputs(batch: int = 1, offset: int = 0) -> dict[str, np.ndarray]:
-    a = np.arange(batch * 16, dtype=np.int32).reshape(batch, 16) + offset
-    return {"INPUT0": a, "INPUT1": np.full((batch, 16), 3, dtype=np.int32)}
-
-
-class CountingInterceptor(grpc.UnaryUnaryClientInterceptor):
-    """Counts attempts on the wire (each retry is a new call) and keeps the last request."""
-
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-        self.last_request: object = None
-
-    def intercept_unary_unary(self, continuation, client_call_details, request):
-        self.calls.append(client_call_details.method.rsplit("/", 1)[-1])
-        self.last_request = request
-        return continuation(client_call_details, request)
-
-
 @pytest.fixture(scope="module")
 def sdk(server) -> Iterator[Client]:
     with Client(server.url, timeout=30) as client:
@@ -60,11 +42,8 @@ def sdk(server) -> Iterator[Client]:
 
 @pytest.fixture
 def dead_url() -> Iterator[str]:
-    """A loopback port that refuses connections: bound (so nobody else takes it), not listening."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    yield f"127.0.0.1:{sock.getsockname()[1]}"
-    sock.close()
+    with refused_url() as url:
+        yield url
 
 
 # -- BYTES codec (pure) ---------------------------------------------------------------------
@@ -264,7 +243,7 @@ def test_retry_limits_infer_codes_deadline_and_none(server, dead_url: str) -> No
     slow = RetryPolicy(initial_backoff=60.0, max_backoff=60.0, sleep=sleeps.append)
     with Client(dead_url, retry=slow, interceptors=[counter]) as client:
         with pytest.raises(InferenceServerError):
-            client.infer("simple", simple_inputs(), deadline=30.0)  # a retry would overrun it
+            client.infer("simple", simple_inputs(), timeout=30.0)  # a retry would overrun it
     assert counter.calls == ["ModelInfer"]
 
     counter.calls.clear()

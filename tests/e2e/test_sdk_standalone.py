@@ -71,6 +71,8 @@ with Client(url, timeout=30) as client:
     out["sum_ok"] = bool((result["OUTPUT0"] == a + b).all())
     meta = client.model_metadata("simple")
     out["inputs"] = [[t.name, t.datatype, list(t.shape)] for t in meta.inputs]
+    future = client.infer_async("simple", {"INPUT0": a, "INPUT1": b})
+    out["future_ok"] = bool((future.result(30)["OUTPUT1"] == a - b).all())
 
 
 async def via_asyncio():
@@ -101,7 +103,7 @@ def test_sdk_calls_a_live_server_with_server_packages_unimportable(server, tmp_p
     *printed, last = run.stdout.splitlines()
     out = json.loads(last)
     assert printed == ["status: SERVING"]  # tributary-health's own output
-    assert out["ready"] and out["sum_ok"] and out["async_ok"]
+    assert out["ready"] and out["sum_ok"] and out["future_ok"] and out["async_ok"]
     assert out["inputs"] == [["INPUT0", "INT32", [-1, 16]], ["INPUT1", "INT32", [-1, 16]]]
     assert out["health_rc"] == 0
     # Non-stdlib modules the SDK pulled in: its three dependencies (protobuf is `google`), the
