@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 
-.PHONY: install lock serve test unit lint format protos check-protos models bench clean
+.PHONY: install lock serve test unit lint typecheck format protos check-protos models bench clean
 
 install: $(STAMP)
 
@@ -44,9 +44,13 @@ test: install check-protos lint
 unit: install
 	$(BIN)/python -m pytest -q tests/unit
 
-lint: install
+lint: install typecheck
 	$(BIN)/ruff check server clients tests scripts benchmarks
 	$(BIN)/ruff format --check server clients tests scripts benchmarks
+
+# mypy, configured in pyproject.toml ([tool.mypy]): strict over the SDK, which ships py.typed.
+typecheck: install
+	$(BIN)/mypy
 
 format: install
 	$(BIN)/ruff check --fix server clients tests scripts benchmarks
@@ -69,4 +73,4 @@ bench: install
 	$(BIN)/python benchmarks/run.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache build *.egg-info clients/build

@@ -78,8 +78,8 @@ def build_request(
         request.parameters["priority"].uint64_param = priority  # what current tritonclient sends
     if timeout_us is not None:
         request.parameters["timeout"].int64_param = timeout_us
-    for name, value in inputs.items():
-        array = np.asarray(value)
+    for name, value_in in inputs.items():
+        array = np.asarray(value_in)
         datatype, raw = to_raw(array)
         request.inputs.add(name=name, datatype=datatype, shape=array.shape)
         request.raw_input_contents.append(raw)
@@ -122,7 +122,9 @@ def server_metadata(response: pb.ServerMetadataResponse) -> ServerMetadata:
     return ServerMetadata(response.name, response.version, tuple(response.extensions))
 
 
-def _tensors(items: Sequence[pb.ModelMetadataResponse.TensorMetadata]) -> tuple:
+def _tensors(
+    items: Sequence[pb.ModelMetadataResponse.TensorMetadata],
+) -> tuple[TensorMetadata, ...]:
     return tuple(TensorMetadata(t.name, t.datatype, tuple(t.shape)) for t in items)
 
 

@@ -139,7 +139,8 @@ class AsyncClient:
             attempt += 1
 
     async def close(self) -> None:
-        await self._channel.close()
+        """Close the channel; in-flight calls are cancelled."""
+        await self._channel.close(grace=None)
 
     async def __aenter__(self) -> AsyncClient:
         return self

@@ -58,7 +58,7 @@ class CallFuture(Future[T]):
 
     def __init__(self) -> None:
         super().__init__()
-        self._rpc: grpc.Future | None = None
+        self._rpc: grpc.Future[Any] | None = None
 
     def cancel(self) -> bool:
         if not super().cancel():

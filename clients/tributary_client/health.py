@@ -43,7 +43,7 @@ def check(
             return False
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     print(f"status: {status}")
-    return reply.status == health_pb2.HealthCheckResponse.SERVING
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
 
 def _parser() -> argparse.ArgumentParser:
