@@ -93,7 +93,7 @@ def build_request(
 
 
 def decode_response(response: pb.ModelInferResponse) -> InferResult:
-    """InferResult from a response; outputs and raw buffers are matched by position (§2.3)."""
+    """InferResult from a response; outputs and raw buffers are matched by position."""
     raw = response.raw_output_contents
     outputs: dict[str, np.ndarray] = {}
     for index, tensor in enumerate(response.outputs):

@@ -62,7 +62,7 @@ class TLSConfig:
 
 @dataclass(frozen=True, slots=True)
 class KeepAlive:
-    """HTTP/2 keepalive pings; defaults match tritonclient's KeepAliveOptions (§2.8).
+    """HTTP/2 keepalive pings; defaults match tritonclient's KeepAliveOptions.
 
     A server enforces a minimum ping interval (Triton/Tributary: 5 min without calls) and
     closes connections that ping more often, so lower `time_ms` only together with the server.

@@ -304,8 +304,12 @@ def mtls_server(server_factory, pki: Path):
     )  # fmt: skip
 
 
-def test_tls_end_to_end(tls_server, pki: Path) -> None:
+def test_tls_end_to_end(tls_server, server, pki: Path) -> None:
     tls = TLSConfig.from_files(pki / "ca.crt", server_name_override="tributary.test")
+    with Client(server.url, tls=tls, retry=None, timeout=30) as tls_to_plaintext:
+        with pytest.raises(InferenceServerError) as info:
+            tls_to_plaintext.is_live()
+        assert info.value.code == UNAVAILABLE
     with Client(tls_server.url, tls=tls, timeout=30) as client:
         assert client.is_ready()
         inputs = simple_inputs()

@@ -333,3 +333,28 @@ def test_asyncio_load_and_unload(explicit_server) -> None:
             return loaded, await client.is_model_ready("simple_int8")
 
     assert asyncio.run(scenario()) == (True, False)
+
+
+# -- the documentation's examples run -------------------------------------------------------
+
+
+def _python_block(path: Path, heading: str) -> str:
+    """The first ```python block after `heading` in a Markdown file."""
+    text = path.read_text()
+    section = text[text.index(heading) :]
+    start = section.index("```python\n") + len("```python\n")
+    return section[start : section.index("```", start)]
+
+
+@pytest.mark.parametrize(
+    ("doc", "heading", "printed"),
+    [
+        ("README.md", "## Python SDK", "[1, 2, 3, 4]"),
+        ("docs/sdk.md", "## First calls", "INPUT1 INT32 (-1, 16)"),
+    ],
+)
+def test_documented_snippet_runs(server, capsys, doc: str, heading: str, printed: str) -> None:
+    code = _python_block(ROOT / doc, heading)
+    assert "localhost:8001" in code
+    exec(compile(code.replace("localhost:8001", server.url), doc, "exec"), {})  # noqa: S102
+    assert printed in capsys.readouterr().out.splitlines()
