@@ -497,6 +497,17 @@ def test_coexists_with_tritonclient_in_one_process(server, sdk: Client) -> None:
     ours, theirs = pb.ModelInferRequest.DESCRIPTOR, triton_pb.ModelInferRequest.DESCRIPTOR
     assert ours.full_name == theirs.full_name == "inference.ModelInferRequest"
     assert ours.file.pool is not theirs.file.pool
+    # likewise our grpc.health.v1 stubs beside grpcio-health-checking's
+    from grpc_health.v1 import health_pb2 as their_health
+
+    from tributary_client._proto import health_pb2 as our_health
+
+    ours, theirs = (
+        our_health.HealthCheckRequest.DESCRIPTOR,
+        their_health.HealthCheckRequest.DESCRIPTOR,
+    )
+    assert ours.full_name == theirs.full_name == "grpc.health.v1.HealthCheckRequest"
+    assert ours.file.pool is not theirs.file.pool
 
     inputs = simple_inputs(batch=2, offset=5)
     with triton.InferenceServerClient(server.url) as tc:
