@@ -7,16 +7,19 @@ STAMP  := $(VENV)/.installed-stamp
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 
-.PHONY: install lock serve test unit lint format protos check-protos models bench clean
+.PHONY: install lock serve test unit lint typecheck format protos check-protos models bench clean
 
 install: $(STAMP)
 
 # Installs exactly the versions in constraints.txt (`make lock` writes it), so a fresh clone
 # gets what CI tested rather than whatever the index serves today.
-$(STAMP): pyproject.toml constraints.txt
+# The SDK (clients/, distribution tributary-client) goes first: the server requires it and it
+# is on no index.
+$(STAMP): pyproject.toml clients/pyproject.toml constraints.txt
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 needed"'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -c constraints.txt pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e ./clients
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
@@ -26,6 +29,7 @@ lock:
 	rm -rf .lock-venv
 	$(PYTHON) -m venv .lock-venv
 	.lock-venv/bin/python -m pip install -q --upgrade pip
+	.lock-venv/bin/python -m pip install -q -e ./clients
 	.lock-venv/bin/python -m pip install -q -e ".[dev,gpu]"
 	( echo "# Written by 'make lock' from pyproject.toml; used by make install and the Dockerfile."; \
 	  .lock-venv/bin/python -m pip freeze --all --exclude-editable | LC_ALL=C sort ) > constraints.txt
@@ -40,9 +44,13 @@ test: install check-protos lint
 unit: install
 	$(BIN)/python -m pytest -q tests/unit
 
-lint: install
+lint: install typecheck
 	$(BIN)/ruff check server clients tests scripts benchmarks
 	$(BIN)/ruff format --check server clients tests scripts benchmarks
+
+# mypy, configured in pyproject.toml ([tool.mypy]): strict over the SDK, which ships py.typed.
+typecheck: install
+	$(BIN)/mypy
 
 format: install
 	$(BIN)/ruff check --fix server clients tests scripts benchmarks
@@ -65,4 +73,4 @@ bench: install
 	$(BIN)/python benchmarks/run.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache build *.egg-info clients/build
