@@ -13,6 +13,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 from google.protobuf import text_format
 
@@ -167,9 +168,9 @@ def check_paths(config: mc.ModelConfig, model_dir: Path) -> None:
             inside_model_dir(model, f"parameter '{key}'", value.string_value, model_dir)
     accelerators = config.optimization.execution_accelerators
     for acc in (*accelerators.gpu_execution_accelerator, *accelerators.cpu_execution_accelerator):
-        for key, value in acc.parameters.items():
+        for key, text in acc.parameters.items():
             if key in _PATH_PARAMETERS:
-                inside_model_dir(model, key, value, model_dir)
+                inside_model_dir(model, key, text, model_dir)
 
 
 def list_versions(model_dir: Path) -> list[int]:
@@ -357,7 +358,7 @@ def _auto_complete(
 
 def _fill_tensor(spec: mc.ModelInput | mc.ModelOutput, tensor: GraphTensor, batching: bool) -> None:
     spec.name = tensor.name
-    spec.data_type = tensor.dtype.config
+    spec.data_type = cast("mc.DataType", tensor.dtype.config)  # the enum's int value
     shape = tensor.shape[1:] if batching else tensor.shape
     if shape:
         spec.dims.extend(-1 if d is None else d for d in shape)

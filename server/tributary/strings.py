@@ -14,6 +14,7 @@ import math
 import struct
 import sys
 import time
+from typing import Any
 
 import numpy as np
 
@@ -348,7 +349,8 @@ def serialize_bytes(arr: np.ndarray) -> bytes:
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-def _encode_chunk(items: list) -> bytes:
+def _encode_chunk(items: list[Any]) -> bytes:
+    """`items` are whatever the array held: str, bytes, or anything `bytes()` accepts."""
     k = len(items)
     payload: bytes | None = None
     try:

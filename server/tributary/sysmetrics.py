@@ -141,11 +141,12 @@ def import_nvml() -> ModuleType | None:
     """pynvml (package nvidia-ml-py) is optional: without it GPU metrics are skipped, once,
     with a warning, rather than failing the server."""
     try:
-        import pynvml  # type: ignore[import-not-found]
+        import pynvml
     except ImportError:
         log.warning("GPU metrics disabled: pynvml not installed (pip install nvidia-ml-py)")
         return None
-    return pynvml
+    module: ModuleType = pynvml
+    return module
 
 
 def _text(value: str | bytes) -> str:

@@ -97,7 +97,7 @@ def _head_too_large(size: int) -> WireError:
 def _parse(data: bytes | memoryview) -> pb.ModelInferRequest:
     request = pb.ModelInferRequest()
     try:
-        request.ParseFromString(data)
+        request.ParseFromString(data)  # type: ignore[arg-type]  # C protobuf takes any buffer
     except (DecodeError, ValueError, TypeError, RuntimeError) as exc:
         raise _bad(str(exc)[:200] or type(exc).__name__) from None
     return request
