@@ -367,3 +367,10 @@ def test_inference_service_scales_with_keda_on_queue_depth() -> None:
     # KServe names the predictor Deployment <isvc>-predictor.
     name = isvc["metadata"]["name"]
     _check_query(external["metric"]["query"], isvc["metadata"]["namespace"], f"{name}-predictor")
+
+
+def test_the_deployment_guide_covers_every_manifest() -> None:
+    guide = (ROOT / "docs" / "deployment.md").read_text()
+    for path in sorted({d.path for d in DOCS}):
+        assert f"deploy/{path.name}" in guide, path.name
+    assert "../" not in guide  # the guide stands on the repository alone
