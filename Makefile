@@ -8,17 +8,20 @@ GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 
-.PHONY: install lock serve test unit lint format protos check-protos models bench clean \
+.PHONY: install lock serve test unit lint typecheck format protos check-protos models bench clean \
         image image-cpu check-deploy
 
 install: $(STAMP)
 
 # Installs exactly the versions in constraints.txt (`make lock` writes it), so a fresh clone
 # gets what CI tested rather than whatever the index serves today.
-$(STAMP): pyproject.toml constraints.txt
+# The SDK (clients/, distribution tributary-client) goes first: the server requires it and it
+# is on no index.
+$(STAMP): pyproject.toml clients/pyproject.toml constraints.txt
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 needed"'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -c constraints.txt pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e ./clients
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
@@ -28,6 +31,7 @@ lock:
 	rm -rf .lock-venv
 	$(PYTHON) -m venv .lock-venv
 	.lock-venv/bin/python -m pip install -q --upgrade pip
+	.lock-venv/bin/python -m pip install -q -e ./clients
 	.lock-venv/bin/python -m pip install -q -e ".[dev,gpu]"
 	( echo "# Written by 'make lock' from pyproject.toml; used by make install and the Dockerfile."; \
 	  .lock-venv/bin/python -m pip freeze --all --exclude-editable | LC_ALL=C sort ) > constraints.txt
@@ -42,9 +46,13 @@ test: install check-protos lint
 unit: install
 	$(BIN)/python -m pytest -q tests/unit
 
-lint: install
+lint: install typecheck
 	$(BIN)/ruff check server clients tests scripts benchmarks
 	$(BIN)/ruff format --check server clients tests scripts benchmarks
+
+# mypy, configured in pyproject.toml ([tool.mypy]): strict over the SDK, which ships py.typed.
+typecheck: install
+	$(BIN)/mypy
 
 format: install
 	$(BIN)/ruff check --fix server clients tests scripts benchmarks
@@ -62,7 +70,7 @@ check-protos: install
 models: install
 	$(BIN)/python scripts/build_models.py --out model_repository
 
-# Benchmarks need perf_analyzer on PATH (pip install perf-analyzer; see benchmarks/README.md).
+# Benchmarks need perf_analyzer on PATH or $PERF_ANALYZER (see docs/benchmarks.md).
 bench: install
 	$(BIN)/python benchmarks/run.py
 
@@ -78,4 +86,4 @@ check-deploy: install
 	$(BIN)/python -m pytest -q tests/deploy
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache build *.egg-info clients/build

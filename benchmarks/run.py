@@ -3,7 +3,7 @@
 Everything is measured in the same run on the same machine and reported as ratios, since
 absolute numbers move with the machine. Writes benchmarks/RESULTS.md (and raw JSON under
 benchmarks/out/). perf_analyzer must be on PATH or named by $PERF_ANALYZER: `pip install
-perf-analyzer`, or on machines with glibc < 2.38 `../shared/tools/install-perf-analyzer`.
+perf-analyzer` (glibc 2.38 or newer; see docs/benchmarks.md for older systems).
 
     python benchmarks/run.py [--quick]
 """

@@ -37,7 +37,7 @@ _TYPES: dict[str, tuple[int, str]] = {
 
 
 def make_model(graph: onnx.GraphProto, *, opsets: dict[str, int] | None = None) -> onnx.ModelProto:
-    """Wrap a graph with the opset/IR pair the examples promise (PROTOCOL.md §7.1) and check it."""
+    """Wrap a graph with the opset/IR pair the examples promise and check it."""
     imports = [helper.make_opsetid(domain, v) for domain, v in (opsets or {"": OPSET}).items()]
     model = helper.make_model(graph, opset_imports=imports, producer_name="tributary")
     model.ir_version = IR_VERSION

@@ -1,8 +1,12 @@
 """Tributary's Python SDK: numpy in, numpy out, over the KServe v2 gRPC protocol.
 
     from tributary_client import Client
-    with Client("localhost:8001") as client:
-        result = client.infer("simple", {"INPUT0": a, "INPUT1": b})
+    import numpy as np
+    from tributary_client import Client
+
+    a = np.arange(16, dtype=np.int32).reshape(1, 16)
+    with Client("localhost:8001", timeout=10) as client:
+        result = client.infer("simple", {"INPUT0": a, "INPUT1": a})
         total = result["OUTPUT0"]
 
 It speaks to any KServe v2 / Triton-compatible gRPC server and never imports the server
@@ -16,7 +20,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ._errors import InferenceServerError
-from ._options import KeepAlive, RetryPolicy, TLSConfig
+from ._options import Headers, KeepAlive, RetryPolicy, TLSConfig
 from ._tensors import deserialize_bytes, serialize_bytes
 from ._types import (
     InferResult,
@@ -27,14 +31,16 @@ from ._types import (
     StreamResult,
     TensorMetadata,
 )
-from .client import Client, InferStream
+from .client import CallFuture, Client, InferStream
 
 if TYPE_CHECKING:
     from .aio import AsyncClient
 
 __all__ = [
     "AsyncClient",
+    "CallFuture",
     "Client",
+    "Headers",
     "InferResult",
     "InferStream",
     "InferenceServerError",

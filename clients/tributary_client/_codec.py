@@ -6,12 +6,14 @@ for the network, never in what they put on it.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from ._proto import grpc_service_pb2 as pb
-from ._tensors import from_raw, from_typed, to_raw
+from ._tensors import datatype_of, from_raw, from_typed, numpy_dtype, to_raw
 from ._types import (
     InferResult,
     ModelIndex,
@@ -76,8 +78,8 @@ def build_request(
         request.parameters["priority"].uint64_param = priority  # what current tritonclient sends
     if timeout_us is not None:
         request.parameters["timeout"].int64_param = timeout_us
-    for name, value in inputs.items():
-        array = np.asarray(value)
+    for name, value_in in inputs.items():
+        array = np.asarray(value_in)
         datatype, raw = to_raw(array)
         request.inputs.add(name=name, datatype=datatype, shape=array.shape)
         request.raw_input_contents.append(raw)
@@ -91,7 +93,7 @@ def build_request(
 
 
 def decode_response(response: pb.ModelInferResponse) -> InferResult:
-    """InferResult from a response; outputs and raw buffers are matched by position (§2.3)."""
+    """InferResult from a response; outputs and raw buffers are matched by position."""
     raw = response.raw_output_contents
     outputs: dict[str, np.ndarray] = {}
     for index, tensor in enumerate(response.outputs):
@@ -120,7 +122,9 @@ def server_metadata(response: pb.ServerMetadataResponse) -> ServerMetadata:
     return ServerMetadata(response.name, response.version, tuple(response.extensions))
 
 
-def _tensors(items: Sequence[pb.ModelMetadataResponse.TensorMetadata]) -> tuple:
+def _tensors(
+    items: Sequence[pb.ModelMetadataResponse.TensorMetadata],
+) -> tuple[TensorMetadata, ...]:
     return tuple(TensorMetadata(t.name, t.datatype, tuple(t.shape)) for t in items)
 
 
@@ -136,3 +140,71 @@ def model_metadata(response: pb.ModelMetadataResponse) -> ModelMetadata:
 
 def repository_index(response: pb.RepositoryIndexResponse) -> list[ModelIndex]:
     return [ModelIndex(m.name, m.version, m.state, m.reason) for m in response.models]
+
+
+def input_datatypes(metadata: ModelMetadata) -> dict[str, str]:
+    """What `cast=True` works from: each input's datatype as the server declares it."""
+    return {t.name: t.datatype for t in metadata.inputs}
+
+
+def cast_inputs(
+    inputs: Mapping[str, Any], datatypes: Mapping[str, str], model: str
+) -> dict[str, np.ndarray]:
+    """Convert numeric inputs to the datatypes the model declares (`cast=True`).
+
+    Only conversions numpy calls "same_kind" happen (float64 -> FP32, int64 -> INT32,
+    bool -> INT8, int -> FP32): those keep the value's kind and at most lose precision or
+    range, which is what asking for the cast means. Float -> integer (truncation), numbers ->
+    BYTES and strings -> numbers raise TypeError instead, as do names the model does not have
+    (the server would refuse those anyway; this says why before anything is sent).
+    """
+    out: dict[str, np.ndarray] = {}
+    for name, value in inputs.items():
+        array = np.asarray(value)
+        want = datatypes.get(name)
+        if want is None:
+            known = ", ".join(sorted(datatypes)) or "none"
+            raise TypeError(f"model '{model}' has no input '{name}' (inputs: {known})")
+        have = datatype_of(array)
+        if have == want:
+            out[name] = array
+            continue
+        try:
+            target = numpy_dtype(want)
+        except TypeError:
+            out[name] = array  # a datatype numpy cannot hold (BF16): send as is
+            continue
+        if want == "BYTES" or have == "BYTES" or not np.can_cast(array.dtype, target, "same_kind"):
+            raise TypeError(
+                f"input '{name}' of model '{model}' is {want}; will not cast {array.dtype} to "
+                f"it (only same-kind casts, e.g. float64 -> FP32, are done): convert it yourself"
+            )
+        out[name] = array.astype(target)
+    return out
+
+
+def load_request(
+    name: str,
+    *,
+    config: str | Mapping[str, Any] | None = None,
+    files: Mapping[str, bytes] | None = None,
+) -> pb.RepositoryModelLoadRequest:
+    """RepositoryModelLoad, Triton-style: `config` (JSON text, or a mapping dumped to JSON)
+    replaces the model's config.pbtxt; `files` maps paths inside the model directory (with or
+    without the protocol's "file:" prefix) to their contents."""
+    request = pb.RepositoryModelLoadRequest(model_name=name)
+    if config is not None:
+        text = config if isinstance(config, str) else json.dumps(config)
+        request.parameters["config"].string_param = text
+    for path, content in (files or {}).items():
+        key = path if path.startswith("file:") else f"file:{path}"
+        request.parameters[key].bytes_param = bytes(content)
+    return request
+
+
+def unload_request(
+    name: str, *, unload_dependents: bool = False
+) -> pb.RepositoryModelUnloadRequest:
+    request = pb.RepositoryModelUnloadRequest(model_name=name)
+    request.parameters["unload_dependents"].bool_param = unload_dependents
+    return request

@@ -13,7 +13,7 @@ class InferenceServerError(Exception):
     """A non-OK answer from the server, or a transport failure that gRPC reported as a status.
 
     `code` is None only for per-request errors inside a stream: ModelStreamInfer reports those
-    as a bare `error_message` string with no status code (PROTOCOL.md §2.7).
+    as a bare `error_message` string with no status code (docs/protocol.md#streams).
     """
 
     def __init__(self, code: grpc.StatusCode | None, message: str) -> None:

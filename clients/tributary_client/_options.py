@@ -7,6 +7,7 @@ built once (from files, from a config system) and handed to both the sync and as
 from __future__ import annotations
 
 import random
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,7 +62,7 @@ class TLSConfig:
 
 @dataclass(frozen=True, slots=True)
 class KeepAlive:
-    """HTTP/2 keepalive pings; defaults match tritonclient's KeepAliveOptions (§2.8).
+    """HTTP/2 keepalive pings; defaults match tritonclient's KeepAliveOptions.
 
     A server enforces a minimum ping interval (Triton/Tributary: 5 min without calls) and
     closes connections that ping more often, so lower `time_ms` only together with the server.
@@ -94,9 +95,40 @@ def channel_options(
     return options + list(extra)
 
 
-def normalize_metadata(metadata: Mapping[str, str] | None) -> tuple[tuple[str, str], ...]:
-    """gRPC rejects upper-case metadata keys at call time; lower-case them once, up front."""
-    return tuple((key.lower(), value) for key, value in (metadata or {}).items())
+HeaderValue = str | bytes
+Headers = Mapping[str, HeaderValue]
+Metadata = tuple[tuple[str, HeaderValue], ...]
+
+
+def normalize_metadata(headers: Headers | None) -> Metadata:
+    """gRPC metadata from a headers mapping, checked here rather than deep inside a call.
+
+    gRPC rejects upper-case keys at call time, so keys are lower-cased. Binary values (bytes)
+    are only allowed under keys ending in "-bin", text values only under other keys: that is
+    how gRPC tells them apart on the wire.
+    """
+    out: list[tuple[str, HeaderValue]] = []
+    for key, value in (headers or {}).items():
+        if not isinstance(key, str) or not key:
+            raise TypeError(f"header names must be non-empty str, not {key!r}")
+        name = key.lower()
+        if name.endswith("-bin"):
+            if not isinstance(value, bytes):
+                raise TypeError(f"header {name!r} ends in -bin, so its value must be bytes")
+        elif not isinstance(value, str):
+            raise TypeError(f"header {name!r} needs a str value (bytes only under '-bin' names)")
+        out.append((name, value))
+    return tuple(out)
+
+
+def merge_metadata(defaults: Metadata, headers: Headers | None) -> Metadata:
+    """A call's metadata: the client's default headers, with the call's own replacing any of
+    the same name (case-insensitively)."""
+    if not headers:
+        return defaults
+    extra = normalize_metadata(headers)
+    override = {name for name, _ in extra}
+    return tuple(item for item in defaults if item[0] not in override) + extra
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,3 +187,15 @@ class RetryPolicy:
 # Module-level defaults: both are frozen, so sharing one instance between clients is safe.
 DEFAULT_RETRY = RetryPolicy()
 DEFAULT_KEEPALIVE = KeepAlive()
+
+
+def deprecated_alias(new: str, old: str, new_value: Any, old_value: Any) -> Any:
+    """Accept `old` (warning) where `new` is the keyword now; passing both is an error."""
+    if old_value is None:
+        return new_value
+    if new_value is not None:
+        raise TypeError(f"pass {new}= only ({old}= is its deprecated old name)")
+    warnings.warn(
+        f"{old}= is deprecated, use {new}= (same meaning)", DeprecationWarning, stacklevel=3
+    )
+    return old_value

@@ -2,7 +2,7 @@
 
 The SDK always sends `raw_input_contents` (never typed `contents`): it is one `tobytes()` per
 tensor instead of one Python object per element, and it is what Triton-style servers expect
-from real clients (PROTOCOL.md §2.2). Responses are decoded from `raw_output_contents` with
+from real clients (docs/protocol.md#tensors). Responses are decoded from `raw_output_contents` with
 `np.frombuffer`, so outputs are zero-copy, read-only views; call `.copy()` to modify one.
 """
 

@@ -62,7 +62,7 @@ class InferResult(Mapping[str, np.ndarray]):
 class StreamResult:
     """One answer on a stream: exactly one of `result` / `error` is set.
 
-    Per-request failures do not end a stream (PROTOCOL.md §2.7), so they arrive as values in
+    Per-request failures do not end a stream (docs/protocol.md#streams), so they arrive as values in
     order with the successes instead of as exceptions that would stop iteration.
     """
 

@@ -24,10 +24,13 @@ from ._options import (
     DEFAULT_KEEPALIVE,
     DEFAULT_RETRY,
     INT32_MAX,
+    Headers,
     KeepAlive,
     RetryPolicy,
     TLSConfig,
     channel_options,
+    deprecated_alias,
+    merge_metadata,
     normalize_metadata,
 )
 from ._proto import grpc_service_pb2 as pb
@@ -50,7 +53,8 @@ class AsyncClient:
     """asyncio twin of `tributary_client.Client`; same arguments, same semantics.
 
     `interceptors` takes grpc.aio client interceptors. `RetryPolicy.sleep` may be a plain
-    function or a coroutine function; by default asyncio.sleep is used.
+    function or a coroutine function; by default asyncio.sleep is used. For concurrency,
+    gather coroutines (there is no `infer_async`: `infer` already is one).
     """
 
     def __init__(
@@ -62,28 +66,33 @@ class AsyncClient:
         retry: RetryPolicy | None = DEFAULT_RETRY,
         max_message_bytes: int = INT32_MAX,
         keepalive: KeepAlive = DEFAULT_KEEPALIVE,
-        metadata: Mapping[str, str] | None = None,
+        headers: Headers | None = None,
         wait_for_ready: bool = False,
         compression: grpc.Compression | None = None,
         channel_args: Sequence[tuple[str, Any]] = (),
         interceptors: Sequence[Any] = (),
+        metadata: Headers | None = None,
     ) -> None:
+        headers = deprecated_alias("headers", "metadata", headers, metadata)
         options = channel_options(
             max_message_bytes=max_message_bytes, keepalive=keepalive, tls=tls, extra=channel_args
         )
-        extra: dict[str, Any] = {"interceptors": list(interceptors) or None}
+        chosen = list(interceptors) or None
         if tls is not None:
             self._channel = grpc.aio.secure_channel(
-                url, tls.credentials(), options, compression, **extra
+                url, tls.credentials(), options, compression, interceptors=chosen
             )
         else:
-            self._channel = grpc.aio.insecure_channel(url, options, compression, **extra)
+            self._channel = grpc.aio.insecure_channel(
+                url, options, compression, interceptors=chosen
+            )
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
         self.url = url
         self._timeout = timeout
         self._retry = retry
-        self._metadata = normalize_metadata(metadata)
+        self._headers = normalize_metadata(headers)
         self._wait_for_ready = wait_for_ready
+        self._input_types: dict[tuple[str, str], dict[str, str]] = {}
 
     # -- plumbing ------------------------------------------------------------------------
 
@@ -94,10 +103,18 @@ class AsyncClient:
             await outcome
 
     async def _call(
-        self, rpc: str, request: Any, *, infer: bool = False, deadline: float | None = None
+        self,
+        rpc: str,
+        request: Any,
+        *,
+        infer: bool = False,
+        retryable: bool = True,
+        timeout: float | None = None,
+        headers: Headers | None = None,
     ) -> Any:
         method = getattr(self._stub, rpc)
-        budget = deadline if deadline is not None else self._timeout
+        metadata = merge_metadata(self._headers, headers)
+        budget = timeout if timeout is not None else self._timeout
         end = None if budget is None else time.monotonic() + budget
         attempt = 1
         while True:
@@ -105,13 +122,13 @@ class AsyncClient:
                 return await method(
                     request,
                     timeout=None if end is None else max(0.0, end - time.monotonic()),
-                    metadata=self._metadata,
+                    metadata=metadata,
                     wait_for_ready=self._wait_for_ready,
                 )
             except grpc.RpcError as exc:
                 error = InferenceServerError.from_rpc_error(exc)
                 delay = None
-                if self._retry is not None:
+                if self._retry is not None and retryable:
                     left = None if end is None else end - time.monotonic()
                     delay = self._retry.delay_before_retry(
                         attempt, error.code, infer=infer, time_left=left
@@ -122,7 +139,8 @@ class AsyncClient:
             attempt += 1
 
     async def close(self) -> None:
-        await self._channel.close()
+        """Close the channel; in-flight calls are cancelled."""
+        await self._channel.close(grace=None)
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -135,39 +153,151 @@ class AsyncClient:
     ) -> None:
         await self.close()
 
-    # -- health and metadata -------------------------------------------------------------
+    # -- health and metadata (each takes headers= and timeout=, as in Client) --------------
 
-    async def is_live(self) -> bool:
-        return (await self._call("ServerLive", pb.ServerLiveRequest())).live
+    async def is_live(
+        self, *, headers: Headers | None = None, timeout: float | None = None
+    ) -> bool:
+        request = pb.ServerLiveRequest()
+        return bool(
+            (await self._call("ServerLive", request, headers=headers, timeout=timeout)).live
+        )
 
-    async def is_ready(self) -> bool:
-        return (await self._call("ServerReady", pb.ServerReadyRequest())).ready
+    async def is_ready(
+        self, *, headers: Headers | None = None, timeout: float | None = None
+    ) -> bool:
+        request = pb.ServerReadyRequest()
+        response = await self._call("ServerReady", request, headers=headers, timeout=timeout)
+        return bool(response.ready)
 
-    async def is_model_ready(self, name: str, version: str = "") -> bool:
+    async def is_model_ready(
+        self,
+        name: str,
+        version: str = "",
+        *,
+        headers: Headers | None = None,
+        timeout: float | None = None,
+    ) -> bool:
         request = pb.ModelReadyRequest(name=name, version=version)
-        return (await self._call("ModelReady", request)).ready
+        response = await self._call("ModelReady", request, headers=headers, timeout=timeout)
+        return bool(response.ready)
 
-    async def server_metadata(self) -> ServerMetadata:
-        response = await self._call("ServerMetadata", pb.ServerMetadataRequest())
+    async def server_metadata(
+        self, *, headers: Headers | None = None, timeout: float | None = None
+    ) -> ServerMetadata:
+        request = pb.ServerMetadataRequest()
+        response = await self._call("ServerMetadata", request, headers=headers, timeout=timeout)
         return _codec.server_metadata(response)
 
-    async def model_metadata(self, name: str, version: str = "") -> ModelMetadata:
+    async def model_metadata(
+        self,
+        name: str,
+        version: str = "",
+        *,
+        headers: Headers | None = None,
+        timeout: float | None = None,
+    ) -> ModelMetadata:
         request = pb.ModelMetadataRequest(name=name, version=version)
-        return _codec.model_metadata(await self._call("ModelMetadata", request))
+        response = await self._call("ModelMetadata", request, headers=headers, timeout=timeout)
+        return _codec.model_metadata(response)
 
-    async def model_config(self, name: str, version: str = "") -> model_config_pb2.ModelConfig:
+    async def model_config(
+        self,
+        name: str,
+        version: str = "",
+        *,
+        headers: Headers | None = None,
+        timeout: float | None = None,
+    ) -> model_config_pb2.ModelConfig:
         request = pb.ModelConfigRequest(name=name, version=version)
-        return (await self._call("ModelConfig", request)).config
+        response = await self._call("ModelConfig", request, headers=headers, timeout=timeout)
+        config: model_config_pb2.ModelConfig = response.config
+        return config
 
-    async def statistics(self, name: str = "", version: str = "") -> list[pb.ModelStatistics]:
+    async def statistics(
+        self,
+        name: str = "",
+        version: str = "",
+        *,
+        headers: Headers | None = None,
+        timeout: float | None = None,
+    ) -> list[pb.ModelStatistics]:
         request = pb.ModelStatisticsRequest(name=name, version=version)
-        return list((await self._call("ModelStatistics", request)).model_stats)
+        response = await self._call("ModelStatistics", request, headers=headers, timeout=timeout)
+        return list(response.model_stats)
 
-    async def repository_index(self, *, ready_only: bool = False) -> list[ModelIndex]:
+    # -- model repository ------------------------------------------------------------------
+
+    async def repository_index(
+        self,
+        *,
+        ready_only: bool = False,
+        headers: Headers | None = None,
+        timeout: float | None = None,
+    ) -> list[ModelIndex]:
         request = pb.RepositoryIndexRequest(ready=ready_only)
-        return _codec.repository_index(await self._call("RepositoryIndex", request))
+        response = await self._call("RepositoryIndex", request, headers=headers, timeout=timeout)
+        return _codec.repository_index(response)
+
+    async def load_model(
+        self,
+        name: str,
+        *,
+        config: str | Mapping[str, Any] | None = None,
+        files: Mapping[str, bytes] | None = None,
+        headers: Headers | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        """See `Client.load_model`."""
+        request = _codec.load_request(name, config=config, files=files)
+        self._forget_inputs(name)
+        try:
+            await self._call(
+                "RepositoryModelLoad", request, retryable=False, headers=headers, timeout=timeout
+            )
+        finally:
+            self._forget_inputs(name)
+
+    async def unload_model(
+        self,
+        name: str,
+        *,
+        unload_dependents: bool = False,
+        headers: Headers | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        """See `Client.unload_model`."""
+        request = _codec.unload_request(name, unload_dependents=unload_dependents)
+        try:
+            await self._call(
+                "RepositoryModelUnload", request, retryable=False, headers=headers, timeout=timeout
+            )
+        finally:
+            self._forget_inputs(name)
 
     # -- inference -----------------------------------------------------------------------
+
+    def _forget_inputs(self, model: str) -> None:
+        for key in [k for k in self._input_types if k[0] == model]:
+            self._input_types.pop(key, None)
+
+    async def _inputs_for(
+        self,
+        model: str,
+        version: str,
+        inputs: Mapping[str, Any],
+        cast: bool,
+        headers: Headers | None,
+        timeout: float | None,
+    ) -> Mapping[str, Any]:
+        if not cast:
+            return inputs
+        key = (model, version)
+        datatypes = self._input_types.get(key)
+        if datatypes is None:
+            meta = await self.model_metadata(model, version, headers=headers, timeout=timeout)
+            datatypes = self._input_types[key] = _codec.input_datatypes(meta)
+        return _codec.cast_inputs(inputs, datatypes, model)
 
     async def infer(
         self,
@@ -181,9 +311,14 @@ class AsyncClient:
         priority: int | None = None,
         timeout_us: int | None = None,
         classification: Mapping[str, int] | None = None,
+        cast: bool = False,
+        headers: Headers | None = None,
+        timeout: float | None = None,
         deadline: float | None = None,
     ) -> InferResult:
         """See `Client.infer`."""
+        timeout = deprecated_alias("timeout", "deadline", timeout, deadline)
+        inputs = await self._inputs_for(model, version, inputs, cast, headers, timeout)
         request = _codec.build_request(
             model,
             inputs,
@@ -195,7 +330,9 @@ class AsyncClient:
             timeout_us=timeout_us,
             classification=classification,
         )
-        response = await self._call("ModelInfer", request, infer=True, deadline=deadline)
+        response = await self._call(
+            "ModelInfer", request, infer=True, headers=headers, timeout=timeout
+        )
         return _codec.decode_response(response)
 
     async def stream(
@@ -205,6 +342,7 @@ class AsyncClient:
         *,
         version: str = "",
         timeout: float | None = None,
+        headers: Headers | None = None,
     ) -> AsyncIterator[StreamResult]:
         """Stream `requests` (StreamRequest, or a bare inputs mapping) to one model.
 
@@ -235,7 +373,8 @@ class AsyncClient:
                 for item in requests:
                     yield message(item)
 
-        call = self._stub.ModelStreamInfer(outgoing(), metadata=self._metadata, timeout=timeout)
+        metadata = merge_metadata(self._headers, headers)
+        call = self._stub.ModelStreamInfer(outgoing(), metadata=metadata, timeout=timeout)
         try:
             async for response in call:
                 yield _codec.decode_stream_response(response)

@@ -1,16 +1,19 @@
 """The synchronous client: one gRPC channel, numpy in and numpy out.
 
-Every RPC goes through `Client._call`, the one place where deadlines, metadata, retries and
-error mapping happen, so no public method can forget one of them.
+Every unary RPC goes through `Client._call` (blocking) or `Client._call_future` (a
+concurrent.futures.Future on grpc's own `.future()`), the two places where timeouts, headers,
+retries and error mapping happen, so no public method can forget one of them.
 """
 
 from __future__ import annotations
 
 import queue
+import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, InvalidStateError
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -21,10 +24,14 @@ from ._options import (
     DEFAULT_KEEPALIVE,
     DEFAULT_RETRY,
     INT32_MAX,
+    Headers,
     KeepAlive,
+    Metadata,
     RetryPolicy,
     TLSConfig,
     channel_options,
+    deprecated_alias,
+    merge_metadata,
     normalize_metadata,
 )
 from ._proto import grpc_service_pb2 as pb
@@ -39,13 +46,46 @@ from ._types import (
     StreamResult,
 )
 
+T = TypeVar("T")
+
+
+class CallFuture(Future[T]):
+    """A concurrent.futures.Future for one SDK call (retries included).
+
+    `result()` returns what the blocking method would, or raises its InferenceServerError.
+    `cancel()` also cancels the RPC in flight, so the server stops waiting on it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._rpc: grpc.Future[Any] | None = None
+
+    def cancel(self) -> bool:
+        if not super().cancel():
+            return False
+        rpc = self._rpc
+        if rpc is not None:
+            rpc.cancel()
+        return True
+
+    def _settle(self, value: T | None = None, error: BaseException | None = None) -> None:
+        try:
+            if error is not None:
+                self.set_exception(error)
+            else:
+                self.set_result(value)  # type: ignore[arg-type]
+        except InvalidStateError:
+            pass  # cancelled meanwhile: the caller no longer wants the outcome
+
 
 class Client:
     """Blocking client for a KServe v2 / Triton-compatible gRPC server.
 
-    `url` is "host:port". `timeout` (seconds) bounds each call, retries included, unless the
-    call passes its own `deadline`. `wait_for_ready` makes calls wait for the channel to
-    connect instead of failing fast with UNAVAILABLE, for callers that start with the server.
+    `url` is "host:port". `timeout` (seconds) is the default limit for each call, retries
+    included; a call's own `timeout=` replaces it. `headers` are gRPC metadata sent with every
+    call (a call's own `headers=` add to them, replacing same-named ones). `wait_for_ready`
+    makes calls wait for the channel to connect instead of failing fast with UNAVAILABLE, for
+    callers that start with the server. `metadata` is the deprecated old name of `headers`.
     """
 
     def __init__(
@@ -57,15 +97,18 @@ class Client:
         retry: RetryPolicy | None = DEFAULT_RETRY,
         max_message_bytes: int = INT32_MAX,
         keepalive: KeepAlive = DEFAULT_KEEPALIVE,
-        metadata: Mapping[str, str] | None = None,
+        headers: Headers | None = None,
         wait_for_ready: bool = False,
         compression: grpc.Compression | None = None,
         channel_args: Sequence[tuple[str, Any]] = (),
         interceptors: Sequence[Any] = (),
+        metadata: Headers | None = None,
     ) -> None:
+        headers = deprecated_alias("headers", "metadata", headers, metadata)
         options = channel_options(
             max_message_bytes=max_message_bytes, keepalive=keepalive, tls=tls, extra=channel_args
         )
+        channel: grpc.Channel
         if tls is not None:
             channel = grpc.secure_channel(url, tls.credentials(), options, compression)
         else:
@@ -77,8 +120,9 @@ class Client:
         self.url = url
         self._timeout = timeout
         self._retry = retry
-        self._metadata = normalize_metadata(metadata)
+        self._headers = normalize_metadata(headers)
         self._wait_for_ready = wait_for_ready
+        self._input_types: dict[tuple[str, str], dict[str, str]] = {}
 
     # -- plumbing ------------------------------------------------------------------------
 
@@ -86,33 +130,115 @@ class Client:
         sleep = self._retry.sleep if self._retry is not None else None
         (sleep or time.sleep)(seconds)
 
+    def _end(self, timeout: float | None) -> float | None:
+        budget = timeout if timeout is not None else self._timeout
+        return None if budget is None else time.monotonic() + budget
+
+    def _retry_delay(
+        self, attempt: int, error: InferenceServerError, *, infer: bool, end: float | None
+    ) -> float | None:
+        if self._retry is None:
+            return None
+        left = None if end is None else end - time.monotonic()
+        return self._retry.delay_before_retry(attempt, error.code, infer=infer, time_left=left)
+
     def _call(
-        self, rpc: str, request: Any, *, infer: bool = False, deadline: float | None = None
+        self,
+        rpc: str,
+        request: Any,
+        *,
+        infer: bool = False,
+        retryable: bool = True,
+        timeout: float | None = None,
+        headers: Headers | None = None,
     ) -> Any:
+        """One RPC with retries. `infer` = not idempotent: retried on UNAVAILABLE only.
+        `retryable=False` (model load/unload): never retried, since those change what the
+        server runs and their UNAVAILABLE ("model control is off") is permanent."""
         method = getattr(self._stub, rpc)
-        budget = deadline if deadline is not None else self._timeout
-        end = None if budget is None else time.monotonic() + budget
+        metadata = merge_metadata(self._headers, headers)
+        end = self._end(timeout)
         attempt = 1
         while True:
             try:
                 return method(
                     request,
                     timeout=None if end is None else max(0.0, end - time.monotonic()),
-                    metadata=self._metadata,
+                    metadata=metadata,
                     wait_for_ready=self._wait_for_ready,
                 )
             except grpc.RpcError as exc:
                 error = InferenceServerError.from_rpc_error(exc)
-                delay = None
-                if self._retry is not None:
-                    left = None if end is None else end - time.monotonic()
-                    delay = self._retry.delay_before_retry(
-                        attempt, error.code, infer=infer, time_left=left
-                    )
-                if delay is None:
+                delay = self._retry_delay(attempt, error, infer=infer, end=end)
+                if delay is None or not retryable:
                     raise error from exc
             self._sleep(delay)
             attempt += 1
+
+    def _call_future(
+        self,
+        rpc: str,
+        request: Any,
+        decode: Callable[[Any], T],
+        *,
+        infer: bool = False,
+        timeout: float | None = None,
+        headers: Headers | None = None,
+    ) -> CallFuture[T]:
+        """`_call` without blocking: grpc's `.future()` carries the call, and its done-callback
+        (on grpc's thread) settles our future or starts the next attempt. No thread per call;
+        a retry waits on a timer thread, or runs `RetryPolicy.sleep` on the callback thread."""
+        method = getattr(self._stub, rpc)
+        metadata = merge_metadata(self._headers, headers)
+        end = self._end(timeout)
+        future: CallFuture[T] = CallFuture()
+
+        def start(attempt: int) -> None:
+            if future.done():
+                return
+            rpc_future = method.future(
+                request,
+                timeout=None if end is None else max(0.0, end - time.monotonic()),
+                metadata=metadata,
+                wait_for_ready=self._wait_for_ready,
+            )
+            future._rpc = rpc_future
+            if future.cancelled():  # cancel() ran before _rpc was set
+                rpc_future.cancel()
+                return
+            rpc_future.add_done_callback(lambda done: finished(done, attempt))
+
+        def finished(done: Any, attempt: int) -> None:
+            if future.done():
+                return
+            try:
+                response = done.result()
+            except grpc.FutureCancelledError:
+                future._settle(error=InferenceServerError(grpc.StatusCode.CANCELLED, "cancelled"))
+                return
+            except grpc.RpcError as exc:
+                error = InferenceServerError.from_rpc_error(exc)
+                error.__cause__ = exc
+                delay = self._retry_delay(attempt, error, infer=infer, end=end)
+                if delay is None:
+                    future._settle(error=error)
+                elif self._retry is not None and self._retry.sleep is not None:
+                    self._retry.sleep(delay)
+                    start(attempt + 1)
+                else:
+                    timer = threading.Timer(delay, start, (attempt + 1,))
+                    timer.daemon = True
+                    timer.start()
+                return
+            try:
+                value = decode(response)
+            except Exception as exc:  # noqa: BLE001 - a decode error belongs to the future
+                future._settle(error=exc)
+                return
+            future._settle(value)
+
+        start(1)
+        return future
 
     def close(self) -> None:
         """Close the channel; in-flight calls and open streams are cancelled."""
@@ -130,36 +256,155 @@ class Client:
         self.close()
 
     # -- health and metadata -------------------------------------------------------------
+    # Every method takes `headers=` (extra gRPC metadata for this call) and `timeout=`
+    # (seconds for this call, retries included; None = the client's default).
 
-    def is_live(self) -> bool:
-        return self._call("ServerLive", pb.ServerLiveRequest()).live
+    def is_live(self, *, headers: Headers | None = None, timeout: float | None = None) -> bool:
+        response = self._call(
+            "ServerLive", pb.ServerLiveRequest(), headers=headers, timeout=timeout
+        )
+        return bool(response.live)
 
-    def is_ready(self) -> bool:
-        return self._call("ServerReady", pb.ServerReadyRequest()).ready
+    def is_ready(self, *, headers: Headers | None = None, timeout: float | None = None) -> bool:
+        request = pb.ServerReadyRequest()
+        return bool(self._call("ServerReady", request, headers=headers, timeout=timeout).ready)
 
-    def is_model_ready(self, name: str, version: str = "") -> bool:
-        return self._call("ModelReady", pb.ModelReadyRequest(name=name, version=version)).ready
+    def is_model_ready(
+        self,
+        name: str,
+        version: str = "",
+        *,
+        headers: Headers | None = None,
+        timeout: float | None = None,
+    ) -> bool:
+        request = pb.ModelReadyRequest(name=name, version=version)
+        return bool(self._call("ModelReady", request, headers=headers, timeout=timeout).ready)
 
-    def server_metadata(self) -> ServerMetadata:
-        return _codec.server_metadata(self._call("ServerMetadata", pb.ServerMetadataRequest()))
+    def server_metadata(
+        self, *, headers: Headers | None = None, timeout: float | None = None
+    ) -> ServerMetadata:
+        request = pb.ServerMetadataRequest()
+        response = self._call("ServerMetadata", request, headers=headers, timeout=timeout)
+        return _codec.server_metadata(response)
 
-    def model_metadata(self, name: str, version: str = "") -> ModelMetadata:
+    def model_metadata(
+        self,
+        name: str,
+        version: str = "",
+        *,
+        headers: Headers | None = None,
+        timeout: float | None = None,
+    ) -> ModelMetadata:
         request = pb.ModelMetadataRequest(name=name, version=version)
-        return _codec.model_metadata(self._call("ModelMetadata", request))
+        response = self._call("ModelMetadata", request, headers=headers, timeout=timeout)
+        return _codec.model_metadata(response)
 
-    def model_config(self, name: str, version: str = "") -> model_config_pb2.ModelConfig:
-        return self._call("ModelConfig", pb.ModelConfigRequest(name=name, version=version)).config
+    def model_config(
+        self,
+        name: str,
+        version: str = "",
+        *,
+        headers: Headers | None = None,
+        timeout: float | None = None,
+    ) -> model_config_pb2.ModelConfig:
+        request = pb.ModelConfigRequest(name=name, version=version)
+        response = self._call("ModelConfig", request, headers=headers, timeout=timeout)
+        config: model_config_pb2.ModelConfig = response.config
+        return config
 
-    def statistics(self, name: str = "", version: str = "") -> list[pb.ModelStatistics]:
+    def statistics(
+        self,
+        name: str = "",
+        version: str = "",
+        *,
+        headers: Headers | None = None,
+        timeout: float | None = None,
+    ) -> list[pb.ModelStatistics]:
         """ModelStatistics messages (all models when `name` is ""): their depth is the point."""
         request = pb.ModelStatisticsRequest(name=name, version=version)
-        return list(self._call("ModelStatistics", request).model_stats)
+        response = self._call("ModelStatistics", request, headers=headers, timeout=timeout)
+        return list(response.model_stats)
 
-    def repository_index(self, *, ready_only: bool = False) -> list[ModelIndex]:
+    # -- model repository ------------------------------------------------------------------
+
+    def repository_index(
+        self,
+        *,
+        ready_only: bool = False,
+        headers: Headers | None = None,
+        timeout: float | None = None,
+    ) -> list[ModelIndex]:
         request = pb.RepositoryIndexRequest(ready=ready_only)
-        return _codec.repository_index(self._call("RepositoryIndex", request))
+        response = self._call("RepositoryIndex", request, headers=headers, timeout=timeout)
+        return _codec.repository_index(response)
+
+    def load_model(
+        self,
+        name: str,
+        *,
+        config: str | Mapping[str, Any] | None = None,
+        files: Mapping[str, bytes] | None = None,
+        headers: Headers | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        """Load, or reload, a model (the server must run in explicit model-control mode).
+
+        `config` (model config as JSON text or a JSON-able mapping) replaces the model's
+        config.pbtxt for this load; `files` maps paths in the model directory to their
+        contents, for servers that support them (Triton does; Tributary refuses them).
+        Returns when the server has finished loading; a failed load raises.
+        """
+        request = _codec.load_request(name, config=config, files=files)
+        self._forget_inputs(name)
+        try:
+            self._call(
+                "RepositoryModelLoad", request, retryable=False, headers=headers, timeout=timeout
+            )
+        finally:
+            self._forget_inputs(name)
+
+    def unload_model(
+        self,
+        name: str,
+        *,
+        unload_dependents: bool = False,
+        headers: Headers | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        """Unload every version of a model; returns once the server has unloaded it."""
+        request = _codec.unload_request(name, unload_dependents=unload_dependents)
+        try:
+            self._call(
+                "RepositoryModelUnload", request, retryable=False, headers=headers, timeout=timeout
+            )
+        finally:
+            self._forget_inputs(name)
 
     # -- inference -----------------------------------------------------------------------
+
+    def _forget_inputs(self, model: str) -> None:
+        for key in [k for k in self._input_types if k[0] == model]:
+            self._input_types.pop(key, None)
+
+    def _inputs_for(
+        self,
+        model: str,
+        version: str,
+        inputs: Mapping[str, Any],
+        cast: bool,
+        headers: Headers | None,
+        timeout: float | None,
+    ) -> Mapping[str, Any]:
+        """`inputs`, cast to the model's datatypes when asked; ModelMetadata is fetched once
+        per (model, version) and kept until this client loads or unloads that model."""
+        if not cast:
+            return inputs
+        key = (model, version)
+        datatypes = self._input_types.get(key)
+        if datatypes is None:
+            meta = self.model_metadata(model, version, headers=headers, timeout=timeout)
+            datatypes = self._input_types[key] = _codec.input_datatypes(meta)
+        return _codec.cast_inputs(inputs, datatypes, model)
 
     def infer(
         self,
@@ -173,15 +418,23 @@ class Client:
         priority: int | None = None,
         timeout_us: int | None = None,
         classification: Mapping[str, int] | None = None,
+        cast: bool = False,
+        headers: Headers | None = None,
+        timeout: float | None = None,
         deadline: float | None = None,
     ) -> InferResult:
         """Run one inference.
 
-        Each input's datatype comes from its numpy dtype (object/str/bytes arrays are BYTES).
+        Each input's datatype comes from its numpy dtype (object/str/bytes arrays are BYTES);
+        a mismatch with the model is the server's INVALID_ARGUMENT, unless `cast=True`
+        converts inputs to the model's datatypes first (same-kind casts only, see docs).
         `outputs` None means all of the model's outputs. `classification` maps an output to
-        its top-k count. `timeout_us` is the server-side queue timeout; `deadline` (seconds)
-        is the client-side limit for the whole call, retries included.
+        its top-k count. `timeout_us` is the server-side queue timeout; `timeout` (seconds) is
+        the client-side limit for the whole call, retries included (`deadline` is its
+        deprecated old name).
         """
+        timeout = deprecated_alias("timeout", "deadline", timeout, deadline)
+        inputs = self._inputs_for(model, version, inputs, cast, headers, timeout)
         request = _codec.build_request(
             model,
             inputs,
@@ -193,13 +446,67 @@ class Client:
             timeout_us=timeout_us,
             classification=classification,
         )
-        return _codec.decode_response(
-            self._call("ModelInfer", request, infer=True, deadline=deadline)
+        response = self._call("ModelInfer", request, infer=True, headers=headers, timeout=timeout)
+        return _codec.decode_response(response)
+
+    def infer_async(
+        self,
+        model: str,
+        inputs: Mapping[str, np.ndarray],
+        *,
+        outputs: Sequence[str] | None = None,
+        version: str = "",
+        request_id: str = "",
+        parameters: Mapping[str, ParamValue] | None = None,
+        priority: int | None = None,
+        timeout_us: int | None = None,
+        classification: Mapping[str, int] | None = None,
+        cast: bool = False,
+        headers: Headers | None = None,
+        timeout: float | None = None,
+    ) -> CallFuture[InferResult]:
+        """`infer` without waiting: returns a concurrent.futures.Future of the InferResult.
+
+        For many requests in flight from plain threads-free code; use `add_done_callback` for
+        a callback, `concurrent.futures.wait`/`as_completed` to gather. The request is built
+        (and with `cast=True` the model's metadata fetched, once) before this returns; errors
+        in the arguments raise here, server errors come out of `result()`.
+        """
+        inputs = self._inputs_for(model, version, inputs, cast, headers, timeout)
+        request = _codec.build_request(
+            model,
+            inputs,
+            version=version,
+            request_id=request_id,
+            outputs=outputs,
+            parameters=parameters,
+            priority=priority,
+            timeout_us=timeout_us,
+            classification=classification,
+        )
+        return self._call_future(
+            "ModelInfer",
+            request,
+            _codec.decode_response,
+            infer=True,
+            headers=headers,
+            timeout=timeout,
         )
 
-    def stream(self, model: str, *, version: str = "", timeout: float | None = None) -> InferStream:
-        """Open a ModelStreamInfer stream to one model; see InferStream."""
-        return InferStream(self._stub, model, version, self._metadata, timeout)
+    def stream(
+        self,
+        model: str,
+        *,
+        version: str = "",
+        timeout: float | None = None,
+        headers: Headers | None = None,
+    ) -> InferStream:
+        """Open a ModelStreamInfer stream to one model; see InferStream.
+
+        `timeout` bounds the whole stream (not each request); streams are never retried.
+        """
+        metadata = merge_metadata(self._headers, headers)
+        return InferStream(self._stub, model, version, metadata, timeout)
 
 
 class InferStream(Iterator[StreamResult]):
@@ -216,7 +523,7 @@ class InferStream(Iterator[StreamResult]):
         stub: pb_grpc.GRPCInferenceServiceStub,
         model: str,
         version: str,
-        metadata: tuple[tuple[str, str], ...],
+        metadata: Metadata,
         timeout: float | None,
     ) -> None:
         self.model = model

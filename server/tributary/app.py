@@ -26,6 +26,7 @@ from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from tributary_client._proto import grpc_service_pb2 as pb
+from tributary_client._proto import health_pb2 as _health_in_pool  # noqa: F401 - registers it
 from tributary_client._proto._pool import POOL
 
 from .backends.onnxruntime import gpu_count
@@ -54,15 +55,15 @@ REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 
 
 def _register_descriptors() -> None:
-    """Reflection serves from our private pool; add health and reflection protos to it, and
+    """Reflection serves from our private pool; add the reflection protos to it, and
     grpc.reflection.v1 (grpcurl 1.9+ and Postman ask for it first). grpcio-reflection ships
-    only v1alpha; v1 is the same file under another package, so it is derived from it."""
-    for module in (health_pb2, reflection_pb2):
-        name = module.DESCRIPTOR.name
-        try:
-            POOL.FindFileByName(name)
-        except KeyError:
-            POOL.AddSerializedFile(module.DESCRIPTOR.serialized_pb)
+    only v1alpha; v1 is the same file under another package, so it is derived from it.
+    grpc.health.v1 is already there: the SDK's own health stubs live in that pool (importing
+    them above registered them), and adding grpcio-health-checking's copy would clash."""
+    try:
+        POOL.FindFileByName(reflection_pb2.DESCRIPTOR.name)
+    except KeyError:
+        POOL.AddSerializedFile(reflection_pb2.DESCRIPTOR.serialized_pb)
     v1 = descriptor_pb2.FileDescriptorProto.FromString(reflection_pb2.DESCRIPTOR.serialized_pb)
     v1.name = "grpc/reflection/v1/reflection.proto"
     try:

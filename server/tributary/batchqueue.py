@@ -4,7 +4,8 @@ Nothing here starts a thread, sleeps or reads a clock: every method takes `now_n
 rules (which request runs next, with whom, and whether it is worth waiting for more) are unit
 tested with plain integers. `tributary.scheduler` drives this under its lock.
 
-Queue policy (PROTOCOL.md §4.1). Requests go to priority level 1..`priority_levels` (1 is the
+Queue policy (docs/model-config.md#batching).
+Requests go to priority level 1..`priority_levels` (1 is the
 highest); priority 0 or beyond the last level means `default_priority_level`, Triton's rule (a
 default outside 1..levels falls back to the lowest level). Each level has its own `QueuePolicy`:
 
@@ -170,7 +171,7 @@ def _still_wanted(item: WorkItem) -> bool:
 
 
 def request_prefix(request_id: str) -> str:
-    """Triton's `[request id: <id>] ` prefix on queue errors (PROTOCOL.md §2.6)."""
+    """Triton's `[request id: <id>] ` prefix on queue errors (docs/protocol.md#errors)."""
     return f"[request id: {request_id or '<id_unknown>'}] "
 
 

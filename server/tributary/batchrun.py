@@ -1,10 +1,10 @@
 """Execute one batch: concatenate once, run, check, split into views.
 
 Separate from the scheduler's threads and locks so the one hot-path copy (the concatenation)
-and the output checks sit in one small place. DESIGN.md "split, don't copy": a lone request's
-arrays go to the instance as they are; a merged batch is concatenated once per input; every
-output's first dimension must equal the batch rows before it is split by row offsets into
-views; each request gets only the outputs it asked for (the batch runs their union).
+and the output checks sit in one small place. "Split, don't copy" (docs/architecture.md): a lone
+request's arrays go to the instance as they are; a merged batch is concatenated once per
+input; every output's first dimension must equal the batch rows before it is split by row
+offsets into views; each request gets only the outputs it asked for (the batch runs their union).
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 This is where a request meets a model's signature: unknown/missing/duplicate inputs, datatype,
 shape against `dims` (with -1) and `max_batch_size`, raw/typed mixing, byte sizes, requested
 outputs and their parameters. Every rejection names the model, the tensor and what was
-expected, in Triton's wording where clients assert on it (PROTOCOL.md §2.2-2.6). After this the
+expected, in Triton's wording where clients assert on it (docs/protocol.md).
+After this the
 scheduler and backend can trust the arrays they get.
 """
 
@@ -11,8 +12,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+
+from tributary_client._proto import grpc_service_pb2 as pb
 
 from . import tensors
 from .config import ModelSignature, TensorSpec
@@ -50,8 +54,8 @@ def _prefix(request_id: str) -> str:
     return f"[request id: {request_id or '<id_unknown>'}] "
 
 
-def _param_value(param: object) -> tuple[str | None, object]:
-    kind = param.WhichOneof("parameter_choice")  # type: ignore[attr-defined]
+def _param_value(param: pb.InferParameter) -> tuple[str | None, Any]:
+    kind = param.WhichOneof("parameter_choice")
     return kind, getattr(param, kind) if kind else None
 
 
@@ -59,28 +63,28 @@ MAX_PARAMETERS = 64
 """Request parameters looked at: Triton defines a handful; more is refused before the loop."""
 
 
-def _request_params(request: object) -> tuple[int, int]:
+def _request_params(request: pb.ModelInferRequest) -> tuple[int, int]:
     """(priority, timeout_us) from request parameters; other keys are checked and passed over."""
-    if len(request.parameters) > MAX_PARAMETERS:  # type: ignore[attr-defined]
+    if len(request.parameters) > MAX_PARAMETERS:
         raise InvalidArgument(
             f"a request may carry at most {MAX_PARAMETERS} parameters, got "
-            f"{len(request.parameters)}"  # type: ignore[attr-defined]
+            f"{len(request.parameters)}"
         )
     priority = timeout_us = 0
-    for key, param in request.parameters.items():  # type: ignore[attr-defined]
+    for key, param in request.parameters.items():
         kind, value = _param_value(param)
         if key == "priority":
-            if kind not in ("uint64_param", "int64_param") or value < 0:  # type: ignore[operator]
+            if kind not in ("uint64_param", "int64_param") or value < 0:
                 raise InvalidArgument(
                     "invalid value type for 'priority' parameter, expected uint64_param."
                 )
-            priority = int(value)  # type: ignore[call-overload]
+            priority = int(value)
         elif key == "timeout":
-            if kind != "int64_param" or value < 0:  # type: ignore[operator]
+            if kind != "int64_param" or value < 0:
                 raise InvalidArgument(
                     "invalid value type for 'timeout' parameter, expected int64_param."
                 )
-            timeout_us = min(int(value), MAX_TIMEOUT_US)  # type: ignore[call-overload]
+            timeout_us = min(int(value), MAX_TIMEOUT_US)
         elif key == "sequence_id":
             if kind not in ("int64_param", "string_param"):
                 raise InvalidArgument(
@@ -100,14 +104,16 @@ def _request_params(request: object) -> tuple[int, int]:
     return priority, timeout_us
 
 
-def _shm_region(tensor: object) -> None:
+def _shm_region(
+    tensor: pb.ModelInferRequest.InferInputTensor | pb.ModelInferRequest.InferRequestedOutputTensor,
+) -> None:
     """Shared-memory tensors: no region can be registered yet, so any name is unknown."""
-    if "shared_memory_region" in tensor.parameters:  # type: ignore[attr-defined]
-        kind, region = _param_value(tensor.parameters["shared_memory_region"])  # type: ignore[attr-defined]
+    if "shared_memory_region" in tensor.parameters:
+        kind, region = _param_value(tensor.parameters["shared_memory_region"])
         if kind != "string_param":
             raise InvalidArgument(
                 f"invalid value type for 'shared_memory_region' parameter for tensor "
-                f"'{tensor.name}', expected string_param."  # type: ignore[attr-defined]
+                f"'{tensor.name}', expected string_param."
             )
         raise NotFound(f"Unable to find shared memory region: '{region}'")
 
@@ -138,7 +144,7 @@ def _shape_error(
 
 
 def decode_request(
-    request: object,
+    request: pb.ModelInferRequest,
     sig: ModelSignature,
     *,
     max_tensor_bytes: int,
@@ -150,22 +156,22 @@ def decode_request(
     `raw` are the request's raw_input_contents when the caller split them off the wire
     (`tributary.wire`); None reads them from the message.
     """
-    rid: str = shown(request.id)  # type: ignore[attr-defined]
+    rid: str = shown(request.id)
     model = sig.name
-    priority, timeout_us = _request_params(request) if request.parameters else (0, 0)  # type: ignore[attr-defined]
+    priority, timeout_us = _request_params(request) if request.parameters else (0, 0)
     if raw is None:
-        raw = request.raw_input_contents  # type: ignore[attr-defined]
+        raw = request.raw_input_contents
     batched = sig.max_batch_size > 0
-    if len(raw) > len(request.inputs):  # type: ignore[attr-defined]
+    if len(raw) > len(request.inputs):
         raise InvalidArgument(
-            f"{_prefix(rid)}expected {len(request.inputs)} raw_input_contents (one per input) "  # type: ignore[attr-defined]
+            f"{_prefix(rid)}expected {len(request.inputs)} raw_input_contents (one per input) "
             f"but got {len(raw)} for model '{model}'"
         )
 
-    checked: list[tuple[TensorSpec, object, tuple[int, ...]]] = []
+    checked: list[tuple[TensorSpec, pb.ModelInferRequest.InferInputTensor, tuple[int, ...]]] = []
     seen: set[str] = set()
     batch: int | None = None
-    for tensor in request.inputs:  # type: ignore[attr-defined]
+    for tensor in request.inputs:
         name = tensor.name
         if raw and tensor.HasField("contents"):
             raise InvalidArgument(
@@ -213,7 +219,7 @@ def decode_request(
     required = [s.name for s in sig.inputs if not s.optional]
     missing = [n for n in required if n not in seen]
     if missing:
-        got = [shown(t.name) for t in request.inputs]  # type: ignore[attr-defined]
+        got = [shown(t.name) for t in request.inputs]
         total = len(sig.inputs)
         expected = (
             f"expected {total} inputs"
@@ -235,14 +241,14 @@ def decode_request(
                     "in request."
                 )
             arr = tensors.raw_to_numpy(raw[index], spec.dtype, shape, spec.name, model, rid)
-        elif tensor.HasField("contents"):  # type: ignore[attr-defined]
+        elif tensor.HasField("contents"):
             arr = tensors.typed_to_numpy(
                 tensor.contents,
                 spec.dtype,
                 shape,
                 spec.name,
                 model,
-                rid,  # type: ignore[attr-defined]
+                rid,
             )
         else:
             raise InvalidArgument(
@@ -266,8 +272,10 @@ def decode_request(
     return DecodedRequest(item=item, outputs=outputs, batched=batched)
 
 
-def _requested_outputs(request: object, sig: ModelSignature, rid: str) -> list[RequestedOutput]:
-    asked = request.outputs  # type: ignore[attr-defined]
+def _requested_outputs(
+    request: pb.ModelInferRequest, sig: ModelSignature, rid: str
+) -> list[RequestedOutput]:
+    asked = request.outputs
     if not asked:
         return [RequestedOutput(spec) for spec in sig.outputs]
     result: list[RequestedOutput] = []
@@ -284,7 +292,7 @@ def _requested_outputs(request: object, sig: ModelSignature, rid: str) -> list[R
         k = 0
         if "classification" in out.parameters:
             kind, value = _param_value(out.parameters["classification"])
-            if kind != "int64_param" or value <= 0:  # type: ignore[operator]
+            if kind != "int64_param" or value <= 0:
                 raise InvalidArgument(
                     "invalid value type for 'classification' parameter, expected int64_param"
                 )
@@ -292,7 +300,7 @@ def _requested_outputs(request: object, sig: ModelSignature, rid: str) -> list[R
                 raise InvalidArgument(
                     "output can't set both 'shared_memory_region' and 'classification'"
                 )
-            k = int(value)  # type: ignore[call-overload]
+            k = int(value)
         if out.parameters:
             _shm_region(out)
         result.append(RequestedOutput(spec, k))
@@ -300,15 +308,15 @@ def _requested_outputs(request: object, sig: ModelSignature, rid: str) -> list[R
 
 
 def encode_response(
-    response: object,
+    response: pb.ModelInferResponse,
     decoded: DecodedRequest,
     results: dict[str, np.ndarray],
     model: str,
-) -> list[object]:
+) -> list[bytes | memoryview]:
     """Fill a ModelInferResponse's output entries and return one raw buffer per output, same
     order. The buffers are contiguous arrays or bytes, appended as raw_output_contents by
     `tributary.wire` (numeric outputs are not copied until the response is assembled)."""
-    raws: list[object] = []
+    raws: list[bytes | memoryview] = []
     total = 0
     for req in decoded.outputs:
         spec = req.spec
@@ -323,19 +331,18 @@ def encode_response(
             if spec.reshape is not None:
                 lead = (arr.shape[0],) if decoded.batched else ()
                 arr = arr.reshape(lead + spec.dims)
-        out = response.outputs.add()  # type: ignore[attr-defined]
+        out = response.outputs.add()
         out.name = spec.name
         out.datatype = datatype.name
         out.shape.extend(arr.shape)
-        data: object
+        data: bytes | memoryview
         if datatype.name == "BYTES":
             data = tensors.serialize_bytes(arr)
-            size = len(data)  # type: ignore[arg-type]
         else:
             if arr.dtype != datatype.numpy:
                 arr = arr.astype(datatype.numpy)
-            data = np.ascontiguousarray(arr)
-            size = data.nbytes  # type: ignore[attr-defined]
+            data = np.ascontiguousarray(arr).data  # a view of the array; no copy yet
+        size = data.nbytes if isinstance(data, memoryview) else len(data)
         total += size
         raws.append(data)
     if total > INT32_MAX:

@@ -1,7 +1,7 @@
 """Model configuration: read `config.pbtxt`, normalise and auto-complete it like Triton does.
 
 Users bring Triton repositories and read the ModelConfig RPC back, so the normalised config
-must carry the same defaults Triton fills in (PROTOCOL.md §4.2/§4.3). This module never opens
+must carry the same defaults Triton fills in (docs/model-config.md). This module never opens
 an inference session: graph metadata comes through a `graph_reader`, which keeps it testable
 and keeps provider choices in the backend. Load-time checks live in `config_check` and are
 re-exported here so callers have one place to import from.
@@ -329,7 +329,7 @@ def _fill_instance_groups(config: mc.ModelConfig, gpu_count: int) -> None:
 def _auto_complete(
     config: mc.ModelConfig, model_dir: Path, default_max_batch_size: int, reader: GraphReader
 ) -> None:
-    """Fill batching and missing I/O from the graph of the first selected version (§4.3)."""
+    """Fill batching and missing I/O from the graph of the first selected version."""
     model = config.name
     versions = versions_of(model, config, model_dir)
     graph = reader(model_file(model_dir, versions[0], config))
@@ -357,7 +357,7 @@ def _auto_complete(
 
 def _fill_tensor(spec: mc.ModelInput | mc.ModelOutput, tensor: GraphTensor, batching: bool) -> None:
     spec.name = tensor.name
-    spec.data_type = tensor.dtype.config  # type: ignore[assignment]
+    spec.data_type = tensor.dtype.config
     shape = tensor.shape[1:] if batching else tensor.shape
     if shape:
         spec.dims.extend(-1 if d is None else d for d in shape)
@@ -402,7 +402,7 @@ _INT64_MAX = 2**63 - 1
 
 
 def parse_version(version: str, model: str) -> int | None:
-    """A request's version string; "" means "server chooses" (None). Texts are Triton's (§2.1)."""
+    """A request's version string; "" means "server chooses" (None). Texts are Triton's."""
     if version == "":
         return None
     # Length first: int() of a 5,000-digit string raises ValueError (Python's digit limit),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 import stat
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from math import prod
 from pathlib import Path, PurePosixPath
 
@@ -123,7 +123,8 @@ def _check_tensor(
 
 def _segments(dims: tuple[int, ...]) -> list[int]:
     """Element counts between variable dims: dims and reshape must agree on each of them."""
-    out, run = [], []
+    out: list[int] = []
+    run: list[int] = []
     for d in dims:
         if d == -1:
             out.append(prod(run))
@@ -172,7 +173,7 @@ def _check_sequence(config: mc.ModelConfig, graph: GraphInfo, batch: tuple[int, 
     return names
 
 
-def _control_type(control: _Control) -> int | None:
+def _control_type(control: mc.ModelSequenceBatching.Control) -> int | None:
     if control.kind == _Control.CONTROL_SEQUENCE_CORRID:
         return control.data_type or None
     if control.int32_false_true:
@@ -288,6 +289,11 @@ def _os_reason(exc: OSError) -> str:
     return exc.strerror or type(exc).__name__
 
 
+def _constant(text: str) -> Callable[[re.Match[str]], str]:
+    """A `re.sub` replacement that inserts `text` literally (no group references)."""
+    return lambda _match: text
+
+
 def repository_relative(text: str, model_dir: Path, roots: Sequence[Path]) -> str:
     """`text` with server paths replaced by paths relative to the model repository.
 
@@ -306,8 +312,8 @@ def repository_relative(text: str, model_dir: Path, roots: Sequence[Path]) -> st
         short = prefixes[prefix]
         # Whole path components only: `/repo/simple` is not a prefix of `/repo/simple_int8`.
         start = r"(?<![\w./+@-])" + re.escape(prefix)
-        text = re.sub(start + "/", lambda _, s=short: s + "/" if s else "", text)
+        text = re.sub(start + "/", _constant(short + "/" if short else ""), text)
         if os.path.isabs(prefix):  # a relative one bare could be any word of the message
             bare = short or "<model repository>"
-            text = re.sub(start + r"(?![\w.+@-])", lambda _, b=bare: b, text)
+            text = re.sub(start + r"(?![\w.+@-])", _constant(bare), text)
     return text

@@ -1,4 +1,6 @@
-"""RepositoryModelLoad / RepositoryModelUnload: Triton's explicit model control (PROTOCOL.md §2.10).
+"""RepositoryModelLoad / RepositoryModelUnload: Triton's explicit model control.
+
+The rules are in docs/protocol.md#repository-rpcs.
 
 Kept apart from the servicer because the rules are fiddly and clients match the texts: which
 parameters exist and what type each must be, the order Triton checks things in (repository

@@ -1,6 +1,6 @@
 """The datatype table: protocol names, config enums, numpy dtypes, ONNX type strings.
 
-One row per KServe v2 datatype (PROTOCOL.md §2.2). Everything else looks types up here.
+One row per KServe v2 datatype (docs/protocol.md#tensors). Everything else looks types up here.
 """
 
 from __future__ import annotations

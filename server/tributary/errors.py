@@ -2,7 +2,7 @@
 
 Each class carries its `grpc.StatusCode`; the servicer turns any `InferenceError` into
 `context.abort(code, message)`. Messages follow Triton's wording where clients assert on it
-(PROTOCOL.md §2.6), so tritonclient users see the texts they already match against.
+(docs/protocol.md#errors), so tritonclient users see the texts they already match against.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Prometheus endpoint with Triton's metric names (PROTOCOL.md §6).
+"""Prometheus endpoint with Triton's metric names (docs/protocol.md#metrics).
 
 Dashboards and KServe annotations written for Triton look for `nv_inference_count` etc. typed
 `counter` *without* a `_total` suffix, which is what prometheus-cpp emits. prometheus_client
@@ -227,10 +227,10 @@ def _render_models(out: _Text, rows: Sequence[_ModelRow]) -> None:
     for row in rows:
         if row.load_seconds is not None:
             out.sample("nv_model_load_duration_secs", row.labels, float(row.load_seconds))
-    for name, help_text, get in _HISTOGRAMS:
+    for name, help_text, hist_of in _HISTOGRAMS:
         out.family(name, "histogram", help_text)
         for row in rows:
-            out.histogram(name, row.labels, get(row.snap))
+            out.histogram(name, row.labels, hist_of(row.snap))
 
 
 # ---------------------------------------------------------------------------- system families

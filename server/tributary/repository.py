@@ -176,7 +176,7 @@ class ModelRepository:
     def load(self, name: str, *, override: mc.ModelConfig | None = None) -> None:
         """Load or reload one model: new versions first, then swap, then close the old ones.
 
-        Raises Triton's repository-load errors (PROTOCOL.md §2.10). A version whose reload
+        Raises Triton's repository-load errors (docs/protocol.md). A version whose reload
         fails keeps serving its previous instance, as Triton does.
         """
         model_dir = self._scan().get(name)
@@ -331,7 +331,7 @@ class ModelRepository:
     # -- queries ------------------------------------------------------------------------------
 
     def resolve(self, name: str, version: str) -> Servable:
-        """The servable for a request's (model, version), with Triton's exact errors (§2.6)."""
+        """The servable for a request's (model, version), with Triton's exact errors."""
         wanted = parse_version(version, name)
         with self._lock:
             record = self._models.get(name)
@@ -363,7 +363,7 @@ class ModelRepository:
             ]
 
     def is_model_ready(self, name: str, version: str = "") -> bool:
-        """ModelReady answers false rather than failing for unknown models (§2.6 nuance)."""
+        """ModelReady answers false rather than failing for unknown models."""
         try:
             self.resolve(name, version)
         except InferenceError:

@@ -322,9 +322,9 @@ class Scheduler:
             for e in entries:
                 e.state = DONE
                 self._held[e.seq] = e
-            while (e := self._held.pop(self._next_seq, None)) is not None:
+            while (ready := self._held.pop(self._next_seq, None)) is not None:
                 self._next_seq += 1
-                _fire(e)
+                _fire(ready)
 
     def _await(self, entry: Entry) -> None:
         """Block until `entry` completes; leave the queue by ourselves when its REJECT

@@ -171,7 +171,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def _infer(
         self, request: Any, raws: Sequence[bytes | memoryview], is_active: Callable[[], bool] | None
-    ) -> tuple[Any, list[object]]:
+    ) -> tuple[Any, list[bytes | memoryview]]:
         model, decoded, start = self._begin(request, raws, is_active)
         try:
             results = model.scheduler.infer(decoded.item)
@@ -209,7 +209,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def _finish(
         self, request: Any, model: Any, decoded: Any, start: int, results: Any
-    ) -> tuple[Any, list[object]]:
+    ) -> tuple[Any, list[bytes | memoryview]]:
         """Encode the response and record the request's statistics."""
         response = pb.ModelInferResponse(
             model_name=request.model_name, model_version=str(model.version), id=request.id
@@ -236,7 +236,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> Iterator[bytes]:
         """Bidirectional stream: requests run concurrently, replies go out in request order
         (`tributary.streams`). A per-request error does not end the stream: it is answered
-        with `error_message` and the request id (PROTOCOL.md §2.7). Every reply carries
+        with `error_message` and the request id (docs/protocol.md#streams). Every reply carries
         triton_final_response=true."""
         return self.streams.serve(request_iterator, context, self._stream_one)
 

@@ -1,6 +1,6 @@
 """Per-model-version counters: the ONE source for the ModelStatistics RPC and for Prometheus.
 
-Both views must agree with each other and with Triton's semantics (PROTOCOL.md §2.11, §3, §6),
+Both views must agree with each other and with Triton's semantics (docs/protocol.md),
 so every number lives here once, as plain integers behind one small lock, and each view is a
 rendering of a `StatsSnapshot` taken under that lock. The hot path pays a handful of integer
 additions and one uncontended lock per call.
@@ -33,7 +33,7 @@ from bisect import bisect_left
 from dataclasses import dataclass, field
 
 FAILURE_REASONS: tuple[str, ...] = ("REJECTED", "CANCELED", "BACKEND", "OTHER")
-"""Values of the `reason` label of `nv_inference_request_failure` (PROTOCOL.md §6)."""
+"""Values of the `reason` label of `nv_inference_request_failure` (docs/protocol.md#metrics)."""
 
 LATENCY_BUCKETS_US: tuple[int, ...] = (
     100,

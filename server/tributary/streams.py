@@ -45,7 +45,7 @@ class Slot:
         self._done = threading.Event()
         self._response = b""
 
-    def succeed(self, head: Any, raws: list[object]) -> None:
+    def succeed(self, head: Any, raws: list[bytes | memoryview]) -> None:
         head.parameters["triton_final_response"].bool_param = True
         self._response = stream_response_bytes(head, raws)
         self._done.set()

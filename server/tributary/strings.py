@@ -239,7 +239,7 @@ def _split_joined(flat: np.ndarray, seps: slice | np.ndarray, k: int) -> list[st
     free: the caller then decodes one by one (and raises the exact error)."""
     if int(flat.max()) < 0x80:  # separator slots hold a length's top byte: always < 0x80
         flat[seps] = 0xFF  # cannot occur in ASCII; latin-1 == UTF-8 for ASCII
-        parts = str(flat, "latin-1").split("\xff")
+        parts = str(flat.data, "latin-1").split("\xff")
         return parts if len(parts) == k else None
     flat[seps] = 0x80  # not ASCII, so the slots can't make a candidate separator look used
     sep = _free_ascii(flat)
@@ -247,7 +247,7 @@ def _split_joined(flat: np.ndarray, seps: slice | np.ndarray, k: int) -> list[st
         return None
     flat[seps] = sep
     try:
-        text = str(flat, "utf-8")
+        text = str(flat.data, "utf-8")
     except UnicodeDecodeError:
         return None
     parts = text.split(chr(sep))

@@ -1,4 +1,4 @@
-"""Host (CPU) and GPU samplers behind Triton's per-interval metrics (PROTOCOL.md §6).
+"""Host (CPU) and GPU samplers behind Triton's per-interval metrics (docs/protocol.md#metrics).
 
 Reading /proc or calling NVML costs syscalls and driver round trips, and CPU utilisation only
 means something as a delta between two instants. So a background `SamplerThread` refreshes each

@@ -2,12 +2,12 @@
 
 Why this shape:
 - Raw inputs become numpy *views* over the request's bytes (`np.frombuffer`), so decoding a
-  numeric tensor costs O(1) Python work whatever its size (DESIGN.md: per-request work scales
+  numeric tensor costs O(1) Python work whatever its size (per-request work scales
   with tensors, not elements). Views are read-only; ONNX Runtime only reads them.
 - Sizes are checked against the declared shape *before* anything is allocated: a request that
   claims a billion elements but carries 16 bytes is refused without touching memory.
 - BYTES elements travel as 4-byte little-endian length + payload. ONNX Runtime's string tensors
-  take Python `str` (PROTOCOL.md §10: bytes objects are silently `str()`-mangled), so BYTES
+  take Python `str` (ONNX Runtime `str()`-mangles `bytes` objects), so BYTES
   decode to UTF-8 `str` here, once, and invalid UTF-8 is a clear INVALID_ARGUMENT. BYTES are
   the one place where work grows with elements: it is kept vectorised, chunked so other
   threads get the GIL, and on the error path bounded by the declared shape (`tributary.strings`).
@@ -147,7 +147,7 @@ def typed_to_numpy(
     """Decode `InferTensorContents` (the grpcurl/JSON-friendly form) into a numpy array."""
     populated = [f for f in _FIELD_TYPE if len(getattr(contents, f))]
     expected_field = dtype.typed_field
-    # A field not matching the datatype gets Triton's text first (§2.2), also for raw-only types.
+    # A field not matching the datatype gets Triton's text first, also for raw-only types.
     for field in populated:
         if field != expected_field:
             raise InvalidArgument(

@@ -161,32 +161,31 @@ def _varint_bytes(value: int) -> bytes:
     return bytes(out)
 
 
-def response_parts(head: pb.ModelInferResponse, raws: Sequence[object]) -> list[object]:
+def response_parts(
+    head: pb.ModelInferResponse, raws: Sequence[bytes | memoryview]
+) -> list[bytes | memoryview]:
     """The serialized ModelInferResponse as a list of buffers: protobuf's head (the message
     without raw outputs) followed by one length-delimited field 6 entry per payload."""
-    parts: list[object] = [head.SerializeToString()]
+    parts: list[bytes | memoryview] = [head.SerializeToString()]
     for raw in raws:
-        n = memoryview(raw).nbytes  # type: ignore[arg-type]
+        n = memoryview(raw).nbytes
         parts.append(_RAW_OUTPUT_TAG)
         parts.append(_varint_bytes(n))
         parts.append(raw)
     return parts
 
 
-def infer_response_bytes(head: pb.ModelInferResponse, raws: Sequence[object]) -> bytes:
+def infer_response_bytes(head: pb.ModelInferResponse, raws: Sequence[bytes | memoryview]) -> bytes:
     """The serialized ModelInferResponse. Small replies are left to protobuf (in C, cheaper
     than assembling the parts in Python); large ones are joined without protobuf's copies."""
-    if sum(memoryview(r).nbytes for r in raws) < SCAN_FROM_BYTES:  # type: ignore[arg-type]
-        head.raw_output_contents.extend(
-            r if isinstance(r, bytes) else memoryview(r).tobytes()  # type: ignore[arg-type]
-            for r in raws
-        )
+    if sum(memoryview(r).nbytes for r in raws) < SCAN_FROM_BYTES:
+        head.raw_output_contents.extend(r if isinstance(r, bytes) else r.tobytes() for r in raws)
         return head.SerializeToString()
-    return b"".join(response_parts(head, raws))  # type: ignore[arg-type]
+    return b"".join(response_parts(head, raws))
 
 
-def stream_response_bytes(head: pb.ModelInferResponse, raws: Sequence[object]) -> bytes:
+def stream_response_bytes(head: pb.ModelInferResponse, raws: Sequence[bytes | memoryview]) -> bytes:
     """ModelStreamInferResponse{infer_response: <head + raws>}, without serialising twice."""
     parts = response_parts(head, raws)
-    size = sum(memoryview(p).nbytes for p in parts)  # type: ignore[arg-type]
-    return b"".join([_STREAM_RESPONSE_TAG, _varint_bytes(size), *parts])  # type: ignore[list-item]
+    size = sum(memoryview(p).nbytes for p in parts)
+    return b"".join([_STREAM_RESPONSE_TAG, _varint_bytes(size), *parts])

@@ -4,7 +4,7 @@ The reference is scikit-learn itself, not a stored answer: a LogisticRegression 
 parameters of the served model (read from its LinearClassifier node) predicts the whole
 load_digits set. Refitting with build_models.train_digits() would cost ~15 s of CPU per run;
 that the committed model *is* that recipe's fit is the unit tests' job
-(tests/unit/test_models.py). Also Triton's `classification` output with labels (§2.5).
+(tests/unit/test_models.py). Also Triton's `classification` output with labels.
 """
 
 from __future__ import annotations

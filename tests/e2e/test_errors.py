@@ -1,9 +1,9 @@
-"""Every request error of PROTOCOL.md §2.6 that applies, with code and exact text, and then proof
+"""Every request error of docs/protocol.md that applies, with code and exact text, and then proof
 that bad input cost nothing else: no memory growth, no lost model, the server still serves.
 
 Also the other side of the size rules: a gRPC message far beyond Python's 4 MiB default is
-accepted (Triton's INT32_MAX limits, §2.8), and --max-tensor-bytes refuses big shapes before
-anything is allocated (DESIGN.md).
+accepted (Triton's INT32_MAX limits), and --max-tensor-bytes refuses big shapes before
+anything is allocated (docs/architecture.md).
 """
 
 from __future__ import annotations

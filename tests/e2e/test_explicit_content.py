@@ -1,6 +1,6 @@
 """Typed (`contents`) inputs through the raw stub, as Triton's grpc_explicit_* examples use them.
 
-Responses always carry `raw_output_contents` (PROTOCOL.md §2.2, §2.3); mixing raw and typed
+Responses always carry `raw_output_contents` (docs/protocol.md#tensors); mixing raw and typed
 inputs, or a typed field that does not match the datatype, is refused with Triton's text.
 """
 

@@ -1,6 +1,6 @@
 """Fuzzing ModelInfer and ModelStreamInfer: undecodable bytes and hostile-but-decodable requests.
 
-What this file pins down (DESIGN.md: "bad input gets a clear error and costs nothing else"):
+What this file pins down ("bad input gets a clear error and costs nothing else"):
 - bytes that are not a ModelInferRequest are INVALID_ARGUMENT, never INTERNAL ("Exception
   deserializing request!" is grpcio's answer when the server lets grpcio parse for it);
 - nothing a client sends becomes INTERNAL, UNKNOWN or a hang (DEADLINE_EXCEEDED under a 10 s
@@ -221,7 +221,7 @@ def run_stream(
     One reply per request, in request order; every error reply carries error_message; the
     stream itself ends OK and the valid request after the garbage gets a correct answer.
     With `check_ids` (payloads we serialized ourselves), every reply, error or not, echoes its
-    request's id (PROTOCOL.md 2.7). Mutated bytes may parse in protobuf yet be refused by a
+    request's id (docs/protocol.md#streams). Mutated bytes may parse in protobuf yet be refused by a
     stricter server scanner (e.g. a top-level group), so their ids are not checked.
     """
     valid, a, b = valid_simple()

@@ -1,7 +1,7 @@
 """The real grpcurl binary against the session server, through server reflection only.
 
 No .proto files are passed: everything grpcurl knows comes from reflection, including the
-model_config.proto dependency (PROTOCOL.md §1, grpcurl notes).
+model_config.proto dependency (docs/protocol.md, grpcurl notes).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def test_list_methods(grpcurl_run) -> None:
     methods = set(grpcurl_run("list", SERVICE).stdout.split())
     for rpc in ("ServerLive", "ServerReady", "ModelMetadata", "ModelInfer", "ModelConfig"):
         assert f"{SERVICE}.{rpc}" in methods
-    assert len(methods) == 20  # Triton's full RPC list (§1)
+    assert len(methods) == 20  # Triton's full RPC list
 
 
 def test_describe_service(grpcurl_run) -> None:

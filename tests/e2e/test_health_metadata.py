@@ -1,7 +1,7 @@
 """Health, metadata, config and repository RPCs as tritonclient, raw stubs and grpc.health see them.
 
-Mirrors what Triton's simple_grpc_health_metadata example checks (PROTOCOL.md §1, §2.1, §2.6,
-§2.10, §2.11, §4.2, §9), against the session server over model_repository/.
+Mirrors what Triton's simple_grpc_health_metadata example checks (docs/protocol.md,
+docs/model-config.md), against the session server over model_repository/.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def test_model_ready_for_every_committed_model(client, model: str) -> None:
     [("no_such_model", ""), ("simple", "2"), ("simple", "abc"), ("simple", "-1")],
 )
 def test_model_ready_false_is_ok_not_an_error(client, stub, model: str, version: str) -> None:
-    # PROTOCOL §2.6: unknown model, absent version or bad version string -> ready=false, OK.
+    # docs/protocol.md: unknown model, absent version or bad version string -> ready=false, OK.
     assert client.is_model_ready(model, version) is False
     assert stub.ModelReady(pb.ModelReadyRequest(name=model, version=version)).ready is False
 
@@ -59,7 +59,7 @@ def test_server_metadata_default_name_and_extensions(client) -> None:
     meta = client.get_server_metadata()
     assert meta.name == "tributary"
     assert meta.version
-    # perf_analyzer reads server-side stats only when "statistics" is listed (§3).
+    # perf_analyzer reads server-side stats only when "statistics" is listed.
     for ext in ("model_configuration", "model_repository", "statistics", "classification"):
         assert ext in meta.extensions
     # only what is implemented is advertised: clients probe these before using the RPCs
@@ -128,7 +128,7 @@ def test_model_config_is_normalised(client) -> None:
     kind = type(group).Kind.Name(group.kind)
     assert kind in ("KIND_CPU", "KIND_GPU")
     assert group.count == (2 if kind == "KIND_CPU" else 1)
-    # inputs and outputs given: no backend auto-complete, hence no dynamic batching (§4.3)
+    # inputs and outputs given: no backend auto-complete, hence no dynamic batching
     assert not config.HasField("dynamic_batching")
     assert [(i.name, list(i.dims)) for i in config.input] == [("INPUT0", [16]), ("INPUT1", [16])]
     assert config.optimization.input_pinned_memory.enable is True

@@ -2,7 +2,7 @@
 
 A temporary repository holds one ONNX Identity model per KServe datatype; what comes back
 through tritonclient (raw) and through typed contents (raw stub) must equal, bit for bit, what
-ONNX Runtime in this process returns for the same inputs (PROTOCOL.md §2.2, §2.3).
+ONNX Runtime in this process returns for the same inputs (docs/protocol.md#tensors).
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ def shape_for(datatype: str, batch: int) -> tuple[int, ...]:
 
 def ort_reference(session: ort.InferenceSession, datatype: str, data: np.ndarray) -> np.ndarray:
     if datatype == "BYTES":
-        # ORT string tensors take str (PROTOCOL §10); bytes come back as UTF-8.
+        # ORT string tensors take str; bytes come back as UTF-8.
         text = np.vectorize(lambda b: b.decode("utf-8"), otypes=[object])(data)
         out = session.run(None, {"INPUT0": text})[0]
         return np.vectorize(lambda s: s.encode("utf-8"), otypes=[object])(out)
@@ -177,7 +177,7 @@ def test_typed_contents_decode_from_raw_output(dstub, sessions, datatype: str) -
     getattr(tensor.contents, TYPED_FIELD[datatype]).extend(data.reshape(-1).tolist())
     response = dstub.ModelInfer(request)
     assert response.id == f"typed-{datatype}"
-    assert not response.outputs[0].HasField("contents")  # always raw (§2.3)
+    assert not response.outputs[0].HasField("contents")  # always raw
     got = output_arrays(response)["OUTPUT0"]
     want = ort_reference(sessions[datatype], datatype, data)
     if want.dtype.kind == "f":
@@ -201,7 +201,7 @@ def test_fp16_has_no_typed_field(dstub) -> None:
 
 
 def test_narrow_ints_keep_low_bytes(dstub) -> None:
-    # INT8/INT16 ride in int_contents, UINT8/UINT16 in uint_contents (§2.2)
+    # INT8/INT16 ride in int_contents, UINT8/UINT16 in uint_contents
     for datatype, values in [
         ("INT8", [-128, 127, -1, 0]),
         ("INT16", [-32768, 32767, -1, 0]),

@@ -1,6 +1,6 @@
 """Explicit model control: --model-control-mode=explicit, --load-model, RepositoryModelLoad and
 RepositoryModelUnload as Triton's simple_grpc_model_control example and qa use them
-(PROTOCOL.md §2.6, §2.10, §5, §7).
+(docs/protocol.md#errors, docs/protocol.md#repository-rpcs, docs/flags.md, docs/protocol.md).
 
 Each test that changes what is loaded gets its own server, so no test depends on another's
 leftovers; the repositories are copies, so the committed one is never touched.
@@ -95,7 +95,7 @@ def test_nothing_loaded_without_load_model(explicit) -> None:
     # every directory is listed, none known to the lifecycle yet
     assert index(client) == [(name, "", "", "") for name in MODELS]
     assert client.is_server_live()
-    # DESIGN.md: ready is never vacuously true, so zero loaded models means not ready
+    # docs/architecture.md: ready is never vacuously true, so zero loaded models means not ready
     assert not client.is_server_ready()
     assert health(server) == NOT_SERVING
     assert not client.is_model_ready("simple")

@@ -1,5 +1,6 @@
 """Model repositories as a user lays them out: broken models, version policies, auto-complete,
-an empty repository (PROTOCOL.md §2.1, §2.6, §2.10, §4.2, §4.3, §5).
+an empty repository (docs/protocol.md,
+docs/model-config.md, docs/flags.md).
 
 Each server here exists because its repository or flags are the point; they are shared per
 module.

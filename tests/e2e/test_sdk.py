@@ -7,14 +7,15 @@ are pure functions. Retry tests inject the sleep, so nothing here waits on a clo
 from __future__ import annotations
 
 import asyncio
-import socket
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
+from sdk_support import CountingInterceptor, refused_url, simple_inputs
 
 from tributary_client import (
     AsyncClient,
@@ -33,24 +34,6 @@ MODEL_REPOSITORY = ROOT / "model_repository"
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 
 
-def simple_inputs(batch: int = 1, offset: int = 0) -> dict[str, np.ndarray]:
-    a = np.arange(batch * 16, dtype=np.int32).reshape(batch, 16) + offset
-    return {"INPUT0": a, "INPUT1": np.full((batch, 16), 3, dtype=np.int32)}
-
-
-class CountingInterceptor(grpc.UnaryUnaryClientInterceptor):
-    """Counts attempts on the wire (each retry is a new call) and keeps the last request."""
-
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-        self.last_request: object = None
-
-    def intercept_unary_unary(self, continuation, client_call_details, request):
-        self.calls.append(client_call_details.method.rsplit("/", 1)[-1])
-        self.last_request = request
-        return continuation(client_call_details, request)
-
-
 @pytest.fixture(scope="module")
 def sdk(server) -> Iterator[Client]:
     with Client(server.url, timeout=30) as client:
@@ -59,11 +42,8 @@ def sdk(server) -> Iterator[Client]:
 
 @pytest.fixture
 def dead_url() -> Iterator[str]:
-    """A loopback port that refuses connections: bound (so nobody else takes it), not listening."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    yield f"127.0.0.1:{sock.getsockname()[1]}"
-    sock.close()
+    with refused_url() as url:
+        yield url
 
 
 # -- BYTES codec (pure) ---------------------------------------------------------------------
@@ -263,7 +243,7 @@ def test_retry_limits_infer_codes_deadline_and_none(server, dead_url: str) -> No
     slow = RetryPolicy(initial_backoff=60.0, max_backoff=60.0, sleep=sleeps.append)
     with Client(dead_url, retry=slow, interceptors=[counter]) as client:
         with pytest.raises(InferenceServerError):
-            client.infer("simple", simple_inputs(), deadline=30.0)  # a retry would overrun it
+            client.infer("simple", simple_inputs(), timeout=30.0)  # a retry would overrun it
     assert counter.calls == ["ModelInfer"]
 
     counter.calls.clear()
@@ -303,14 +283,33 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
-def test_tls_end_to_end(server_factory, pki: Path) -> None:
-    tls_server = server_factory(
+@pytest.fixture(scope="module")
+def tls_server(server_factory, pki: Path):
+    return server_factory(
         MODEL_REPOSITORY,
         "--grpc-use-ssl=true",
         "--grpc-server-cert", str(pki / "server.crt"),
         "--grpc-server-key", str(pki / "server.key"),
     )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def mtls_server(server_factory, pki: Path):
+    return server_factory(
+        MODEL_REPOSITORY,
+        "--grpc-use-ssl-mutual=true",
+        "--grpc-server-cert", str(pki / "server.crt"),
+        "--grpc-server-key", str(pki / "server.key"),
+        "--grpc-root-cert", str(pki / "ca.crt"),
+    )  # fmt: skip
+
+
+def test_tls_end_to_end(tls_server, server, pki: Path) -> None:
     tls = TLSConfig.from_files(pki / "ca.crt", server_name_override="tributary.test")
+    with Client(server.url, tls=tls, retry=None, timeout=30) as tls_to_plaintext:
+        with pytest.raises(InferenceServerError) as info:
+            tls_to_plaintext.is_live()
+        assert info.value.code == UNAVAILABLE
     with Client(tls_server.url, tls=tls, timeout=30) as client:
         assert client.is_ready()
         inputs = simple_inputs()
@@ -327,14 +326,7 @@ def test_tls_end_to_end(server_factory, pki: Path) -> None:
         assert info.value.code == UNAVAILABLE
 
 
-def test_mutual_tls_needs_the_client_certificate(server_factory, pki: Path) -> None:
-    mtls_server = server_factory(
-        MODEL_REPOSITORY,
-        "--grpc-use-ssl-mutual=true",
-        "--grpc-server-cert", str(pki / "server.crt"),
-        "--grpc-server-key", str(pki / "server.key"),
-        "--grpc-root-cert", str(pki / "ca.crt"),
-    )  # fmt: skip
+def test_mutual_tls_needs_the_client_certificate(mtls_server, pki: Path) -> None:
     tls = TLSConfig.from_files(
         pki / "ca.crt",
         pki / "client.key",
@@ -348,6 +340,55 @@ def test_mutual_tls_needs_the_client_certificate(server_factory, pki: Path) -> N
         with pytest.raises(InferenceServerError) as info:
             client.is_live()
         assert info.value.code == UNAVAILABLE
+
+
+# -- tributary-health (the installed console script, as a container HEALTHCHECK runs it) -----
+
+
+def health_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    script = Path(sys.executable).parent / "tributary-health"
+    return subprocess.run(
+        [str(script), *args], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def test_health_cli_plaintext(server, dead_url: str) -> None:
+    ok = health_cli(server.url, "--timeout", "10")
+    assert (ok.returncode, ok.stdout) == (0, "status: SERVING\n")
+    named = health_cli(server.url, "--service", "inference.GRPCInferenceService", "--timeout", "10")
+    assert (named.returncode, named.stdout) == (0, "status: SERVING\n")
+    unknown = health_cli(server.url, "--service", "no.such.Service", "--timeout", "10")
+    assert unknown.returncode == 1 and "NOT_FOUND" in unknown.stderr
+    down = health_cli(dead_url, "--timeout", "2")
+    assert down.returncode == 1 and "health check failed: UNAVAILABLE" in down.stderr
+
+
+def test_health_cli_follows_a_tls_server(tls_server, pki: Path) -> None:
+    ca = str(pki / "ca.crt")
+    ok = health_cli(
+        tls_server.url, "--ca", ca, "--server-name", "tributary.test", "--timeout", "10"
+    )
+    assert (ok.returncode, ok.stdout) == (0, "status: SERVING\n"), ok.stderr
+    # --tls alone trusts only the system roots, which never signed our throwaway CA
+    untrusted = health_cli(tls_server.url, "--tls", "--server-name", "tributary.test")
+    assert untrusted.returncode == 1 and "UNAVAILABLE" in untrusted.stderr
+    plaintext = health_cli(tls_server.url, "--timeout", "5")
+    assert plaintext.returncode == 1 and "UNAVAILABLE" in plaintext.stderr
+    wrong_name = health_cli(tls_server.url, "--ca", ca, "--server-name", "other.test")
+    assert wrong_name.returncode == 1 and "UNAVAILABLE" in wrong_name.stderr
+
+
+def test_health_cli_mutual_tls_and_usage_errors(mtls_server, pki: Path) -> None:
+    common = ["--ca", str(pki / "ca.crt"), "--server-name", "tributary.test", "--timeout", "10"]
+    client_cert = ["--cert", str(pki / "client.crt"), "--key", str(pki / "client.key")]
+    ok = health_cli(mtls_server.url, *common, *client_cert)
+    assert (ok.returncode, ok.stdout) == (0, "status: SERVING\n"), ok.stderr
+    anonymous = health_cli(mtls_server.url, *common)
+    assert anonymous.returncode == 1 and "UNAVAILABLE" in anonymous.stderr
+    half = health_cli(mtls_server.url, *common, "--cert", str(pki / "client.crt"))
+    assert half.returncode == 2 and "--cert and --key go together" in half.stderr
+    missing = health_cli(mtls_server.url, "--ca", str(pki / "nope.crt"))
+    assert missing.returncode == 2 and "nope.crt" in missing.stderr
 
 
 # -- streaming ------------------------------------------------------------------------------
@@ -455,6 +496,17 @@ def test_coexists_with_tritonclient_in_one_process(server, sdk: Client) -> None:
     # Same `inference.*` message names, different descriptor pools: no registration clash.
     ours, theirs = pb.ModelInferRequest.DESCRIPTOR, triton_pb.ModelInferRequest.DESCRIPTOR
     assert ours.full_name == theirs.full_name == "inference.ModelInferRequest"
+    assert ours.file.pool is not theirs.file.pool
+    # likewise our grpc.health.v1 stubs beside grpcio-health-checking's
+    from grpc_health.v1 import health_pb2 as their_health
+
+    from tributary_client._proto import health_pb2 as our_health
+
+    ours, theirs = (
+        our_health.HealthCheckRequest.DESCRIPTOR,
+        their_health.HealthCheckRequest.DESCRIPTOR,
+    )
+    assert ours.full_name == theirs.full_name == "grpc.health.v1.HealthCheckRequest"
     assert ours.file.pool is not theirs.file.pool
 
     inputs = simple_inputs(batch=2, offset=5)

@@ -1,7 +1,7 @@
 """BYTES tensors end to end: simple_string arithmetic, simple_identity round trips, bad buffers.
 
-Like Triton's simple_grpc_string_infer_client (PROTOCOL.md §7), plus the BYTES wire rules of
-§2.2 and the ONNX Runtime string pitfalls of §10.
+Like Triton's simple_grpc_string_infer_client (docs/protocol.md), plus the BYTES wire
+rules (docs/protocol.md#tensors) and ONNX Runtime's string pitfalls (it wants `str`, not `bytes`).
 """
 
 from __future__ import annotations

@@ -181,7 +181,7 @@ def test_parse_version_negative() -> None:
     )
 
 
-# -- normalisation (PROTOCOL §4.2) ---------------------------------------------------------------
+# -- normalisation (docs/model-config.md) ------------------------------------------------------
 
 
 def test_normalize_defaults(tmp_path: Path) -> None:
@@ -317,7 +317,7 @@ def test_normalize_rejects_negative_max_batch_size(tmp_path: Path) -> None:
         norm(model_dir(tmp_path), "max_batch_size: -1" + IO)
 
 
-# -- auto-complete (PROTOCOL §4.3) ---------------------------------------------------------------
+# -- auto-complete (docs/model-config.md) ------------------------------------------------------
 
 
 def test_autocomplete_batchable_graph(tmp_path: Path) -> None:

@@ -2,7 +2,7 @@
 
 CI has no GPU, so the CUDA path is exercised through its decisions: which devices an
 instance_group asks for, which providers a session is created with, and what happens when ORT
-silently falls back to CPU (it lists CUDA even on GPU-less machines: PROTOCOL.md §10).
+silently falls back to CPU (onnxruntime-gpu lists CUDA even on GPU-less machines).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ Why it looks like this:
   the config says otherwise we split the machine's cores across the model's CPU instances and
   turn spinning off.
 - onnxruntime-gpu lists CUDA/TensorRT providers even on machines without a GPU and silently
-  falls back to CPU when they fail to initialise (PROTOCOL.md §10). So GPUs are counted from the
+  falls back to CPU when they fail to initialise. So GPUs are counted from the
   machine (NVML or /dev/nvidiaN), and after creating a session we compare `get_providers()`
   with what we asked for: a fall-back is a load error, never a surprise in production.
 This module knows ONNX Runtime and model config; it knows nothing about gRPC.
@@ -33,7 +33,7 @@ log = logging.getLogger("tributary.onnxruntime")
 
 KIND_AUTO, KIND_GPU, KIND_CPU, KIND_MODEL = 0, 1, 2, 3
 
-# Triton onnxruntime backend: optimization.graph.level -> ORT level (PROTOCOL.md §4.4).
+# Triton onnxruntime backend: optimization.graph.level -> ORT level (docs/model-config.md).
 _GRAPH_LEVELS = {-1: "ORT_ENABLE_BASIC", 1: "ORT_ENABLE_EXTENDED", 2: "ORT_DISABLE_ALL"}
 
 # Triton's TensorRT accelerator parameters -> ORT TensorRT provider options.
@@ -208,7 +208,7 @@ def providers_for(config: Any, device: Device) -> list[tuple[str, dict[str, str]
 
 
 def check_providers(model: str, instance: str, asked: Sequence[str], got: Sequence[str]) -> None:
-    """A session that silently fell back to CPU is a load error (PROTOCOL.md §10)."""
+    """A session that silently fell back to CPU is a load error."""
     missing = [p for p in asked if p != "CPUExecutionProvider" and p not in got]
     if missing:
         raise ModelLoadError(

@@ -1,0 +1,360 @@
+"""The SDK features tritonclient / KServe client users look for, end to end: per-call headers
+and timeouts (checked where they arrive: a recording gRPC proxy in front of a real server),
+futures from sync code, explicit casts to the model's datatypes, and model load / unload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import as_completed
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from google.protobuf import json_format
+from sdk_support import CountingInterceptor, RecordingProxy, refused_url, simple_inputs
+from sklearn.datasets import load_digits
+
+from tributary_client import AsyncClient, CallFuture, Client, InferenceServerError, RetryPolicy
+from tributary_client._proto import grpc_service_pb2 as pb
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL_REPOSITORY = ROOT / "model_repository"
+DIGITS = load_digits()  # float64 images, what users of the digits model actually have
+
+
+@pytest.fixture(scope="module")
+def proxy(server) -> Iterator[RecordingProxy]:
+    recorder = RecordingProxy(server.url)
+    yield recorder
+    recorder.close()
+
+
+@pytest.fixture
+def dead_url() -> Iterator[str]:
+    with refused_url() as url:
+        yield url
+
+
+# -- headers and timeouts ---------------------------------------------------------------------
+
+
+def test_headers_on_every_sync_call_merge_over_client_defaults(proxy: RecordingProxy) -> None:
+    defaults = {"Authorization": "Bearer abc", "x-tenant": "default"}
+    with Client(proxy.url, headers=defaults, timeout=30) as client:
+        calls = {
+            "ServerLive": lambda h: client.is_live(headers=h),
+            "ServerReady": lambda h: client.is_ready(headers=h),
+            "ModelReady": lambda h: client.is_model_ready("simple", headers=h),
+            "ServerMetadata": lambda h: client.server_metadata(headers=h),
+            "ModelMetadata": lambda h: client.model_metadata("simple", headers=h),
+            "ModelConfig": lambda h: client.model_config("simple", headers=h),
+            "ModelStatistics": lambda h: client.statistics("simple", headers=h),
+            "RepositoryIndex": lambda h: client.repository_index(headers=h),
+            "ModelInfer": lambda h: client.infer("simple", simple_inputs(), headers=h),
+        }
+        for method, call in calls.items():
+            call({"X-Tenant": "per-call", "x-call": method})
+            seen = proxy.last(method).headers
+            assert seen["authorization"] == "Bearer abc", method
+            assert (seen["x-tenant"], seen["x-call"]) == ("per-call", method)
+
+        future = client.infer_async("simple", simple_inputs(), headers={"x-call": "future"})
+        assert future.result(timeout=30)["OUTPUT0"].shape == (1, 16)
+        seen = proxy.last("ModelInfer").headers
+        assert (seen["x-call"], seen["x-tenant"]) == ("future", "default")
+
+        with client.stream("simple", headers={"trace-bin": b"\x00\xff"}) as stream:
+            stream.send(simple_inputs(), request_id="s")
+            stream.close()
+            assert [a.id for a in stream] == ["s"]
+        seen = proxy.last("ModelStreamInfer").headers
+        assert (seen["trace-bin"], seen["authorization"]) == (b"\x00\xff", "Bearer abc")
+
+        # model control travels with headers too (this server refuses it: polling mode)
+        with pytest.raises(InferenceServerError) as info:
+            client.load_model("simple", headers={"x-call": "load"})
+        assert info.value.code == grpc.StatusCode.UNAVAILABLE
+        assert proxy.last("RepositoryModelLoad").headers["x-call"] == "load"
+        with pytest.raises(InferenceServerError):
+            client.unload_model("simple", headers={"x-call": "unload"})
+        assert proxy.last("RepositoryModelUnload").headers["x-call"] == "unload"
+    assert [s.method for s in proxy.seen].count("RepositoryModelLoad") == 1  # never retried
+
+
+def test_headers_on_asyncio_calls(proxy: RecordingProxy) -> None:
+    async def scenario() -> None:
+        async with AsyncClient(proxy.url, headers={"x-tenant": "aio"}, timeout=30) as client:
+            assert await client.is_ready(headers={"x-call": "ready"})
+            result = await client.infer("simple", simple_inputs(), headers={"x-call": "infer"})
+            assert result["OUTPUT0"].shape == (1, 16)
+            index = await client.repository_index(headers={"x-call": "index"})
+            assert "simple" in {m.name for m in index}
+            answers = [
+                a async for a in client.stream("simple", [simple_inputs()], headers={"x-s": "1"})
+            ]
+            assert len(answers) == 1 and answers[0].ok
+
+    asyncio.run(scenario())
+    for method, call in (("ServerReady", "ready"), ("ModelInfer", "infer")):
+        seen = proxy.last(method).headers
+        assert (seen["x-tenant"], seen["x-call"]) == ("aio", call)
+    assert proxy.last("RepositoryIndex").headers["x-call"] == "index"
+    assert proxy.last("ModelStreamInfer").headers["x-s"] == "1"
+
+
+def test_header_values_are_checked_before_sending(proxy: RecordingProxy) -> None:
+    with pytest.raises(TypeError, match="must be bytes"):
+        Client(proxy.url, headers={"trace-bin": "text"})
+    with Client(proxy.url) as client:
+        with pytest.raises(TypeError, match="needs a str value"):
+            client.is_live(headers={"x-raw": b"\x00"})
+
+
+def test_timeout_is_the_deadline_the_server_sees(proxy: RecordingProxy) -> None:
+    with Client(proxy.url, timeout=30) as client:
+        client.is_live()
+        default = proxy.last("ServerLive").time_remaining
+        client.infer("simple", simple_inputs(), timeout=5)
+        own = proxy.last("ModelInfer").time_remaining
+        with pytest.warns(DeprecationWarning, match="deadline= is deprecated"):
+            client.infer("simple", simple_inputs(), deadline=7)
+        old_name = proxy.last("ModelInfer").time_remaining
+        with pytest.raises(TypeError, match="timeout= only"):
+            client.infer("simple", simple_inputs(), timeout=5, deadline=7)
+    with Client(proxy.url) as unlimited:
+        unlimited.is_live()
+        none = proxy.last("ServerLive").time_remaining
+    # the grpc-timeout header rounds up a little, hence the half-second headroom
+    assert default is not None and 25 < default <= 30.5
+    assert own is not None and 3 < own <= 5.5
+    assert old_name is not None and 5.5 < old_name <= 7.5
+    assert none is None or none > 1e6  # grpc reports "no deadline" as None or effectively ∞
+    with pytest.warns(DeprecationWarning, match="metadata= is deprecated"):
+        Client(proxy.url, metadata={"x": "y"}).close()
+
+
+# -- futures ------------------------------------------------------------------------------
+
+
+def test_infer_async_runs_many_calls_without_a_thread_each(server) -> None:
+    with Client(server.url, timeout=30) as client:
+        client.is_ready()  # connect first: the channel's own threads are not ours to count
+        threads_before = threading.active_count()
+        futures = {
+            client.infer_async("simple", simple_inputs(offset=i), request_id=str(i)): i
+            for i in range(64)
+        }
+        threads_in_flight = threading.active_count()
+        called: list[CallFuture] = []
+        for future in futures:
+            future.add_done_callback(called.append)
+        for future in as_completed(futures, timeout=60):
+            i = futures[future]
+            result = future.result()
+            assert result.id == str(i)
+            np.testing.assert_array_equal(result["OUTPUT0"], simple_inputs(offset=i)["INPUT0"] + 3)
+    assert threads_in_flight - threads_before <= 2  # 64 calls in flight, no thread per call
+    assert sorted(id(f) for f in called) == sorted(id(f) for f in futures)
+
+
+def test_infer_async_errors_retries_and_deadline(server, dead_url: str) -> None:
+    with Client(server.url, timeout=30) as client:
+        failed = client.infer_async("no_such_model", simple_inputs())
+        error = failed.exception(timeout=30)
+        assert isinstance(error, InferenceServerError)
+        assert error.code == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(InferenceServerError, match="unknown model"):
+            failed.result()
+        with pytest.raises(ValueError, match="priority"):  # argument errors raise at once
+            client.infer_async("simple", simple_inputs(), priority=-1)
+
+    sleeps: list[float] = []
+    counter = CountingInterceptor()
+    policy = RetryPolicy(sleep=sleeps.append)
+    with Client(dead_url, retry=policy, interceptors=[counter]) as client:
+        error = client.infer_async("simple", simple_inputs()).exception(timeout=30)
+    assert isinstance(error, InferenceServerError) and error.code == grpc.StatusCode.UNAVAILABLE
+    assert counter.calls == ["ModelInfer"] * 3 and sleeps == [0.05, 0.1]
+
+    counter.calls.clear()  # the real backoff: a timer, not the caller's thread
+    quick = RetryPolicy(initial_backoff=0.01, max_backoff=0.02)
+    with Client(dead_url, retry=quick, interceptors=[counter]) as client:
+        started = time.monotonic()
+        future = client.infer_async("simple", simple_inputs())
+        assert time.monotonic() - started < 1.0
+        assert future.exception(timeout=30).code == grpc.StatusCode.UNAVAILABLE
+    assert counter.calls == ["ModelInfer"] * 3
+
+    with Client(dead_url, wait_for_ready=True, timeout=0.3) as client:
+        late = client.infer_async("simple", simple_inputs())
+        assert late.exception(timeout=30).code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_cancelling_a_future_cancels_the_rpc(dead_url: str) -> None:
+    with Client(dead_url, wait_for_ready=True) as client:  # waits for a server that never comes
+        future = client.infer_async("simple", simple_inputs())
+        assert not future.done()
+        assert future.cancel()
+        assert future.cancelled()
+        rpc = future._rpc
+        assert rpc is not None and rpc.cancelled()
+
+
+# -- explicit casts -----------------------------------------------------------------------
+
+
+def test_dtype_mismatch_is_the_servers_error_unless_cast_is_asked(server) -> None:
+    images = DIGITS.data[:4]  # float64; the model takes FP32
+    counter = CountingInterceptor()
+    with Client(server.url, timeout=30, interceptors=[counter]) as client:
+        with pytest.raises(InferenceServerError) as info:
+            client.infer("digits", {"input": images})
+        assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "data-type is 'FP64', but model 'digits' expects 'FP32'" in info.value.message
+
+        result = client.infer("digits", {"input": images}, cast=True)
+        np.testing.assert_array_equal(result["label"].ravel(), DIGITS.target[:4])
+        sent = counter.last_request
+        assert isinstance(sent, pb.ModelInferRequest) and sent.inputs[0].datatype == "FP32"
+        assert len(sent.raw_input_contents[0]) == images.size * 4
+
+        lists = client.infer("digits", {"input": images.tolist()}, cast=True)  # plain lists
+        np.testing.assert_array_equal(lists["label"], result["label"])
+        later = client.infer_async("digits", {"input": images[:1]}, cast=True).result(30)
+        assert int(later["label"][0, 0]) == DIGITS.target[0]
+        assert counter.calls.count("ModelMetadata") == 1  # cached per model and version
+
+        with pytest.raises(TypeError, match="will not cast float64"):
+            floats = {"INPUT0": np.zeros((1, 16)), "INPUT1": np.zeros((1, 16))}
+            client.infer("simple", floats, cast=True)  # float -> int would truncate
+        ok = client.infer(
+            "simple",
+            {"INPUT0": np.arange(16, dtype=np.int64)[None], "INPUT1": np.ones((1, 16), bool)},
+            cast=True,
+        )  # int64 -> INT32 and bool -> INT32 are same-kind casts
+        np.testing.assert_array_equal(ok["OUTPUT0"], np.arange(1, 17, dtype=np.int32)[None])
+        with pytest.raises(TypeError, match=r"no input 'INPUT9' \(inputs: INPUT0, INPUT1\)"):
+            client.infer("simple", {"INPUT9": np.zeros((1, 16))}, cast=True)
+        strings = np.array([["1"] * 16], dtype=object)
+        with pytest.raises(TypeError, match="is INT32; will not cast object"):
+            client.infer("simple", {"INPUT0": strings, "INPUT1": strings}, cast=True)
+        assert counter.calls.count("ModelMetadata") == 2  # `simple`, once
+
+
+def test_asyncio_cast(server) -> None:
+    async def scenario() -> np.ndarray:
+        async with AsyncClient(server.url, timeout=30) as client:
+            result = await client.infer("digits", {"input": DIGITS.data[:3]}, cast=True)
+            return result["label"].ravel()
+
+    np.testing.assert_array_equal(asyncio.run(scenario()), DIGITS.target[:3])
+
+
+# -- model control ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def explicit_server(server_factory, tmp_path_factory: pytest.TempPathFactory):
+    """An explicit model-control server over a copy of the repository, nothing loaded."""
+    repo = tmp_path_factory.mktemp("sdk-control") / "models"
+    shutil.copytree(MODEL_REPOSITORY, repo)
+    server = server_factory(repo, "--model-control-mode=explicit")
+    yield server
+    assert server.terminate() == 0
+
+
+def test_load_reload_with_config_and_unload(explicit_server) -> None:
+    counter = CountingInterceptor()
+    with Client(explicit_server.url, timeout=60, interceptors=[counter]) as client:
+        before = {m.name: m for m in client.repository_index()}
+        assert before["simple"].state == "" and not client.is_model_ready("simple")
+
+        client.load_model("simple")
+        assert client.is_model_ready("simple")
+        assert [(m.name, m.state) for m in client.repository_index(ready_only=True)] == [
+            ("simple", "READY")
+        ]
+        config = json_format.MessageToDict(client.model_config("simple"))
+        assert config["maxBatchSize"] == 8
+
+        config["maxBatchSize"] = 2  # a Triton-style override: the whole config, as JSON
+        client.load_model("simple", config=config)
+        assert client.model_config("simple").max_batch_size == 2
+        with pytest.raises(InferenceServerError) as info:
+            client.infer("simple", simple_inputs(batch=3))
+        assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT  # the new limit holds
+        assert client.infer("simple", simple_inputs(batch=2))["OUTPUT0"].shape == (2, 16)
+
+        client.load_model("digits")
+        client.infer("digits", {"input": DIGITS.data[:1]}, cast=True)
+        client.load_model("digits")  # a (re)load drops what cast=True knew about the model
+        client.infer("digits", {"input": DIGITS.data[:1]}, cast=True)
+        assert counter.calls.count("ModelMetadata") == 2
+
+        with pytest.raises(InferenceServerError) as info:
+            client.load_model("simple", config="{not json")
+        assert info.value.code == grpc.StatusCode.INTERNAL
+        assert "failed to load 'simple', failed to poll from model repository" in str(info.value)
+
+        counter.calls.clear()
+        with pytest.raises(InferenceServerError) as info:
+            client.load_model("simple", files={"1/model.onnx": b"\x08\x07"})
+        sent = counter.last_request
+        assert isinstance(sent, pb.RepositoryModelLoadRequest)
+        assert sent.parameters["file:1/model.onnx"].bytes_param == b"\x08\x07"
+        assert info.value.code == grpc.StatusCode.INTERNAL  # Tributary does not take files
+        assert counter.calls == ["RepositoryModelLoad"]  # failed loads are never retried
+
+        client.unload_model("simple")
+        assert not client.is_model_ready("simple")
+        state = {m.name: m.state for m in client.repository_index()}
+        assert state["simple"] == "UNAVAILABLE" and state["digits"] == "READY"
+        with pytest.raises(InferenceServerError):
+            client.infer("simple", simple_inputs())
+        client.unload_model("digits", unload_dependents=True)
+        sent = counter.last_request
+        assert isinstance(sent, pb.RepositoryModelUnloadRequest)
+        assert sent.parameters["unload_dependents"].bool_param is True
+        assert not client.is_ready()  # nothing loaded: live but not ready
+
+
+def test_asyncio_load_and_unload(explicit_server) -> None:
+    async def scenario() -> tuple[bool, bool]:
+        async with AsyncClient(explicit_server.url, timeout=60) as client:
+            await client.load_model("simple_int8")
+            loaded = await client.is_model_ready("simple_int8")
+            await client.unload_model("simple_int8")
+            return loaded, await client.is_model_ready("simple_int8")
+
+    assert asyncio.run(scenario()) == (True, False)
+
+
+# -- the documentation's examples run -------------------------------------------------------
+
+
+def _python_block(path: Path, heading: str) -> str:
+    """The first ```python block after `heading` in a Markdown file."""
+    text = path.read_text()
+    section = text[text.index(heading) :]
+    start = section.index("```python\n") + len("```python\n")
+    return section[start : section.index("```", start)]
+
+
+@pytest.mark.parametrize(
+    ("doc", "heading", "printed"),
+    [
+        ("README.md", "## Python SDK", "[1, 2, 3, 4]"),
+        ("docs/sdk.md", "## First calls", "INPUT1 INT32 (-1, 16)"),
+    ],
+)
+def test_documented_snippet_runs(server, capsys, doc: str, heading: str, printed: str) -> None:
+    code = _python_block(ROOT / doc, heading)
+    assert "localhost:8001" in code
+    exec(compile(code.replace("localhost:8001", server.url), doc, "exec"), {})  # noqa: S102
+    assert printed in capsys.readouterr().out.splitlines()
