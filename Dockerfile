@@ -22,12 +22,12 @@ COPY pyproject.toml README.md ./
 COPY server/ server/
 COPY clients/ clients/
 # Exactly the versions CI tested (constraints.txt, written by `make lock`), the build backend
-# too, plus NVML for the GPU gauges. The SDK (clients/) becomes its own package that the server
-# depends on; until clients/pyproject.toml exists the server project still carries it.
-RUN if [ -f clients/pyproject.toml ]; then sdk=./clients; else sdk=; fi \
- && /opt/venv/bin/pip install --no-cache-dir -c constraints.txt \
-      --build-constraint constraints.txt $sdk ".[gpu]" \
- && /opt/venv/bin/tributary --version
+# too, plus NVML for the GPU gauges. The server requires the SDK (clients/, tributary-client),
+# which is on no index: both go in one command so pip takes it from ./clients.
+RUN /opt/venv/bin/pip install --no-cache-dir -c constraints.txt \
+      --build-constraint constraints.txt ./clients ".[gpu]" \
+ && /opt/venv/bin/tributary --version \
+ && /opt/venv/bin/tributary-health --help >/dev/null
 
 # ---- runtime: the base image, python3 and the venv; nothing else from the build.
 FROM ${BASE}
