@@ -6,8 +6,10 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 
-.PHONY: install lock serve test unit lint typecheck format protos check-protos models bench clean
+.PHONY: install lock serve test unit lint typecheck format protos check-protos models bench clean \
+        image image-cpu check-deploy
 
 install: $(STAMP)
 
@@ -71,6 +73,17 @@ models: install
 # Benchmarks need perf_analyzer on PATH or $PERF_ANALYZER (see docs/benchmarks.md).
 bench: install
 	$(BIN)/python benchmarks/run.py
+
+# Container images (docs/deployment.md): GPU (CUDA 13 + cuDNN 9 base) and CPU-only.
+image:
+	docker build -t tributary:$(VERSION) .
+
+image-cpu:
+	docker build --build-arg BASE=ubuntu:24.04 -t tributary:$(VERSION)-cpu .
+
+# Dockerfile and deploy/ checked offline: schemas, CLI args, ports (no Docker, no cluster).
+check-deploy: install
+	$(BIN)/python -m pytest -q tests/deploy
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache build *.egg-info clients/build

@@ -1,0 +1,385 @@
+"""Offline checks for the Dockerfile and the manifests in deploy/ (no Docker, no cluster).
+
+- Core Kubernetes objects: kubernetes-validate's bundled OpenAPI schemas, strict (an unknown
+  field is an error, as `kubectl apply --validate=strict` would say).
+- Custom resources (KServe, KEDA): the CRD schemas vendored in tests/schemas/, made strict the
+  same way. The API server prunes unknown fields of a custom resource silently, so a typo would
+  be lost without a word; here it fails.
+- The Dockerfile: parsed with dockerfile-parse; .dockerignore evaluated the way Docker does.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import re
+import shlex
+import subprocess
+import tempfile
+import tomllib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+SCHEMAS = ROOT / "tests" / "schemas"
+
+# The oldest Kubernetes the manifests claim (native gRPC probes are GA since 1.27; 1.29 is the
+# oldest minor still common in managed clusters) and the newest kubernetes-validate bundles.
+KUBERNETES_VERSIONS = ("1.29", "1.37")
+
+# Custom resources and their vendored schema (tests/schemas/README.md says where from).
+CRD_SCHEMAS = {
+    ("serving.kserve.io/v1alpha1", "ClusterServingRuntime"): (
+        "serving.kserve.io_clusterservingruntime_v1alpha1.json"
+    ),
+    ("serving.kserve.io/v1beta1", "InferenceService"): (
+        "serving.kserve.io_inferenceservice_v1beta1.json"
+    ),
+    ("keda.sh/v1alpha1", "ScaledObject"): "keda.sh_scaledobject_v1alpha1.json",
+}
+
+
+# ------------------------------------------------------------------------------ manifests
+
+
+@dataclass(frozen=True)
+class Document:
+    path: Path
+    index: int
+    body: dict[str, Any]
+
+    @property
+    def kind(self) -> str:
+        return self.body["kind"]
+
+    @property
+    def name(self) -> str:
+        return self.body["metadata"]["name"]
+
+    @property
+    def id(self) -> str:
+        return f"{self.path.name}#{self.index}:{self.kind}/{self.name}"
+
+
+def load_documents(folder: Path = DEPLOY) -> list[Document]:
+    docs = []
+    for path in sorted(folder.glob("*.yaml")):
+        for index, body in enumerate(yaml.safe_load_all(path.read_text())):
+            if body is not None:
+                docs.append(Document(path, index, body))
+    return docs
+
+
+def find(docs: list[Document], kind: str, name: str | None = None) -> list[Document]:
+    return [d for d in docs if d.kind == kind and (name is None or d.name == name)]
+
+
+def is_custom(body: dict[str, Any]) -> bool:
+    return (body.get("apiVersion"), body.get("kind")) in CRD_SCHEMAS
+
+
+def core_errors(body: dict[str, Any], version: str) -> list[str]:
+    """kubernetes-validate, strict. It reports the first error it finds."""
+    try:
+        kubernetes_validate.validate(body, version, strict=True)
+    except kubernetes_validate.ValidationError as exc:
+        where = ".".join(str(p) for p in exc.path) or "(top)"
+        return [f"{where}: {exc.message}"]
+    except kubernetes_validate.SchemaNotFoundError as exc:
+        return [f"no schema: {exc.message}"]
+    return []
+
+
+def strict_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """A CRD's structural schema as a strict JSON Schema.
+
+    Where an object lists `properties` (and neither keeps unknown fields nor sets
+    `additionalProperties`) any other key is an error. `nullable` admits null. Objects with
+    x-kubernetes-preserve-unknown-fields stay open: the API server keeps what it does not know
+    there, so unknown keys are legitimate (e.g. free-form config).
+    """
+    node = copy.deepcopy(schema)
+
+    def walk(s: Any) -> None:
+        if not isinstance(s, dict):
+            return
+        if s.get("nullable") and "type" in s:
+            s["type"] = [s["type"], "null"] if isinstance(s["type"], str) else s["type"]
+        props = s.get("properties")
+        if isinstance(props, dict):
+            for sub in props.values():
+                walk(sub)
+            open_ = s.get("x-kubernetes-preserve-unknown-fields") is True
+            if s.get("x-kubernetes-embedded-resource"):
+                for key in ("apiVersion", "kind", "metadata"):
+                    props.setdefault(key, {})
+            if not open_ and "additionalProperties" not in s:
+                s["additionalProperties"] = False
+        for key in ("items", "additionalProperties", "not"):
+            if isinstance(s.get(key), dict):
+                walk(s[key])
+        for key in ("anyOf", "allOf", "oneOf"):
+            for sub in s.get(key, []):
+                walk(sub)
+
+    walk(node)
+    return node
+
+
+@cache
+def crd_validator(api_version: str, kind: str) -> jsonschema.protocols.Validator:
+    raw = json.loads((SCHEMAS / CRD_SCHEMAS[(api_version, kind)]).read_text())
+    # OpenAPI v3.0 schemas are JSON Schema draft 4 with extensions; `format` is not asserted.
+    return jsonschema.Draft4Validator(strict_schema(raw))
+
+
+def schema_errors(validator: jsonschema.protocols.Validator, body: Any) -> list[str]:
+    errors = sorted(validator.iter_errors(body), key=lambda e: [str(p) for p in e.path])
+    return [f"{'.'.join(str(p) for p in e.path) or '(top)'}: {e.message}" for e in errors]
+
+
+def custom_errors(body: dict[str, Any]) -> list[str]:
+    """A custom resource against its CRD schema; its metadata against Kubernetes' ObjectMeta
+    (the CRD schemas leave metadata open; the API server does not)."""
+    errors = schema_errors(crd_validator(body["apiVersion"], body["kind"]), body)
+    probe = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": body.get("metadata", {})}
+    errors += core_errors(probe, KUBERNETES_VERSIONS[-1])
+    return errors
+
+
+def document_errors(body: dict[str, Any], version: str) -> list[str]:
+    return custom_errors(body) if is_custom(body) else core_errors(body, version)
+
+
+# ------------------------------------------------------------------------------ pod specs
+
+
+def pod_spec(doc: Document) -> dict[str, Any]:
+    if doc.kind == "Deployment":
+        return doc.body["spec"]["template"]["spec"]
+    if doc.kind == "ClusterServingRuntime":
+        return doc.body["spec"]
+    raise ValueError(doc.kind)
+
+
+def tributary_containers(doc: Document) -> Iterator[dict[str, Any]]:
+    for container in pod_spec(doc).get("containers", []):
+        if container.get("image", "").split(":")[0].rsplit("/", 1)[-1] == "tributary":
+            yield container
+
+
+def container_port(container: dict[str, Any], port: int | str) -> int:
+    """A probe's or Service's port (number or name) as the container port number."""
+    if isinstance(port, int):
+        return port
+    for p in container.get("ports", []):
+        if p.get("name") == port:
+            return p["containerPort"]
+    raise LookupError(f"container {container['name']} has no port named {port!r}")
+
+
+def parse_server_args(args: list[str]):
+    """`tributary` parses the args (every cross-flag rule included) -> (ServerOptions, the
+    --model-repository paths as written). The paths are swapped for an existing folder because
+    the parser insists they exist, which they do only inside the pod."""
+    from tributary import cli
+
+    repos: list[str] = []
+    swapped: list[str] = []
+    with tempfile.TemporaryDirectory() as folder:
+        it = iter(args)
+        for arg in it:
+            if arg in ("--model-repository", "--model-store"):
+                repos.append(next(it))
+                swapped += [arg, folder]
+            elif arg.startswith(("--model-repository=", "--model-store=")):
+                repos.append(arg.split("=", 1)[1])
+                swapped.append(f"{arg.split('=', 1)[0]}={folder}")
+            else:
+                swapped.append(arg)
+        return cli.parse_args(swapped), repos
+
+
+def project_version() -> str:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+
+
+def console_scripts() -> dict[str, str]:
+    """[project.scripts] of the server and, once it is its own package, the SDK."""
+    scripts: dict[str, str] = {}
+    for path in (ROOT / "pyproject.toml", ROOT / "clients" / "pyproject.toml"):
+        if path.exists():
+            scripts.update(tomllib.loads(path.read_text())["project"].get("scripts", {}))
+    return scripts
+
+
+# ------------------------------------------------------------------------------ Dockerfile
+
+
+def dockerignore_rules(text: str) -> list[tuple[bool, re.Pattern[str]]]:
+    """(exclude?, regex) per .dockerignore line: Go filepath.Match syntax plus `**`, a leading
+    `!` re-includes, paths are relative to the context root (a leading `/` is dropped)."""
+    rules = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        negate = line.startswith("!")
+        pattern = line[1:].strip() if negate else line
+        pattern = re.sub(r"/+", "/", pattern).strip("/")
+        if pattern.startswith("./"):
+            pattern = pattern[2:]
+        if "\\" in pattern:
+            raise ValueError(f".dockerignore: escapes are not handled here: {line}")
+        out, i = "", 0
+        while i < len(pattern):
+            if pattern.startswith("**/", i):
+                out, i = out + "(?:.*/)?", i + 3
+            elif pattern.startswith("**", i):
+                out, i = out + ".*", i + 2
+            elif pattern[i] == "*":
+                out, i = out + "[^/]*", i + 1
+            elif pattern[i] == "?":
+                out, i = out + "[^/]", i + 1
+            elif pattern[i] == "[" and "]" in pattern[i + 1 :]:
+                end = pattern.index("]", i + 1)
+                body = pattern[i + 1 : end]
+                body = "^" + body[1:] if body.startswith(("^", "!")) else body
+                out, i = out + f"[{body}]", end + 1
+            else:
+                out, i = out + re.escape(pattern[i]), i + 1
+        rules.append((not negate, re.compile(out)))
+    return rules
+
+
+def is_excluded(path: str, rules: list[tuple[bool, re.Pattern[str]]]) -> bool:
+    """Docker's rule: the last pattern matching the path or one of its parent folders wins."""
+    parts = path.strip("/").split("/")
+    candidates = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    excluded = False
+    for exclude, regex in rules:
+        if any(regex.fullmatch(c) for c in candidates):
+            excluded = exclude
+    return excluded
+
+
+def tracked_files(root: Path = ROOT) -> list[str]:
+    out = subprocess.run(
+        ["git", "ls-files", "-z"], cwd=root, check=True, capture_output=True, text=True
+    ).stdout
+    return [p for p in out.split("\0") if p]
+
+
+@dataclass(frozen=True)
+class Instruction:
+    stage: int  # 0-based index of the FROM it belongs to
+    name: str  # upper case
+    value: str
+
+
+def instructions(dockerfile_text: str) -> list[Instruction]:
+    from dockerfile_parse import DockerfileParser
+
+    structure = DockerfileParser(fileobj=io.BytesIO(dockerfile_text.encode())).structure
+    out, stage = [], -1
+    for item in structure:
+        name = item["instruction"].upper()
+        if name == "COMMENT":
+            continue
+        if name == "FROM":
+            stage += 1
+        out.append(Instruction(stage, name, item["value"]))
+    return out
+
+
+def arg_defaults(instrs: list[Instruction]) -> dict[str, str]:
+    """ARGs declared before the first FROM (the ones FROM lines may use)."""
+    out = {}
+    for ins in instrs:
+        if ins.name == "FROM":
+            break
+        if ins.name == "ARG" and "=" in ins.value:
+            key, value = ins.value.split("=", 1)
+            out[key.strip()] = value.strip().strip('"')
+    return out
+
+
+def from_images(instrs: list[Instruction]) -> list[tuple[str, str | None]]:
+    """(image with ARGs substituted, stage name) for every FROM."""
+    args = arg_defaults(instrs)
+    out = []
+    for ins in instrs:
+        if ins.name != "FROM":
+            continue
+        words = [w for w in ins.value.split() if not w.startswith("--platform")]
+        image = re.sub(r"\$\{?(\w+)\}?", lambda m: args.get(m.group(1), m.group(0)), words[0])
+        alias = words[2] if len(words) >= 3 and words[1].upper() == "AS" else None
+        out.append((image, alias))
+    return out
+
+
+def copy_sources(instrs: list[Instruction]) -> list[str]:
+    """Sources of COPY/ADD instructions that read the build context (not --from=stage)."""
+    sources = []
+    for ins in instrs:
+        if ins.name not in ("COPY", "ADD"):
+            continue
+        words = shlex.split(ins.value)
+        if any(w.startswith("--from") for w in words):
+            continue
+        words = [w for w in words if not w.startswith("--")]
+        sources += words[:-1]
+    return sources
+
+
+def copy_problems(dockerfile_text: str, dockerignore_text: str, root: Path = ROOT) -> list[str]:
+    """Every COPY source exists, is not excluded by .dockerignore, and nothing git tracks
+    under it is excluded (a pattern that drops part of server/ breaks the image quietly)."""
+    rules = dockerignore_rules(dockerignore_text)
+    tracked = tracked_files(root)
+    problems = []
+    for source in copy_sources(instructions(dockerfile_text)):
+        rel = source.strip("/").removeprefix("./")
+        if not (root / rel).exists():
+            problems.append(f"COPY {source}: not in the repository")
+            continue
+        if is_excluded(rel, rules):
+            problems.append(f"COPY {source}: excluded by .dockerignore")
+            continue
+        under = [p for p in tracked if p == rel or p.startswith(rel + "/")]
+        if not under:
+            problems.append(f"COPY {source}: nothing under it is tracked by git")
+        dropped = [p for p in under if is_excluded(p, rules)]
+        if dropped:
+            problems.append(f"COPY {source}: .dockerignore drops {dropped[:3]}")
+    return problems
+
+
+_UID_1000 = re.compile(r"\buseradd\b[^;&|]*(?:--uid[ =]|-u\s*)1000\b")
+_FREE_1000 = re.compile(r"\buserdel\b[^;&|]*\bubuntu\b")
+
+
+def useradd_problems(dockerfile_text: str) -> list[str]:
+    """Ubuntu 24.04 images already have uid 1000 ('ubuntu'): `useradd --uid 1000` fails
+    unless that user was removed first, earlier in the same stage."""
+    problems = []
+    freed: set[int] = set()
+    for ins in instructions(dockerfile_text):
+        if ins.name != "RUN":
+            continue
+        add = _UID_1000.search(ins.value)
+        free = _FREE_1000.search(ins.value)
+        if free and (not add or free.start() < add.start()):
+            freed.add(ins.stage)
+        if add and ins.stage not in freed:
+            problems.append(f"stage {ins.stage}: `{add.group(0).strip()}` but uid 1000 is taken")
+    return problems
