@@ -21,6 +21,9 @@ $(STAMP): pyproject.toml clients/pyproject.toml constraints.txt
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 needed"'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -c constraints.txt pip
+	# An older install of the server owned the tributary-health script; remove it first, or
+	# its uninstall during the server's reinstall deletes the script the SDK just installed.
+	$(BIN)/python -m pip uninstall -q -y tributary 2>/dev/null || true
 	$(BIN)/python -m pip install -q -c constraints.txt -e ./clients
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
