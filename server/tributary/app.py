@@ -189,6 +189,7 @@ def start(options: ServerOptions) -> Server | None:
             gpu_count=gpus,
             config_name=options.model_config_name,
             load_threads=options.model_load_thread_count,
+            load_retries=options.model_load_retry_count,
         )
     except InferenceError as exc:
         log.error("cannot start: %s", exc)
@@ -248,9 +249,8 @@ def start(options: ServerOptions) -> Server | None:
         front.shutdown()
         return None
 
+    # Each failure was logged once, with its reason, where it happened (ModelRepository.load).
     failures = repository.load_models(startup_models(options))
-    for name, reason in sorted(failures.items()):
-        log.error("failed to load model '%s': %s", name, reason)
     if failures and options.exit_on_error:
         log.error(
             "failed to load all models: %s (--exit-on-error=true)", ", ".join(sorted(failures))

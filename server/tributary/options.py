@@ -22,6 +22,7 @@ class ServerOptions:
     server_id: str = "tributary"
     log_verbose: int = 0
     model_load_thread_count: int = 4
+    model_load_retry_count: int = 0
     # gRPC
     grpc_address: str = "0.0.0.0"
     grpc_port: int = 8001
