@@ -30,6 +30,7 @@ from tributary_client._proto._pool import POOL
 
 from .backends.onnxruntime import gpu_count
 from .errors import InferenceError
+from .logs import configure
 from .model import build_loader
 from .options import ServerOptions
 from .repository import ModelRepository
@@ -42,11 +43,14 @@ INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_
 _COMPRESSION_LEVELS = {"low": 1, "medium": 2, "high": 3}
 
 
-def configure_logging(verbose: int) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname).1s %(name)s] %(message)s",
-        stream=sys.stderr,
+def configure_logging(options: ServerOptions) -> None:
+    configure(
+        verbose=options.log_verbose,
+        info=options.log_info,
+        warning=options.log_warning,
+        error=options.log_error,
+        fmt=options.log_format,
+        file=options.log_file,
     )
 
 
@@ -322,7 +326,13 @@ def _announce(server: Server) -> None:
 
 
 def run(options: ServerOptions) -> int:
-    configure_logging(options.log_verbose)
+    try:
+        configure_logging(options)
+    except OSError as exc:  # --log-file: checked by the parser, but the disk has its say
+        sys.stderr.write(f"tributary: error: cannot open --log-file: {exc}\n")
+        return 1
+    for warning in options.warnings:
+        logging.getLogger("tributary.flags").warning("%s", warning)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

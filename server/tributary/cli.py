@@ -299,6 +299,9 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerOptions:
 
 def main(argv: Sequence[str] | None = None) -> int:
     options = parse_args(argv)
+    from .logs import grpc_core_verbosity
+
+    grpc_core_verbosity(options.log_verbose)  # must precede the first `import grpc`
     from .app import run
 
     return run(options)

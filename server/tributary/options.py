@@ -20,9 +20,15 @@ class ServerOptions:
     exit_on_error: bool = True
     exit_timeout_secs: float = 30.0
     server_id: str = "tributary"
-    log_verbose: int = 0
     model_load_thread_count: int = 4
     model_load_retry_count: int = 0
+    # logging (tributary.logs)
+    log_verbose: int = 0
+    log_info: bool = True
+    log_warning: bool = True
+    log_error: bool = True
+    log_format: str = "default"  # default, ISO8601 or json
+    log_file: Path | None = None
     # gRPC
     grpc_address: str = "0.0.0.0"
     grpc_port: int = 8001
@@ -54,3 +60,5 @@ class ServerOptions:
     metrics_interval_ms: int = 2000
     # where to announce bound ports (tests and scripts read it; "-" = stdout)
     port_file: Path | None = None
+    # one line each, logged at start-up: flags accepted and ignored (tributary.flags)
+    warnings: list[str] = field(default_factory=list)
