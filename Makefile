@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 
-.PHONY: install lock serve test unit lint format protos check-protos models bench clean
+.PHONY: install lock serve test unit lint format protos check-protos flags-doc models bench clean
 
 install: $(STAMP)
 
@@ -55,6 +55,10 @@ protos: install
 # CI fails when the committed stubs do not match protos/.
 check-protos: install
 	$(BIN)/python scripts/gen_protos.py --check
+
+# Rewrite the flags table in docs/flags.md from server/tributary/flags.py (tests check it).
+flags-doc: install
+	$(BIN)/python scripts/flags_doc.py
 
 # Rebuild the example models in model_repository/ (deterministic; committed).
 models: install

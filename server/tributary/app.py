@@ -102,6 +102,10 @@ def _grpc_options(o: ServerOptions) -> list[tuple[str, Any]]:
         ),
         ("grpc.http2.max_ping_strikes", o.grpc_http2_max_ping_strikes),
     ]
+    if o.grpc_max_connection_age_ms is not None:
+        opts.append(("grpc.max_connection_age_ms", o.grpc_max_connection_age_ms))
+    if o.grpc_max_connection_age_grace_ms is not None:
+        opts.append(("grpc.max_connection_age_grace_ms", o.grpc_max_connection_age_grace_ms))
     level = _COMPRESSION_LEVELS.get(o.grpc_infer_response_compression_level)
     if level:
         opts.append(("grpc.default_compression_level", level))

@@ -49,6 +49,8 @@ class ServerOptions:
     grpc_http2_max_pings_without_data: int = 2
     grpc_http2_min_recv_ping_interval_without_data_ms: int = 300_000
     grpc_http2_max_ping_strikes: int = 2
+    grpc_max_connection_age_ms: int | None = None
+    grpc_max_connection_age_grace_ms: int | None = None
     grpc_infer_response_compression_level: str = "none"
     max_tensor_bytes: int = INT32_MAX
     # metrics
