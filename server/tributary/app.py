@@ -30,7 +30,7 @@ from tributary_client._proto._pool import POOL
 
 from .backends.onnxruntime import gpu_count
 from .errors import InferenceError
-from .logs import configure
+from .logs import RequestLog, configure
 from .model import build_loader
 from .options import ServerOptions
 from .repository import ModelRepository
@@ -221,7 +221,8 @@ def start(options: ServerOptions) -> Server | None:
             else None
         ),
     )
-    servicer = InferenceServicer(repository, state)
+    request_log = RequestLog() if options.log_verbose >= 1 else None
+    servicer = InferenceServicer(repository, state, request_log=request_log)
     health_servicer = HealthService()
     _register_descriptors()
     front = register(
@@ -234,6 +235,7 @@ def start(options: ServerOptions) -> Server | None:
             else ()
         ),
         max_streams=options.grpc_max_streams,
+        request_log=request_log,
     )
     # Bound now, served only once the start-up models are loaded (Triton's order): a port
     # that is taken fails here, in one line, without loading anything.
