@@ -8,8 +8,8 @@ GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 
-.PHONY: install lock serve test unit lint typecheck format protos check-protos models bench clean \
-        image image-cpu check-deploy
+.PHONY: install lock serve test unit lint typecheck format protos check-protos flags-doc models \
+        bench clean image image-cpu check-deploy
 
 install: $(STAMP)
 
@@ -68,6 +68,10 @@ protos: install
 # CI fails when the committed stubs do not match protos/.
 check-protos: install
 	$(BIN)/python scripts/gen_protos.py --check
+
+# Rewrite the flags table in docs/flags.md from server/tributary/flags.py (tests check it).
+flags-doc: install
+	$(BIN)/python scripts/flags_doc.py
 
 # Rebuild the example models in model_repository/ (deterministic; committed).
 models: install

@@ -9,12 +9,16 @@ noisy machine, which is why it is the figure we track.
 
     git worktree add /tmp/before <commit>
     python benchmarks/cpu_ab.py --b /tmp/before
+
+`--a-flags` / `--b-flags` pass server flags to one side (e.g. `--b . --b-flags=--log-verbose=1`
+measures what the per-request log line costs).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import statistics
 import sys
 import tempfile
@@ -44,12 +48,12 @@ def request(model: str) -> bytes:
     return r.SerializeToString()
 
 
-def start(root: Path, workdir: Path) -> Server:
+def start(root: Path, workdir: Path, flags: str = "") -> Server:
     env_path = f"{root / 'server'}{os.pathsep}{root / 'clients'}"
     old = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = env_path
     try:
-        return Server([ROOT / "model_repository"], workdir)
+        return Server([ROOT / "model_repository"], workdir, *shlex.split(flags))
     finally:
         if old is None:
             os.environ.pop("PYTHONPATH")
@@ -61,12 +65,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--a", type=Path, default=ROOT)
     ap.add_argument("--b", type=Path, required=True)
+    ap.add_argument("--a-flags", default="", help="server flags for side a")
+    ap.add_argument("--b-flags", default="", help="server flags for side b")
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="tributary-cpu-ab-"))
     payload = request("simple")
-    servers = {"a": start(args.a, work / "a"), "b": start(args.b, work / "b")}
+    servers = {
+        "a": start(args.a, work / "a", args.a_flags),
+        "b": start(args.b, work / "b", args.b_flags),
+    }
     per: dict[str, list[float]] = {"a": [], "b": []}
     try:
         channels = {k: grpc.insecure_channel(s.url) for k, s in servers.items()}
@@ -86,8 +95,10 @@ def main() -> None:
             s.stop()
     a, b = statistics.median(per["a"]), statistics.median(per["b"])
     print(f"server CPU per `simple` request (median of {args.rounds} rounds of {args.requests}):")
-    print(f"  a {args.a}: {a:.0f} us   (rounds: {', '.join(f'{x:.0f}' for x in per['a'])})")
-    print(f"  b {args.b}: {b:.0f} us   (rounds: {', '.join(f'{x:.0f}' for x in per['b'])})")
+    for side, value in (("a", a), ("b", b)):
+        rounds = ", ".join(f"{x:.0f}" for x in per[side])
+        where = f"{getattr(args, side)} {getattr(args, side + '_flags')}".strip()
+        print(f"  {side} {where}: {value:.0f} us   (rounds: {rounds})")
     print(f"  b / a = {b / a:.2f}")
 
 

@@ -31,6 +31,7 @@ from tributary_client._proto._pool import POOL
 
 from .backends.onnxruntime import gpu_count
 from .errors import InferenceError
+from .logs import RequestLog, configure
 from .model import build_loader
 from .options import ServerOptions
 from .repository import ModelRepository
@@ -43,11 +44,14 @@ INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_
 _COMPRESSION_LEVELS = {"low": 1, "medium": 2, "high": 3}
 
 
-def configure_logging(verbose: int) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname).1s %(name)s] %(message)s",
-        stream=sys.stderr,
+def configure_logging(options: ServerOptions) -> None:
+    configure(
+        verbose=options.log_verbose,
+        info=options.log_info,
+        warning=options.log_warning,
+        error=options.log_error,
+        fmt=options.log_format,
+        file=options.log_file,
     )
 
 
@@ -99,6 +103,10 @@ def _grpc_options(o: ServerOptions) -> list[tuple[str, Any]]:
         ),
         ("grpc.http2.max_ping_strikes", o.grpc_http2_max_ping_strikes),
     ]
+    if o.grpc_max_connection_age_ms is not None:
+        opts.append(("grpc.max_connection_age_ms", o.grpc_max_connection_age_ms))
+    if o.grpc_max_connection_age_grace_ms is not None:
+        opts.append(("grpc.max_connection_age_grace_ms", o.grpc_max_connection_age_grace_ms))
     level = _COMPRESSION_LEVELS.get(o.grpc_infer_response_compression_level)
     if level:
         opts.append(("grpc.default_compression_level", level))
@@ -190,6 +198,7 @@ def start(options: ServerOptions) -> Server | None:
             gpu_count=gpus,
             config_name=options.model_config_name,
             load_threads=options.model_load_thread_count,
+            load_retries=options.model_load_retry_count,
         )
     except InferenceError as exc:
         log.error("cannot start: %s", exc)
@@ -213,7 +222,8 @@ def start(options: ServerOptions) -> Server | None:
             else None
         ),
     )
-    servicer = InferenceServicer(repository, state)
+    request_log = RequestLog() if options.log_verbose >= 1 else None
+    servicer = InferenceServicer(repository, state, request_log=request_log)
     health_servicer = HealthService()
     _register_descriptors()
     front = register(
@@ -226,6 +236,7 @@ def start(options: ServerOptions) -> Server | None:
             else ()
         ),
         max_streams=options.grpc_max_streams,
+        request_log=request_log,
     )
     # Bound now, served only once the start-up models are loaded (Triton's order): a port
     # that is taken fails here, in one line, without loading anything.
@@ -249,9 +260,8 @@ def start(options: ServerOptions) -> Server | None:
         front.shutdown()
         return None
 
+    # Each failure was logged once, with its reason, where it happened (ModelRepository.load).
     failures = repository.load_models(startup_models(options))
-    for name, reason in sorted(failures.items()):
-        log.error("failed to load model '%s': %s", name, reason)
     if failures and options.exit_on_error:
         log.error(
             "failed to load all models: %s (--exit-on-error=true)", ", ".join(sorted(failures))
@@ -323,7 +333,13 @@ def _announce(server: Server) -> None:
 
 
 def run(options: ServerOptions) -> int:
-    configure_logging(options.log_verbose)
+    try:
+        configure_logging(options)
+    except OSError as exc:  # --log-file: checked by the parser, but the disk has its say
+        sys.stderr.write(f"tributary: error: cannot open --log-file: {exc}\n")
+        return 1
+    for warning in options.warnings:
+        logging.getLogger("tributary.flags").warning("%s", warning)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -73,7 +73,12 @@ def parse_override(name: str, text: str) -> mc.ModelConfig:
     try:
         return json_format.Parse(text, mc.ModelConfig())
     except json_format.Error as exc:
-        log.error("failed to load model %r: Invalid config override: %s", shown(name), exc)
+        log.error(
+            "failed to load model %r: Invalid config override: %s",
+            shown(name),
+            exc,
+            extra={"model": shown(name)},
+        )
         raise _poll_failed(name) from exc
 
 
@@ -102,11 +107,14 @@ class ModelControl:
                 "failed to load model %r: model file overrides (%r) are not supported",
                 shown(name),
                 shown(files[0], 64),
+                extra={"model": shown(name)},
             )
             raise _poll_failed(name)
         if name not in self._repo.model_names():
             log.error(
-                "failed to load model %r: no such directory in the model repository", shown(name)
+                "failed to load model %r: no such directory in the model repository",
+                shown(name),
+                extra={"model": shown(name)},
             )
             raise _poll_failed(name)
         try:
@@ -131,4 +139,5 @@ class ModelControl:
             self._repo.unload(request.model_name)
         finally:
             self._on_change()
-        log.info("unloaded model %r", shown(request.model_name))
+        name = shown(request.model_name)
+        log.info("unloaded model %r", name, extra={"model": name})

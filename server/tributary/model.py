@@ -122,7 +122,13 @@ def warm_up(model: Model) -> None:
                         f"model '{model.name}' warmup '{sample.name}' failed on instance "
                         f"'{instance.name}': {exc}"
                     ) from exc
-        log.info("model '%s' version %d: warmup '%s' done", model.name, model.version, sample.name)
+        log.info(
+            "model '%s' version %d: warmup '%s' done",
+            model.name,
+            model.version,
+            sample.name,
+            extra={"model": model.name},
+        )
 
 
 def build_loader(
@@ -153,6 +159,7 @@ def build_loader(
             len(instances),
             ", ".join(providers),
             model.load_seconds,
+            extra={"model": name},
         )
         return model
 

@@ -20,8 +20,15 @@ class ServerOptions:
     exit_on_error: bool = True
     exit_timeout_secs: float = 30.0
     server_id: str = "tributary"
-    log_verbose: int = 0
     model_load_thread_count: int = 4
+    model_load_retry_count: int = 0
+    # logging (tributary.logs)
+    log_verbose: int = 0
+    log_info: bool = True
+    log_warning: bool = True
+    log_error: bool = True
+    log_format: str = "default"  # default, ISO8601 or json
+    log_file: Path | None = None
     # gRPC
     grpc_address: str = "0.0.0.0"
     grpc_port: int = 8001
@@ -42,6 +49,8 @@ class ServerOptions:
     grpc_http2_max_pings_without_data: int = 2
     grpc_http2_min_recv_ping_interval_without_data_ms: int = 300_000
     grpc_http2_max_ping_strikes: int = 2
+    grpc_max_connection_age_ms: int | None = None
+    grpc_max_connection_age_grace_ms: int | None = None
     grpc_infer_response_compression_level: str = "none"
     max_tensor_bytes: int = INT32_MAX
     # metrics
@@ -53,3 +62,5 @@ class ServerOptions:
     metrics_interval_ms: int = 2000
     # where to announce bound ports (tests and scripts read it; "-" = stdout)
     port_file: Path | None = None
+    # one line each, logged at start-up: flags accepted and ignored (tributary.flags)
+    warnings: list[str] = field(default_factory=list)

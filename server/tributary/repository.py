@@ -113,6 +113,7 @@ class ModelRepository:
         gpu_count: int = 0,
         config_name: str | None = None,
         load_threads: int = 4,
+        load_retries: int = 0,
         graph_reader: GraphReader = read_graph,
     ) -> None:
         self._roots = [Path(r) for r in roots]
@@ -122,6 +123,7 @@ class ModelRepository:
         self._gpu_count = gpu_count
         self._config_name = config_name
         self._load_threads = max(1, load_threads)
+        self._load_retries = max(0, load_retries)
         self._graph_reader = graph_reader
         self._lock = threading.Lock()
         self._models: dict[str, _Model] = {}
@@ -181,6 +183,7 @@ class ModelRepository:
         """
         model_dir = self._scan().get(name)
         if model_dir is None:
+            log.error("failed to load model '%s': no such directory", name, extra={"model": name})
             raise Internal(f"failed to load '{name}', failed to poll from model repository")
         with self._op_lock(name):
             seen: mc.ModelConfig | None = None  # the most complete config we got, for display
@@ -197,7 +200,7 @@ class ModelRepository:
                 )
                 wanted = versions_of(name, config, model_dir)
             except Exception as exc:
-                log.error("failed to load model '%s': %s", name, exc)
+                log.error("failed to load model '%s': %s", name, exc, extra={"model": name})
                 reason = self._public(exc, model_dir)
                 self._record_model_failure(name, model_dir, seen, reason)
                 if isinstance(exc, RefusedConfig):
@@ -239,13 +242,26 @@ class ModelRepository:
         fresh: dict[int, Servable] = {}
         failed: dict[int, str] = {}
         for v in wanted:
-            try:
-                path = model_file(model_dir, v, config)
-                validate(config, self._graph_reader(path), model_dir)
-                fresh[v] = self._loader(name, v, config, path, model_dir)
-            except Exception as exc:  # the loader may raise anything; the reason is its text
-                log.error("failed to load model '%s' version %d: %s", name, v, exc)
-                failed[v] = self._public(exc, model_dir)
+            for attempt in range(self._load_retries + 1):
+                try:
+                    path = model_file(model_dir, v, config)
+                    validate(config, self._graph_reader(path), model_dir)
+                    fresh[v] = self._loader(name, v, config, path, model_dir)
+                    break
+                except Exception as exc:  # the loader may raise anything; the reason is its text
+                    retrying = attempt < self._load_retries  # --model-load-retry-count
+                    then = f" (retry {attempt + 1} of {self._load_retries} follows)"
+                    log.log(
+                        logging.WARNING if retrying else logging.ERROR,
+                        "failed to load model '%s' version %d: %s%s",
+                        name,
+                        v,
+                        exc,
+                        then if retrying else "",
+                        extra={"model": name},
+                    )
+                    if not retrying:
+                        failed[v] = self._public(exc, model_dir)
         to_close: list[Servable] = []
         with self._lock:
             for v in wanted:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ from .errors import (
     Unavailable,
     clip_message,
 )
+from .logs import RequestLog
 from .servicer import InferenceServicer, internal_error
 
 log = logging.getLogger("tributary.rpcs")
@@ -108,9 +110,15 @@ def _parse(parse: Callable[[bytes], Any] | None, data: bytes) -> Any:
 
 
 def _unary(
-    name: str, fn: Callable[[Any, grpc.ServicerContext], Any], parse: Callable[[bytes], Any] | None
+    name: str,
+    fn: Callable[[Any, grpc.ServicerContext], Any],
+    parse: Callable[[bytes], Any] | None,
+    request_log: RequestLog | None = None,
 ) -> Callable[[bytes, grpc.ServicerContext], Any]:
-    """The one error mapping of a unary RPC: parse, call, and map whatever is raised."""
+    """The one error mapping of a unary RPC: parse, call, and map whatever is raised.
+    With a `request_log` (--log-verbose >= 1) each call also gets its line."""
+    if request_log is not None:
+        return _logged_unary(name, fn, parse, request_log)
 
     def handler(data: bytes, context: grpc.ServicerContext) -> Any:
         # Only the code and text leave the except blocks: a kept exception would hold its
@@ -122,6 +130,36 @@ def _unary(
         except Exception as exc:  # a bug: keep serving, say where
             internal = internal_error(name, exc)
             code, message = internal.code, internal.message
+        context.abort(code, clip_message(message))
+
+    handler.__name__ = name
+    return handler
+
+
+def _logged_unary(
+    name: str,
+    fn: Callable[[Any, grpc.ServicerContext], Any],
+    parse: Callable[[bytes], Any] | None,
+    request_log: RequestLog,
+) -> Callable[[bytes, grpc.ServicerContext], Any]:
+    """`_unary`'s handler plus the request's line; a separate function so that the handler
+    at --log-verbose=0 carries no trace of it."""
+
+    def handler(data: bytes, context: grpc.ServicerContext) -> Any:
+        start = time.perf_counter_ns()
+        request = None
+        try:
+            request = data if parse is None else _parse(parse, data)
+            reply = fn(request, context)
+        except InferenceError as exc:
+            code, message = exc.code, exc.message
+        except Exception as exc:  # a bug: keep serving, say where
+            internal = internal_error(name, exc)
+            code, message = internal.code, internal.message
+        else:
+            request_log.message(name, request, "OK", start)
+            return reply
+        request_log.message(name, request, code.name, start)
         context.abort(code, clip_message(message))
 
     handler.__name__ = name
@@ -187,7 +225,11 @@ class Front:
 
 
 def _inference(
-    server: grpc.Server, servicer: InferenceServicer, streams: ThreadPoolExecutor, probes: Any
+    server: grpc.Server,
+    servicer: InferenceServicer,
+    streams: ThreadPoolExecutor,
+    probes: Any,
+    log: RequestLog | None,
 ) -> None:
     cap = _capture(lambda c: pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, c))
     handlers = cap.handlers
@@ -196,7 +238,8 @@ def _inference(
             continue
         parse = None if name in RAW_METHODS else h.request_deserializer
         serializer = None if name in RAW_METHODS else h.response_serializer
-        fn = _unary(name, getattr(servicer, name), parse)
+        # ModelInfer writes its own line (the servicer parses it); the others get it here.
+        fn = _unary(name, getattr(servicer, name), parse, None if name in RAW_METHODS else log)
         handlers[name] = grpc.unary_unary_rpc_method_handler(
             _on(probes if name in PROBES else None, fn), response_serializer=serializer
         )
@@ -217,13 +260,17 @@ def _inference(
 
 
 def _health(
-    server: grpc.Server, servicer: health.HealthServicer, probes: Any, watches: _StreamGate
+    server: grpc.Server,
+    servicer: health.HealthServicer,
+    probes: Any,
+    watches: _StreamGate,
+    log: RequestLog | None,
 ) -> None:
     cap = _capture(lambda c: health_pb2_grpc.add_HealthServicer_to_server(servicer, c))
     check = cap.handlers["Check"]
     watch = cap.handlers["Watch"]
     cap.handlers["Check"] = grpc.unary_unary_rpc_method_handler(
-        _on(probes, _unary("Check", servicer.Check, check.request_deserializer)),
+        _on(probes, _unary("Check", servicer.Check, check.request_deserializer, log)),
         response_serializer=check.response_serializer,
     )
     parse_watch = watch.request_deserializer
@@ -301,6 +348,7 @@ def register(
     *,
     reflected: tuple[str, ...],
     max_streams: int,
+    request_log: RequestLog | None = None,
 ) -> Front:
     """Put inference, health and reflection on `server`; see the module docstring."""
     # A few spare threads per pool answer RESOURCE_EXHAUSTED beyond each cap.
@@ -309,8 +357,8 @@ def register(
     reflect_pool = ThreadPoolExecutor(REFLECTION_STREAMS + 4, thread_name_prefix="grpc-reflect")
     gate = _StreamGate("reflection", REFLECTION_STREAMS)
     watches = _StreamGate("health Watch", HEALTH_WATCHES)
-    _inference(server, servicer, streams, probes)
-    _health(server, health_servicer, probes, watches)
+    _inference(server, servicer, streams, probes, request_log)
+    _health(server, health_servicer, probes, watches, request_log)
     if reflected:  # --allow-grpc-reflection
         _reflection(server, reflected, reflect_pool, gate)
     return Front(servicer, [streams, probes, reflect_pool], [gate, watches])

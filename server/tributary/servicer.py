@@ -38,6 +38,7 @@ from .errors import (
     Unavailable,
     Unimplemented,
 )
+from .logs import RequestLog
 from .repository import ModelRepository
 from .streams import Slot, Streams
 from .wire import infer_response_bytes, split_request
@@ -59,7 +60,14 @@ _refs = itertools.count(1)
 def internal_error(where: str, exc: BaseException, request_id: str = "") -> Internal:
     """Log a bug once, with a reference the client is given instead of our internals."""
     ref = next(_refs)
-    log.error("internal error %d in %s (request id %r)", ref, where, request_id[:128], exc_info=exc)
+    log.error(
+        "internal error %d in %s (request id %r)",
+        ref,
+        where,
+        request_id[:128],
+        exc_info=exc,
+        extra={"request_id": request_id[:128]},
+    )
     return Internal(f"internal error in {where}: {type(exc).__name__} (server log reference {ref})")
 
 
@@ -96,9 +104,18 @@ def _failure_reason(exc: BaseException) -> str:
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, repository: ModelRepository, state: ServerState) -> None:
+    def __init__(
+        self,
+        repository: ModelRepository,
+        state: ServerState,
+        request_log: RequestLog | None = None,
+    ) -> None:
         self.repo = repository
         self.state = state
+        self.request_log = request_log
+        if request_log is not None:  # --log-verbose >= 1; at 0 the plain methods serve
+            self.ModelInfer = self._model_infer_logged  # type: ignore[method-assign]
+        self._serve_one = self._stream_one if request_log is None else self._stream_one_logged
         self.control = ModelControl(
             repository, explicit=state.model_control_mode == "explicit", on_change=self._changed
         )
@@ -169,6 +186,29 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         head, outputs = self._infer(request, raws, context.is_active)
         return infer_response_bytes(head, outputs)
 
+    def _model_infer_logged(self, data: bytes, context: grpc.ServicerContext) -> bytes:
+        """ModelInfer plus its --log-verbose line (status as the error boundary maps it)."""
+        start = time.perf_counter_ns()
+        request, status, version = None, "INTERNAL", ""
+        try:
+            memory.large_request(len(data), context.add_callback)
+            request, raws = split_request(data)
+            head, outputs = self._infer(request, raws, context.is_active)
+            status, version = "OK", head.model_version
+            return infer_response_bytes(head, outputs)
+        except InferenceError as exc:
+            status = exc.code.name
+            raise
+        finally:
+            self.request_log(  # type: ignore[misc]
+                "ModelInfer",
+                request.model_name if request is not None else "",
+                version or (request.model_version if request is not None else ""),
+                request.id if request is not None else "",
+                status,
+                start,
+            )
+
     def _infer(
         self, request: Any, raws: Sequence[bytes | memoryview], is_active: Callable[[], bool] | None
     ) -> tuple[Any, list[bytes | memoryview]]:
@@ -238,7 +278,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         (`tributary.streams`). A per-request error does not end the stream: it is answered
         with `error_message` and the request id (docs/protocol.md#streams). Every reply carries
         triton_final_response=true."""
-        return self.streams.serve(request_iterator, context, self._stream_one)
+        return self.streams.serve(request_iterator, context, self._serve_one)
 
     def _stream_one(self, data: bytes, slot: Slot, is_active: Callable[[], bool]) -> None:
         """Start one streamed request; whatever happens, `slot` is answered exactly once."""
@@ -270,6 +310,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         except Exception as exc:  # submit reports refusals through `done`; this is a bug
             slot.fail(internal_error("ModelStreamInfer", exc, request.id), request)
 
+    def _stream_one_logged(self, data: bytes, slot: Slot, is_active: Callable[[], bool]) -> None:
+        self._stream_one(data, _LoggedSlot(slot, self.request_log), is_active)  # type: ignore[arg-type]
+
     # ---- statistics and repository ---------------------------------------------------------
     def ModelStatistics(self, request: Any, context: grpc.ServicerContext) -> Any:
         from .statistics import statistics_response
@@ -294,6 +337,23 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def RepositoryModelUnload(self, request: Any, context: grpc.ServicerContext) -> Any:
         self.control.unload(request)
         return pb.RepositoryModelUnloadResponse()
+
+
+class _LoggedSlot:
+    """A stream's `Slot` that also writes the request's --log-verbose line when answered."""
+
+    __slots__ = ("_slot", "_log", "_start")
+
+    def __init__(self, slot: Slot, request_log: Any) -> None:
+        self._slot, self._log, self._start = slot, request_log, time.perf_counter_ns()
+
+    def succeed(self, head: Any, raws: list[object]) -> None:
+        self._slot.succeed(head, raws)
+        self._log.message("ModelStreamInfer", head, "OK", self._start)
+
+    def fail(self, exc: InferenceError, request: Any = None) -> None:
+        self._slot.fail(exc, request)
+        self._log.message("ModelStreamInfer", request, exc.code.name, self._start)
 
 
 def _unimplemented(name: str, what: str) -> Callable[..., Any]:

@@ -1,12 +1,16 @@
-"""The installed `tributary` command: help, one-line refusals with exit 2, clean SIGTERM."""
+"""The installed `tributary` command: help, one-line refusals with exit 2, clean SIGTERM, and
+tritonserver's command lines (KServe's, refused and ignored flags; docs/flags.md)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import build_models
+import grpc
 import pytest
 import tritonclient.grpc as grpcclient
 from e2e_support import MODEL_REPOSITORY
@@ -26,6 +30,10 @@ def test_help() -> None:
     for flag in ("--model-repository", "--grpc-port", "--exit-on-error", "--strict-readiness"):
         assert flag in proc.stdout
     assert proc.stderr == ""
+    text = " ".join(proc.stdout.split())
+    assert "--grpc-restricted-protocol PROTOCOLS:KEY=VALUE RPC groups" in text
+    assert "[refused: protocol restriction is not implemented" in text
+    assert "[ignored, with a warning: HTTP/REST is not served" in text
 
 
 def test_version() -> None:
@@ -47,6 +55,13 @@ def test_version() -> None:
         (["--model-repository", str(MODEL_REPOSITORY), "--grpc-max-streams=1e99"], "1e99"),
         (["--model-repository", str(MODEL_REPOSITORY), "--grpc-stream-max-pending=-1"], "-1"),
         (["--model-repository", str(MODEL_REPOSITORY), "--allow-grpc-reflection=sure"], "sure"),
+        (["--model-repository", str(MODEL_REPOSITORY), "--log-verbose=loud"], "loud"),
+        (["--model-repository", str(MODEL_REPOSITORY), "--log-format=xml"], "xml"),
+        (["--model-repository", str(MODEL_REPOSITORY), "--log-file=/no/such/dir/x.log"], "/no/"),
+        (["--model-repository", str(MODEL_REPOSITORY), "--http-port=abc"], "abc"),
+        (["--model-repository", str(MODEL_REPOSITORY), "--trace-level=LOUD"], "LOUD"),
+        (["--model-repository", str(MODEL_REPOSITORY), "--metrics-config=nonsense"], "nonsense"),
+        (["--model-repository", str(MODEL_REPOSITORY), "--backend-config=onnxruntime,x=1"], "x"),
     ],
     ids=[
         "unknown-flag",
@@ -59,6 +74,13 @@ def test_version() -> None:
         "huge-streams",
         "negative-pending",
         "bad-reflection-bool",
+        "bad-verbose",
+        "bad-log-format",
+        "log-file-dir",
+        "ignored-flag-bad-int",
+        "ignored-flag-bad-choice",
+        "ignored-flag-bad-setting",
+        "unknown-onnxruntime-setting",
     ],
 )
 def test_bad_command_lines_are_one_line_and_exit_2(args: list[str], mentions: str) -> None:
@@ -102,3 +124,121 @@ def test_a_taken_port_fails_in_one_line_before_loading_models(server) -> None:
     assert f"could not bind gRPC port 127.0.0.1:{server.grpc_port}" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert "loaded" not in proc.stderr  # no model was loaded first
+
+
+@pytest.mark.parametrize(
+    ("flag", "why"),
+    [
+        ("--allow-grpc=false", "only front end"),
+        ("--grpc-restricted-protocol=model-repository:key=value", "to every client"),
+        ("--model-control-mode=POLL", "--model-control-mode=explicit"),
+        ("--model-namespacing=true", "distinct names"),
+        ("--allow-sagemaker=true", "gRPC endpoint"),
+        ("--allow-vertex-ai=true", "gRPC endpoint"),
+    ],
+)
+def test_refused_flags_say_why_in_one_line(flag: str, why: str) -> None:
+    proc = run_cli("--model-repository", str(MODEL_REPOSITORY), flag)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    [line] = proc.stderr.strip().splitlines()
+    name = flag.split("=")[0]
+    assert line.startswith(f"tributary: error: {name}=")
+    assert "is not supported: " in line and why in line
+    assert proc.stdout == ""
+
+
+def listening_ports(pid: int) -> set[int]:
+    """TCP ports the process listens on (its socket inodes found in /proc/net)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            link = os.readlink(fd)
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    ports = set()
+    for table in ("tcp", "tcp6"):
+        for row in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            fields = row.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def test_kserve_command_line_serves_grpc_and_opens_no_http_port(server_factory, tmp_path) -> None:
+    """KServe's Triton runtime passes `--model-store=/mnt/models --grpc-port=9000
+    --http-port=8080 --allow-grpc=true --allow-http=true`; the gRPC port here is 0 so that
+    the test cannot collide with anything else on the machine."""
+    build_models.build_simple(tmp_path)
+    server = server_factory(
+        [],
+        f"--model-store={tmp_path}",
+        "--grpc-port=0",
+        "--http-port=8080",
+        "--allow-grpc=true",
+        "--allow-http=true",
+    )
+    with grpcclient.InferenceServerClient(server.url) as c:
+        assert c.is_server_ready()
+    assert listening_ports(server.proc.pid) == {server.grpc_port, server.metrics_port}
+    warnings = [line for line in server.log().splitlines() if line.startswith("W")]
+    assert len(warnings) == 1, server.log()
+    assert "ignoring --allow-http=true, --http-port=8080: HTTP/REST is not served" in warnings[0]
+    assert server.terminate() == 0
+
+
+def test_ignored_flags_warn_once_per_reason(server_factory, tmp_path) -> None:
+    build_models.build_simple(tmp_path)
+    server = server_factory(
+        tmp_path,
+        "--trace-config=rate=100",
+        "--trace-level=TIMESTAMPS",
+        "--cache-config=local,size=1048576",
+        "--response-cache-byte-size=1048576",
+        "--pinned-memory-pool-byte-size=0",
+        "--backend-directory=/opt/tritonserver/backends",
+        "--backend-config=tensorflow,version=2",
+        "--allow-client-shm=true",
+        "--allow-http=false",  # what we do anyway: nothing to say
+        "--model-control-mode=EXPLICIT",  # tritonserver's choices are case-insensitive
+        "--load-model=simple",
+    )
+    with grpcclient.InferenceServerClient(server.url) as c:
+        assert c.is_model_ready("simple")
+    warnings = [line for line in server.log().splitlines() if line.startswith("W")]
+    assert server.terminate() == 0
+    expected = [
+        "--trace-config=rate=100, --trace-level=TIMESTAMPS: request tracing",
+        "--cache-config=local,size=1048576, --response-cache-byte-size=1048576: there is no "
+        "response cache",
+        "--pinned-memory-pool-byte-size=0: ONNX Runtime allocates",
+        "--allow-client-shm=true: client shared memory is not served",
+        "--backend-directory=/opt/tritonserver/backends: ONNX Runtime is built in",
+        "--backend-config=tensorflow,version=2 (backend 'tensorflow' is not available)",
+    ]
+    assert len(warnings) == len(expected), "\n".join(warnings)
+    for text in expected:
+        assert sum(text in line for line in warnings) == 1, (text, warnings)
+    assert "allow-http" not in server.log()
+
+
+def test_max_connection_age_closes_connections(server_factory, tmp_path) -> None:
+    """--grpc-max-connection-age: the server sends GOAWAY, the channel goes IDLE and the next
+    call reconnects."""
+    build_models.build_simple(tmp_path)
+    server = server_factory(
+        tmp_path, "--grpc-max-connection-age=300", "--grpc-max-connection-age-grace=100"
+    )
+    states: list[grpc.ChannelConnectivity] = []
+    with grpc.insecure_channel(server.url) as channel:
+        channel.subscribe(states.append, try_to_connect=False)
+        live = channel.unary_unary("/inference.GRPCInferenceService/ServerLive")
+        live(b"", timeout=30)
+        ready, idle = grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.IDLE
+        deadline = time.monotonic() + 10
+        while not (ready in states and idle in states[states.index(ready) :]):
+            assert time.monotonic() < deadline, states  # without the flag: READY for good
+            time.sleep(0.05)
+        live(b"", timeout=30)
+    assert server.terminate() == 0

@@ -322,7 +322,10 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize(
     ("args", "mentions"),
     [
-        (["--model-control-mode=poll"], "poll is not implemented"),
+        (
+            ["--model-control-mode=poll"],
+            "polling is not implemented; use --model-control-mode=explicit",
+        ),
         (["--load-model=simple"], "--load-model needs --model-control-mode=explicit"),
         (["--model-control-mode=none", "--load-model=simple"], "needs --model-control-mode"),
         ([EXPLICIT, "--load-model=*", "--load-model=simple"], "must be the only --load-model"),

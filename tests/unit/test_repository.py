@@ -164,6 +164,35 @@ def test_failing_model_beside_healthy_ones(repo: ModelRepository, loader: FakeLo
     )
 
 
+class FlakyLoader(FakeLoader):
+    """Fails each (model, version) its first `failures` times, then loads it."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+        self.tries: dict[tuple[str, int], int] = {}
+
+    def __call__(self, name, version, config, path, model_dir):  # type: ignore[no-untyped-def]
+        key = (name, version)
+        self.tries[key] = self.tries.get(key, 0) + 1
+        if self.tries[key] <= self.failures:
+            raise RuntimeError(f"flaky try {self.tries[key]}")
+        return super().__call__(name, version, config, path, model_dir)
+
+
+@pytest.mark.parametrize(("retries", "ready"), [(0, False), (1, False), (2, True), (5, True)])
+def test_load_retries(root: Path, retries: int, ready: bool) -> None:
+    """--model-load-retry-count: a version that fails is tried again, up to that many times."""
+    loader = FlakyLoader(failures=2)
+    repo = ModelRepository([root], loader, load_retries=retries)
+    failures = repo.load_models(["simple_int8"])
+    assert repo.is_model_ready("simple_int8", "1") is ready
+    assert loader.tries[("simple_int8", 1)] == min(retries, 2) + 1
+    if not ready:
+        last = min(retries, 2) + 1
+        assert failures == {"simple_int8": f"version 1 is at UNAVAILABLE state: flaky try {last}"}
+
+
 def test_config_failure_is_recorded(root: Path, repo: ModelRepository) -> None:
     (root / "simple_identity" / "config.pbtxt").write_text('backend: "python"\n')
     failures = repo.load_models()

@@ -1,0 +1,202 @@
+"""Logging: tritonserver's line format (or ISO 8601, or JSON lines), its level switches, a file.
+
+Every Python logger goes through the one handler set up here: ours (`tributary.*`), grpcio's
+(`grpc`, `grpc._server`, ...) and any library's, so a log has one format. gRPC core (C++) is
+different: it writes through absl straight to stderr, and grpcio 1.81 has no way to hand its
+messages to Python. So `grpc_core_verbosity` only sets GRPC_VERBOSITY, before grpc is first
+imported, to keep core quiet unless --log-verbose asks for more; core's lines keep their own
+(glog, Triton-like) format and stay on stderr even with --log-file (docs/flags.md).
+
+--log-verbose >= 1 adds one line per request (`RequestLog`); at 0 no `RequestLog` exists and
+the request paths run exactly as without it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pythonjsonlogger.json import JsonFormatter
+
+_LETTER = {
+    logging.DEBUG: "I",  # tritonserver prints its verbose lines as info
+    logging.INFO: "I",
+    logging.WARNING: "W",
+    logging.ERROR: "E",
+    logging.CRITICAL: "E",
+}
+_ESCAPES = str.maketrans({"\n": "\\n", "\r": "\\r"})
+
+
+def grpc_core_verbosity(verbose: int) -> None:
+    """GRPC_VERBOSITY for gRPC core, unless the environment sets it: ERROR up to
+    --log-verbose=1 (level 1 is common in production, and core's INFO starts with a warning
+    that it is not for production), INFO at 2, DEBUG from 3. gRPC reads it once, when grpc is
+    first imported, so this must run before that."""
+    level = "ERROR" if verbose <= 1 else "INFO" if verbose == 2 else "DEBUG"
+    os.environ.setdefault("GRPC_VERBOSITY", level)
+
+
+def _message(record: logging.LogRecord, formatter: logging.Formatter) -> str:
+    """The message on one line (a client-sent name cannot start a fake log line), then any
+    traceback as the logging module writes it."""
+    text = record.getMessage()
+    if "\n" in text or "\r" in text:
+        text = text.translate(_ESCAPES)
+    if record.exc_info and not record.exc_text:
+        record.exc_text = formatter.formatException(record.exc_info)
+    if record.exc_text:
+        text = f"{text}\n{record.exc_text}"
+    if record.stack_info:
+        text = f"{text}\n{formatter.formatStack(record.stack_info)}"
+    return text
+
+
+class TritonFormatter(logging.Formatter):
+    """tritonserver's line: `I1201 17:05:06.123456 1234 tributary.app:214] message`, that is
+    level letter, month and day, UTC time to the microsecond, pid, then where it was logged.
+    Triton names its source file there; we name the logger (which says whose line it is:
+    tributary.*, grpc.*) and the line number. `iso=True` is --log-format=ISO8601:
+    `2024-12-01T17:05:06Z I 1234 tributary.app:214] message`."""
+
+    def __init__(self, iso: bool = False) -> None:
+        super().__init__()
+        self.iso = iso
+
+    def format(self, record: logging.LogRecord) -> str:
+        t = time.gmtime(record.created)
+        letter = _LETTER.get(record.levelno, "I")
+        where = f"{record.process} {record.name}:{record.lineno}]"
+        if self.iso:
+            head = (
+                f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}T"
+                f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}Z {letter}"
+            )
+        else:
+            micros = int(record.created * 1_000_000) % 1_000_000
+            head = (
+                f"{letter}{t.tm_mon:02d}{t.tm_mday:02d} "
+                f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}.{micros:06d}"
+            )
+        return f"{head} {where} {_message(record, self)}"
+
+
+class JsonLinesFormatter(JsonFormatter):
+    """--log-format=json: one object per line, `time` (ISO 8601, UTC, microseconds), `level`,
+    `logger`, `message`, then what the call passed in `extra` (`model`, `request_id`, ...)
+    and `exc_info` for a traceback."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "%(levelname)s %(name)s %(message)s",
+            rename_fields={"levelname": "level", "name": "logger"},
+            json_ensure_ascii=False,
+        )
+
+    def add_fields(
+        self, log_data: dict[str, Any], record: logging.LogRecord, message_dict: dict[str, Any]
+    ) -> None:
+        log_data["time"] = (
+            datetime.fromtimestamp(record.created, tz=UTC).isoformat(timespec="microseconds")[:-6]
+            + "Z"
+        )
+        super().add_fields(log_data, record, message_dict)
+
+
+class LevelSwitch(logging.Filter):
+    """--log-info/--log-warning/--log-error=false drop that level; verbose lines (DEBUG) answer
+    to --log-verbose only, as in tritonserver."""
+
+    def __init__(self, off: set[int]) -> None:
+        super().__init__()
+        self.off = off
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno not in self.off
+
+
+def configure(
+    *,
+    verbose: int = 0,
+    info: bool = True,
+    warning: bool = True,
+    error: bool = True,
+    fmt: str = "default",
+    file: Path | None = None,
+) -> None:
+    """Route every Python logger through one handler: stderr, or `file` (appended)."""
+    handler: logging.Handler
+    if file is not None:
+        handler = logging.FileHandler(file, mode="a", encoding="utf-8")
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonLinesFormatter())
+    else:
+        handler.setFormatter(TritonFormatter(iso=fmt == "ISO8601"))
+    off = set()
+    if not info:
+        off.add(logging.INFO)
+    if not warning:
+        off.add(logging.WARNING)
+    if not error:
+        off |= {logging.ERROR, logging.CRITICAL}
+    if off:
+        handler.addFilter(LevelSwitch(off))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+        old.close()
+    root.addHandler(handler)
+    # Our verbose lines from 1, everyone else's debug lines from 2.
+    root.setLevel(logging.DEBUG if verbose >= 2 else logging.INFO)
+    logging.getLogger("tributary").setLevel(logging.DEBUG if verbose >= 1 else logging.INFO)
+    logging.captureWarnings(True)  # warnings.warn(...) from libraries: same handler, same format
+
+
+def _clip(text: str, limit: int = 256) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}...({len(text) - limit} more)"
+
+
+class RequestLog:
+    """--log-verbose >= 1: one line per request, after it is answered:
+    `ModelInfer model='simple' version='1' id='42' status=OK 183us`
+    (JSON: the same as fields `rpc`, `model`, `version`, `request_id`, `status`,
+    `duration_us`). Client-sent names are quoted with repr and clipped to 256 characters."""
+
+    def __init__(self) -> None:
+        self._log = logging.getLogger("tributary.requests")
+
+    def __call__(
+        self, rpc: str, model: str, version: str, request_id: str, status: str, start_ns: int
+    ) -> None:
+        micros = (time.perf_counter_ns() - start_ns) // 1000
+        model, version, request_id = _clip(model), _clip(version), _clip(request_id)
+        self._log.debug(
+            "%s model=%r version=%r id=%r status=%s %dus",
+            rpc,
+            model,
+            version,
+            request_id,
+            status,
+            micros,
+            extra={
+                "rpc": rpc,
+                "model": model,
+                "version": version,
+                "request_id": request_id,
+                "status": status,
+                "duration_us": micros,
+            },
+        )
+
+    def message(self, rpc: str, request: Any, status: str, start_ns: int) -> None:
+        """For a parsed request of any RPC (or None when it did not parse)."""
+        model = getattr(request, "model_name", None) or getattr(request, "name", "") or ""
+        version = getattr(request, "model_version", None) or getattr(request, "version", "") or ""
+        self(rpc, model, version, getattr(request, "id", "") or "", status, start_ns)
