@@ -53,7 +53,8 @@ lint: install typecheck
 	$(BIN)/ruff check server clients tests scripts benchmarks
 	$(BIN)/ruff format --check server clients tests scripts benchmarks
 
-# mypy, configured in pyproject.toml ([tool.mypy]): strict over the SDK, which ships py.typed.
+# mypy, configured in pyproject.toml ([tool.mypy]): strict over the server and the SDK (which
+# ships py.typed); the generated stubs are excluded.
 typecheck: install
 	$(BIN)/mypy
 

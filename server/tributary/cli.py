@@ -11,6 +11,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from . import flags
 from .options import ServerOptions
@@ -19,7 +20,7 @@ DEFAULT_MAX_BATCH_SIZE = 4
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, then exit 2
+    def error(self, message: str) -> NoReturn:  # one line, then exit 2
         sys.stderr.write(f"tributary: error: {message} (see tributary --help)\n")
         raise SystemExit(2)
 

@@ -84,7 +84,7 @@ class _Capture:
 
     def __init__(self) -> None:
         self.service = ""
-        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+        self.handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
 
     def add_generic_rpc_handlers(self, handlers: Any) -> None:
         pass
@@ -312,6 +312,7 @@ def _reflection(
     info = cap.handlers["ServerReflectionInfo"]
     parse = info.request_deserializer
     serve = info.stream_stream  # the ReflectionServicer's own method
+    assert parse is not None and serve is not None
 
     def reflect(request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> Any:
         try:
@@ -336,9 +337,12 @@ def _reflection(
     _add(server, "grpc.reflection.v1.ServerReflection", dict(cap.handlers))
 
 
-def _add(server: grpc.Server, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+def _add(
+    server: grpc.Server, service: str, handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
+) -> None:
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
-    server.add_registered_method_handlers(service, handlers)
+    # grpcio >= 1.62 API; the grpc-stubs package (last release 1.53) does not know it yet.
+    server.add_registered_method_handlers(service, handlers)  # type: ignore[attr-defined]
 
 
 def register(

@@ -347,7 +347,7 @@ class _LoggedSlot:
     def __init__(self, slot: Slot, request_log: Any) -> None:
         self._slot, self._log, self._start = slot, request_log, time.perf_counter_ns()
 
-    def succeed(self, head: Any, raws: list[object]) -> None:
+    def succeed(self, head: Any, raws: list[bytes | memoryview]) -> None:
         self._slot.succeed(head, raws)
         self._log.message("ModelStreamInfer", head, "OK", self._start)
 
