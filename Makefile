@@ -78,9 +78,15 @@ flags-doc: install
 models: install
 	$(BIN)/python scripts/build_models.py --out model_repository
 
-# Benchmarks need perf_analyzer on PATH or $PERF_ANALYZER (see docs/benchmarks.md).
+# Benchmarks need perf_analyzer: $PERF_ANALYZER, or on PATH, or the perf-analyzer wheel pinned
+# here, installed into .venv. It is pinned here, not by `make lock`, because its wheels need
+# glibc >= 2.38: elsewhere pip finds no such version (docs/benchmarks.md says what to do then).
+PERF_ANALYZER_VERSION := 2.60.0
 bench: install
-	$(BIN)/python benchmarks/run.py
+	@if [ -z "$$PERF_ANALYZER" ] && ! command -v perf_analyzer >/dev/null \
+	    && [ ! -x $(BIN)/perf_analyzer ]; then \
+	  $(BIN)/python -m pip install -q -c constraints.txt perf-analyzer==$(PERF_ANALYZER_VERSION); fi
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python benchmarks/run.py
 
 # Container images (docs/deployment.md): GPU (CUDA 13 + cuDNN 9 base) and CPU-only.
 image:
