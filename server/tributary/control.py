@@ -19,6 +19,7 @@ from google.protobuf import json_format
 
 from tributary_client._proto import model_config_pb2 as mc
 
+from .config import MAX_CONFIG_FILE_BYTES
 from .errors import Internal, InvalidArgument, Unavailable, Unimplemented, shown
 from .repository import ModelRepository
 
@@ -70,6 +71,11 @@ def parse_override(name: str, text: str) -> mc.ModelConfig:
     A bad override is the client's mistake, but Triton reports it as a failed poll and only
     logs the reason; clients (and Triton's own CI) look for both texts.
     """
+    if len(text) > MAX_CONFIG_FILE_BYTES or len(text.encode()) > MAX_CONFIG_FILE_BYTES:
+        raise InvalidArgument(
+            f"config override for model '{shown(name)}' is larger than "
+            f"{MAX_CONFIG_FILE_BYTES} bytes, the limit for a model configuration"
+        )
     try:
         return json_format.Parse(text, mc.ModelConfig())
     except json_format.Error as exc:

@@ -30,7 +30,9 @@ _LETTER = {
     logging.ERROR: "E",
     logging.CRITICAL: "E",
 }
-_ESCAPES = str.maketrans({"\n": "\\n", "\r": "\\r"})
+MAX_MESSAGE_CHARS = 8192
+"""A message longer than this is cut (tracebacks are not): configs and load errors can echo
+what a client sent, and one request must not be able to write megabytes into the log."""
 
 
 def grpc_core_verbosity(verbose: int) -> None:
@@ -42,12 +44,27 @@ def grpc_core_verbosity(verbose: int) -> None:
     os.environ.setdefault("GRPC_VERBOSITY", level)
 
 
+def clip_message(text: str) -> str:
+    if len(text) <= MAX_MESSAGE_CHARS:
+        return text
+    return f"{text[:MAX_MESSAGE_CHARS]}...({len(text) - MAX_MESSAGE_CHARS} more characters)"
+
+
+def one_line(text: str) -> str:
+    """`text` clipped to MAX_MESSAGE_CHARS, with every non-printable character escaped as
+    Python writes it in a repr (\\n, \\x1b, \\u2028, ...): a client-sent name can neither
+    start a line that looks like ours (newlines, and the separators str.splitlines() also
+    honours) nor send escape sequences to an operator's terminal."""
+    text = clip_message(text)
+    if text.isprintable():  # the common case: one C-level scan
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _message(record: logging.LogRecord, formatter: logging.Formatter) -> str:
-    """The message on one line (a client-sent name cannot start a fake log line), then any
-    traceback as the logging module writes it."""
-    text = record.getMessage()
-    if "\n" in text or "\r" in text:
-        text = text.translate(_ESCAPES)
+    """The message on one line (`one_line`), then any traceback as the logging module writes
+    it."""
+    text = one_line(record.getMessage())
     if record.exc_info and not record.exc_text:
         record.exc_text = formatter.formatException(record.exc_info)
     if record.exc_text:
@@ -95,7 +112,9 @@ class JsonLinesFormatter(JsonFormatter):
         super().__init__(
             "%(levelname)s %(name)s %(message)s",
             rename_fields={"levelname": "level", "name": "logger"},
-            json_ensure_ascii=False,
+            # ASCII only: JSON itself escapes control characters, and this escapes the line
+            # separators (U+2028, U+0085) that some log readers split on.
+            json_ensure_ascii=True,
         )
 
     def add_fields(
@@ -106,6 +125,9 @@ class JsonLinesFormatter(JsonFormatter):
             + "Z"
         )
         super().add_fields(log_data, record, message_dict)
+        message = log_data.get("message")
+        if isinstance(message, str) and len(message) > MAX_MESSAGE_CHARS:
+            log_data["message"] = clip_message(message)  # escaping is JSON's job
 
 
 class LevelSwitch(logging.Filter):
@@ -132,7 +154,9 @@ def configure(
     """Route every Python logger through one handler: stderr, or `file` (appended)."""
     handler: logging.Handler
     if file is not None:
-        handler = logging.FileHandler(file, mode="a", encoding="utf-8")
+        # backslashreplace: a name that is not valid UTF-8 (a directory named with a stray
+        # byte) is written escaped, rather than the line being lost to an encoding error.
+        handler = logging.FileHandler(file, mode="a", encoding="utf-8", errors="backslashreplace")
     else:
         handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":

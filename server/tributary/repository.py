@@ -184,7 +184,9 @@ class ModelRepository:
         model_dir = self._scan().get(name)
         if model_dir is None:
             log.error("failed to load model '%s': no such directory", name, extra={"model": name})
-            raise Internal(f"failed to load '{name}', failed to poll from model repository")
+            raise Internal(
+                f"failed to load '{shown_name(name)}', failed to poll from model repository"
+            )
         with self._op_lock(name):
             seen: mc.ModelConfig | None = None  # the most complete config we got, for display
             try:
@@ -297,7 +299,7 @@ class ModelRepository:
             if record is None:
                 if name in self._scan():
                     return  # in the repository but never loaded: nothing to do
-                raise InvalidArgument(f"failed to unload '{name}', model is not found")
+                raise InvalidArgument(f"failed to unload '{shown_name(name)}', model is not found")
             self._close_all(to_close, timeout)
             with self._lock:
                 self._finish_unload(record)

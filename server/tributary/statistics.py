@@ -11,7 +11,7 @@ from typing import Any
 from tributary_client._proto import grpc_service_pb2 as pb
 
 from .config import parse_version
-from .errors import InferenceError, InvalidArgument
+from .errors import InferenceError, InvalidArgument, shown
 from .repository import ModelRepository
 from .stats import Duration, StatsSnapshot
 
@@ -59,7 +59,7 @@ def statistics_response(repo: ModelRepository, name: str, version: str) -> Any:
         try:
             models = repo.ready_versions(name)
         except InferenceError:
-            raise InvalidArgument(f"requested model '{name}' is not available") from None
+            raise InvalidArgument(f"requested model '{shown(name)}' is not available") from None
         if version:
             try:
                 wanted = parse_version(version, name)
@@ -68,10 +68,10 @@ def statistics_response(repo: ModelRepository, name: str, version: str) -> Any:
             models = [m for m in models if m.version == wanted]
             if not models:
                 raise InvalidArgument(
-                    f"requested model version is not available for model '{name}'"
+                    f"requested model version is not available for model '{shown(name)}'"
                 )
         elif not models:
-            raise InvalidArgument(f"requested model '{name}' is not available")
+            raise InvalidArgument(f"requested model '{shown(name)}' is not available")
     models = sorted(models, key=lambda m: (m.name, m.version))
     return pb.ModelStatisticsResponse(
         model_stats=[to_proto(m.stats.snapshot()) for m in models]  # type: ignore[attr-defined]

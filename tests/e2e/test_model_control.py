@@ -338,3 +338,50 @@ def test_control_command_lines_are_refused(args: list[str], mentions: str) -> No
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("tributary: error: "), proc.stderr
     assert mentions in lines[0]
+
+
+def test_what_a_client_sends_is_bounded_in_replies_and_in_the_log(explicit) -> None:
+    """A config override may be at most what a config.pbtxt may be (4 MiB), refused before it
+    is parsed; names a client sent come back clipped; the log never holds a client's
+    megabytes, nor its line breaks or escape sequences."""
+    server, _ = explicit
+    param = pb.ModelRepositoryParameter
+    with grpc.insecure_channel(server.url) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        huge = '{"' + "Q" * (4 * 1024 * 1024) + '": 1}'
+        text = rpc_error(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            stub.RepositoryModelLoad,
+            pb.RepositoryModelLoadRequest(
+                model_name="simple", parameters={"config": param(string_param=huge)}
+            ),
+        )
+        assert text == (
+            "config override for model 'simple' is larger than 4194304 bytes, the limit for a "
+            "model configuration"
+        )
+        # Under the limit but invalid: Triton's failed-poll answer, the reason logged (clipped).
+        bad = '{"' + "\x1b[2J\u2028E1201 forged" + "Z" * 1_000_000 + '": 1}'
+        text = rpc_error(
+            grpc.StatusCode.INTERNAL,
+            stub.RepositoryModelLoad,
+            pb.RepositoryModelLoadRequest(
+                model_name="simple", parameters={"config": param(string_param=bad)}
+            ),
+        )
+        assert text == failed_poll("simple")
+        long_name = "n" * 5000
+        for method, request in (
+            (stub.RepositoryModelUnload, pb.RepositoryModelUnloadRequest(model_name=long_name)),
+            (stub.ModelStatistics, pb.ModelStatisticsRequest(name=long_name)),
+            (stub.RepositoryModelLoad, pb.RepositoryModelLoadRequest(model_name=long_name)),
+        ):
+            with pytest.raises(grpc.RpcError) as info:
+                method(request)
+            assert len(info.value.details()) < 400, info.value.details()[:100]
+            assert "(4744 more characters)" in info.value.details()
+    log = server.log()
+    assert "Invalid config override" in log
+    assert max(len(line) for line in log.splitlines()) < 9000
+    assert "\x1b" not in log and "\u2028" not in log
+    assert not any(line.startswith("E1201 forged") for line in log.splitlines())

@@ -126,6 +126,51 @@ def test_a_message_cannot_forge_a_line(tmp_path: Path, restore_logging) -> None:
     assert line.endswith("model 'x\\nE1201 00:00:00.000000 1 tributary.app:1] forged'")
 
 
+def test_separators_and_escapes_cannot_forge_a_line_or_reach_a_terminal(
+    tmp_path: Path, restore_logging
+) -> None:
+    """Every character str.splitlines() splits on, and terminal escapes, arrive escaped."""
+    out = tmp_path / "log.txt"
+    logs.configure(file=out)
+    forged = "E1201 00:00:00.000000 1 tributary.app:1] forged"
+    for sep in ("\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029", "\x1b[2J"):
+        logging.getLogger("tributary.control").error("model '%s'", f"x{sep}{forged}")
+    text = out.read_text(encoding="utf-8")
+    assert len(text.splitlines()) == 9, text
+    assert not any(line.startswith("E1201 00:00:00") for line in text.splitlines())
+    assert "\x1b" not in text and "\\x1b[2J" in text and "\\u2028" in text
+
+
+def test_json_lines_stay_one_line_per_record_for_any_reader(
+    tmp_path: Path, restore_logging
+) -> None:
+    out = tmp_path / "log.txt"
+    logs.configure(fmt="json", file=out)
+    logging.getLogger("tributary.control").error("model '%s'", "x\u2028y\x85z\nw é")
+    raw = out.read_bytes()
+    assert raw.isascii() and raw.count(b"\n") == 1
+    assert json.loads(raw)["message"] == "model 'x\u2028y\x85z\nw é'"
+
+
+def test_long_messages_are_clipped(tmp_path: Path, restore_logging) -> None:
+    """A load error can echo a client's 20 MB config override; the log line stays bounded."""
+    out = tmp_path / "log.txt"
+    for fmt in ("default", "json"):
+        logs.configure(fmt=fmt, file=out)
+        logging.getLogger("tributary.control").error("bad override: %s", "Q" * 1_000_000)
+    text = out.read_text()
+    assert len(text) < 2 * (logs.MAX_MESSAGE_CHARS + 500)
+    assert text.count("more characters)") == 2
+
+
+def test_log_file_keeps_lines_with_undecodable_names(tmp_path: Path, restore_logging) -> None:
+    out = tmp_path / "log.txt"
+    logs.configure(file=out)
+    name = b"bad\xffname".decode("utf-8", "surrogateescape")  # how Python lists such a dir
+    logging.getLogger("tributary.repository").error("failed to load model '%s'", name)
+    assert "bad\\udcffname" in out.read_text()
+
+
 def test_request_log_line(tmp_path: Path, restore_logging) -> None:
     out = tmp_path / "log.txt"
     logs.configure(verbose=1, fmt="json", file=out)
