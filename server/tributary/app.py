@@ -347,5 +347,31 @@ def run(options: ServerOptions) -> int:
     if server is None:
         return 1
     stop.wait()
+    _exit_watchdog(options.exit_timeout_secs)
     server.stop()
     return 0
+
+
+EXIT_GRACE_S = 2.0
+"""Beyond --exit-timeout-secs, time for unloading and flushing the log before exit is forced."""
+
+
+def _exit_watchdog(timeout_s: float) -> None:
+    """--exit-timeout-secs bounds the whole shutdown, as in tritonserver: the drain gives up
+    on in-flight work at the deadline, but a thread still inside ONNX Runtime would then hold
+    the interpreter's exit (it joins every worker) until the run finished, seconds or minutes
+    later. A daemon timer that outlives that join ends the process with status 1, after one
+    log line that says so."""
+
+    def force_exit() -> None:
+        log.error(
+            "exit timeout of %.0fs expired with inference still running; exiting now",
+            timeout_s,
+        )
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os._exit(1)
+
+    timer = threading.Timer(timeout_s + EXIT_GRACE_S, force_exit)
+    timer.daemon = True
+    timer.start()

@@ -256,7 +256,7 @@ FLAGS: tuple[Flag, ...] = (
         "--exit-timeout-secs",
         SERVER,
         "on SIGTERM/SIGINT, how long in-flight requests may take to finish before the server "
-        "exits anyway (default: 30)",
+        "exits anyway, with status 1 if work was still running (default: 30)",
         type=nonneg,
         default=30,
         metavar="SECS",

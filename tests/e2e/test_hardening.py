@@ -237,6 +237,58 @@ def test_sigterm_with_idle_streams_exits_promptly(server_factory) -> None:
         channel.close()
 
 
+def _slow_model_repository(root, matmuls: int = 150, n: int = 2048):
+    """A model that computes for tens of seconds: its one input (shape [1]) is expanded to an
+    n x n matrix that is multiplied by itself `matmuls` times, then summed to one number."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    nodes = [
+        helper.make_node("Expand", ["X", "shape"], ["m0"]),
+        *(helper.make_node("MatMul", [f"m{i}", "m0"], [f"m{i + 1}"]) for i in range(matmuls)),
+        helper.make_node("ReduceSum", [f"m{matmuls}"], ["Y"], keepdims=0),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "slow",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [])],
+        [helper.make_tensor("shape", TensorProto.INT64, [2], [n, n])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    (root / "slow" / "1").mkdir(parents=True)
+    onnx.save(model, root / "slow" / "1" / "model.onnx")
+    (root / "slow" / "config.pbtxt").write_text(
+        "max_batch_size: 0\ninstance_group [{ kind: KIND_CPU, count: 1 }]\n"
+    )
+    return root
+
+
+def test_exit_timeout_bounds_shutdown_even_while_a_model_computes(server_factory, tmp_path) -> None:
+    """--exit-timeout-secs is a promise about the whole exit: a run still inside ONNX Runtime
+    at the deadline must not hold the process (it used to, for as long as the run took)."""
+    srv = server_factory(_slow_model_repository(tmp_path / "models"), "--exit-timeout-secs", "1")
+    channel = grpc.insecure_channel(srv.url)
+    try:
+        request = pb.ModelInferRequest(model_name="slow")
+        tensor = request.inputs.add(name="X", datatype="FP32", shape=[1])
+        tensor.contents.fp32_contents.append(1.0)
+        future = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer.future(request, timeout=120)
+        time.sleep(1.0)  # the request is now inside ONNX Runtime (a run takes tens of seconds)
+        assert not future.done()
+        t0 = time.monotonic()
+        code = srv.terminate(timeout=60)
+        took = time.monotonic() - t0
+        assert took < 1 + 2 + 3, f"exit took {took:.1f}s with --exit-timeout-secs=1"
+        assert code == 1  # forced: work was abandoned
+        with pytest.raises(grpc.RpcError):
+            future.result(timeout=10)
+    finally:
+        channel.close()
+    assert "exit timeout of 1s expired with inference still running; exiting now" in srv.log()
+
+
 # -- 5. undecodable requests ------------------------------------------------------------------
 
 
