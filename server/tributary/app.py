@@ -294,7 +294,12 @@ def start(options: ServerOptions) -> Server | None:
     )
     if running.metrics is not None:
         log.info("Started Metrics Service at %s:%d", options.metrics_address, running.metrics.port)
-    _announce(running)
+    try:
+        _announce(running)
+    except OSError as exc:  # checked by the parser, but the disk has its say
+        log.error("could not write --port-file %s: %s", options.port_file, exc)
+        running.stop()
+        return None
     return running
 
 

@@ -11,6 +11,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import NoReturn
 
 from . import flags
@@ -76,6 +77,26 @@ def _backend_config(entries: list[str], parser: argparse.ArgumentParser) -> tupl
     return default_mbs, warnings
 
 
+MAX_PEM_BYTES = 1024 * 1024
+
+
+def _pem_problem(path: Path) -> str | None:
+    """Why a TLS file cannot be used, checked before any model loads; None when it looks
+    like PEM. (gRPC itself only finds out when the port is bound, and then says "failed to
+    bind", which points at the wrong thing.)"""
+    try:
+        if not path.is_file():
+            return "not a readable file"
+        if path.stat().st_size > MAX_PEM_BYTES:
+            return f"larger than {MAX_PEM_BYTES} bytes, not a certificate or key"
+        data = path.read_bytes()
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    if b"-----BEGIN " not in data:
+        return "not PEM (no '-----BEGIN' line)"
+    return None
+
+
 def parse_args(argv: Sequence[str] | None = None) -> ServerOptions:
     parser = build_parser()
     a = parser.parse_args(argv)
@@ -97,10 +118,22 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerOptions:
     for path in a.model_repository:
         if not path.is_dir():
             parser.error(f"model repository '{path}' is not a directory")
-    if a.log_file is not None:
-        folder = a.log_file.parent
-        if a.log_file.is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK):
-            parser.error(f"--log-file '{a.log_file}': not a file in a writable directory")
+    for flag, target in (("--log-file", a.log_file), ("--port-file", a.port_file)):
+        if target is None or str(target) == "-":
+            continue
+        folder = target.parent
+        if target.is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK):
+            parser.error(f"{flag} '{target}': not a file in a writable directory")
+    if a.grpc_use_ssl or a.grpc_use_ssl_mutual:
+        for flag, pem in (
+            ("--grpc-server-cert", a.grpc_server_cert),
+            ("--grpc-server-key", a.grpc_server_key),
+            ("--grpc-root-cert", a.grpc_root_cert),
+        ):
+            if pem is not None:
+                problem = _pem_problem(pem)
+                if problem:
+                    parser.error(f"{flag} '{pem}': {problem}")
     default_mbs, backend_warnings = _backend_config(a.backend_config, parser)
     if a.strict_model_config:
         warnings.append(

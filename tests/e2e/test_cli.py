@@ -242,3 +242,49 @@ def test_max_connection_age_closes_connections(server_factory, tmp_path) -> None
             time.sleep(0.05)
         live(b"", timeout=30)
     assert server.terminate() == 0
+
+
+def test_tls_files_and_port_file_are_checked_before_anything_loads(tmp_path: Path) -> None:
+    """A missing, unreadable or non-PEM TLS file used to surface as a traceback (missing) or
+    as 'could not bind gRPC port' (garbage); an unwritable --port-file as a traceback after
+    serving had started. Each is now one line naming the flag, exit 2."""
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_bytes(b"not a certificate")
+    pem = tmp_path / "fake.pem"
+    pem.write_text("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
+    repo = ["--model-repository", str(MODEL_REPOSITORY)]
+    ssl = ["--grpc-use-ssl=true"]
+    cases = [
+        (
+            [*ssl, f"--grpc-server-cert={tmp_path}/missing.pem", f"--grpc-server-key={pem}"],
+            "--grpc-server-cert",
+            "not a readable file",
+        ),
+        (
+            [*ssl, f"--grpc-server-cert={pem}", f"--grpc-server-key={garbage}"],
+            "--grpc-server-key",
+            "not PEM",
+        ),
+        (
+            [*ssl, f"--grpc-server-cert={pem}", f"--grpc-server-key={tmp_path}"],
+            "--grpc-server-key",
+            "not a readable file",
+        ),
+        (
+            [
+                "--grpc-use-ssl-mutual=true",
+                f"--grpc-server-cert={pem}",
+                f"--grpc-server-key={pem}",
+                f"--grpc-root-cert={garbage}",
+            ],
+            "--grpc-root-cert",
+            "not PEM",
+        ),
+        (["--port-file=/no/such/dir/ports.json"], "--port-file", "writable directory"),
+        ([f"--port-file={tmp_path}"], "--port-file", "writable directory"),
+    ]
+    for args, flag, why in cases:
+        proc = run_cli(*repo, *args)
+        assert proc.returncode == 2, (args, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and flag in lines[0] and why in lines[0], (args, proc.stderr)
