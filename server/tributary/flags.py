@@ -339,7 +339,9 @@ FLAGS: tuple[Flag, ...] = (
     _impl(
         "--strict-readiness",
         REPOSITORY,
-        "ready only while every model is ready; false: ready whenever the server answers",
+        "ready only while every model is ready and at least one is loaded (tritonserver is "
+        "also ready with none loaded, e.g. explicit mode before a load); false: ready "
+        "whenever the server answers",
         **_bool_flag(True),
     ),
     _impl(
@@ -805,8 +807,11 @@ FLAGS: tuple[Flag, ...] = (
         default="off",
         metavar="{off,execution_count}",
         rule=Rule(
-            IGNORED,
-            WHY_RATE_LIMIT,
+            REFUSED,
+            "there is no rate limiter, and running without it would let every instance of "
+            "every model execute at once, which is what a user who sets it wants to prevent "
+            "(e.g. models sharing one GPU's memory); bound concurrency with instance_group "
+            "counts, or drop the flag",
             values="execution_count",
             applies=lambda v: v == "execution_count",
         ),

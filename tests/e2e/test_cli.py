@@ -135,6 +135,7 @@ def test_a_taken_port_fails_in_one_line_before_loading_models(server) -> None:
         ("--model-namespacing=true", "distinct names"),
         ("--allow-sagemaker=true", "gRPC endpoint"),
         ("--allow-vertex-ai=true", "gRPC endpoint"),
+        ("--rate-limit=execution_count", "instance_group counts"),
     ],
 )
 def test_refused_flags_say_why_in_one_line(flag: str, why: str) -> None:

@@ -94,7 +94,7 @@ VALUES = {
     "trace-config": "triton,file=/tmp/trace.json",
     "cache-config": "local,size=1048576",
     "cache-directory": "/opt/tritonserver/caches",
-    "rate-limit": "execution_count",
+    "rate-limit": "off",
     "rate-limit-resource": "R1:10:0",
     "pinned-memory-pool-byte-size": "268435456",
     "cuda-memory-pool-byte-size": "0:67108864",
@@ -186,7 +186,7 @@ def test_tritonservers_whole_command_line_parses(tmp_path: Path) -> None:
     for flag in flags.FLAGS:
         if flag.status == flags.IGNORED and flag.name[2:] in TRITONSERVER_FLAGS:
             assert warned.count(f"{flag.name}=") == 1, flag.name
-    assert "--rate-limit=execution_count" in warned
+    assert "--rate-limit-resource=R1:10:0" in warned
     assert len(options.warnings) == len({w.split(": ", 1)[-1] for w in options.warnings})
 
 
