@@ -29,7 +29,7 @@ from tributary_client._proto import grpc_service_pb2 as pb
 from tributary_client._proto import health_pb2 as _health_in_pool  # noqa: F401 - registers it
 from tributary_client._proto._pool import POOL
 
-from .backends.onnxruntime import gpu_count
+from .backends.onnxruntime import cpu_count, gpu_count
 from .errors import InferenceError
 from .logs import RequestLog, configure
 from .model import build_loader
@@ -188,7 +188,7 @@ def start(options: ServerOptions) -> Server | None:
     be bound, said in one line before any model loads; or models failed to load)."""
     started = time.monotonic()
     gpus = gpu_count()
-    log.info("tributary starting: %d GPU(s), %d CPU core(s)", gpus, os.cpu_count() or 1)
+    log.info("tributary starting: %d GPU(s), %d CPU(s) available", gpus, cpu_count())
     try:
         repository = ModelRepository(
             options.model_repositories,

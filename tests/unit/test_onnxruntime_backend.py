@@ -223,3 +223,29 @@ def test_gpu_count_from_device_nodes(monkeypatch):
     assert backend.gpu_count() == 2
     monkeypatch.setattr(backend.glob, "glob", lambda pattern: [])
     assert backend.gpu_count() == 0
+
+
+def _cgroup(tmp_path, files: dict[str, str]):
+    for name, text in files.items():
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return str(tmp_path)
+
+
+def test_cpu_count_follows_a_cgroup_quota(tmp_path) -> None:
+    """A pod limited to 1.5 CPUs on a bigger node gets 2 threads' worth, not the node's count."""
+    from tributary.backends.onnxruntime import _cgroup_quota, cpu_count
+
+    assert _cgroup_quota(_cgroup(tmp_path / "v2", {"cpu.max": "150000 100000\n"})) == 2
+    assert _cgroup_quota(_cgroup(tmp_path / "v2max", {"cpu.max": "max 100000\n"})) is None
+    v1 = {"cpu/cpu.cfs_quota_us": "300000\n", "cpu/cpu.cfs_period_us": "100000\n"}
+    assert _cgroup_quota(_cgroup(tmp_path / "v1", v1)) == 3
+    unlimited = {"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}
+    assert _cgroup_quota(_cgroup(tmp_path / "v1none", unlimited)) is None
+    assert _cgroup_quota(_cgroup(tmp_path / "junk", {"cpu.max": "lots\n"})) is None
+    assert _cgroup_quota(str(tmp_path / "absent")) is None
+    affinity = len(__import__("os").sched_getaffinity(0))
+    one = _cgroup(tmp_path / "one", {"cpu.max": "50000 100000\n"})
+    assert cpu_count(one) == 1
+    assert cpu_count(str(tmp_path / "absent")) == affinity

@@ -5,8 +5,8 @@ Why it looks like this:
   runs one batch at a time and `InferenceSession.run` releases the GIL while it computes.
 - Thread defaults must not oversubscribe: ORT's default intra-op pool spins and takes every
   core per session; with several instances on a 2-core box that burns CPU for nothing. Unless
-  the config says otherwise we split the machine's cores across the model's CPU instances and
-  turn spinning off.
+  the config says otherwise we split the CPUs this process may use (`cpu_count`: affinity and
+  cgroup quota) across the model's CPU instances and turn spinning off.
 - onnxruntime-gpu lists CUDA/TensorRT providers even on machines without a GPU and silently
   falls back to CPU when they fail to initialise. So GPUs are counted from the
   machine (NVML or /dev/nvidiaN), and after creating a session we compare `get_providers()`
@@ -51,6 +51,46 @@ _TRT_OPTIONS = {
     "max_partition_iterations": "trt_max_partition_iterations",
     "minimum_subgraph_size": "trt_min_subgraph_size",
 }
+
+
+def cpu_count(cgroup_root: str = "/sys/fs/cgroup") -> int:
+    """CPUs this process may use: its affinity mask (taskset, cpusets), capped by a cgroup CPU
+    quota (a Kubernetes `limits.cpu`, `docker run --cpus`), rounded up, at least 1.
+
+    `os.cpu_count()` counts the host's CPUs: in a pod limited to 2 CPUs on a 64-core node it
+    says 64, and sessions sized from it would run 64 intra-op threads against a 2-CPU quota,
+    to be throttled by the kernel."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    quota = _cgroup_quota(cgroup_root)
+    if quota is not None:
+        cpus = min(cpus, quota)
+    return max(1, cpus)
+
+
+def _cgroup_quota(root: str) -> int | None:
+    """The CPU quota in whole CPUs (rounded up), from cgroup v2 `cpu.max` or v1
+    `cpu.cfs_quota_us`/`cpu.cfs_period_us`; None when there is none or it cannot be read."""
+    try:
+        with open(os.path.join(root, "cpu.max")) as f:
+            quota, _, period = f.read().strip().partition(" ")
+        if quota != "max":
+            return -(-int(quota) // int(period or "100000"))
+        return None
+    except (OSError, ValueError):
+        pass
+    try:
+        with open(os.path.join(root, "cpu", "cpu.cfs_quota_us")) as f:
+            quota_us = int(f.read().strip())
+        with open(os.path.join(root, "cpu", "cpu.cfs_period_us")) as f:
+            period_us = int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+    if quota_us <= 0 or period_us <= 0:
+        return None
+    return -(-quota_us // period_us)
 
 
 def gpu_count() -> int:
@@ -128,7 +168,7 @@ def session_options(config: Any, cpu_instances: int, cores: int | None = None) -
     so.graph_optimization_level = getattr(
         ort.GraphOptimizationLevel, _GRAPH_LEVELS.get(level, "ORT_ENABLE_ALL")
     )
-    cores = cores or os.cpu_count() or 1
+    cores = cores or cpu_count()
     intra = _param(config, "intra_op_thread_count")
     so.intra_op_num_threads = (
         int(intra) if intra not in (None, "") else max(1, cores // max(1, cpu_instances))
