@@ -209,6 +209,58 @@ def parse_server_args(args: list[str]):
         return cli.parse_args(swapped), repos
 
 
+# What KServe does to a predictor pod's annotations, from kserve/kserve at the commit the CRD
+# schemas come from (tests/schemas/README.md):
+# - pkg/controller/v1beta1/inferenceservice/components/predictor.go, buildObjectMeta: the pod
+#   template gets the union of the runtime's spec.annotations, the InferenceService's
+#   metadata.annotations and spec.predictor.annotations, later ones winning;
+# - pkg/webhook/admission/pod/metrics_aggregate_injector.go, InjectMetricsAggregator: when
+#   serving.kserve.io/enable-prometheus-scraping is absent the pod gets the cluster default
+#   (inferenceservice-config, metricsAggregator.enablePrometheusScraping); when it is "true" the
+#   webhook overwrites prometheus.io/port with queue-proxy's port (9091, or the aggregation port
+#   9088 with serving.kserve.io/enable-metric-aggregation) and prometheus.io/path with /metrics.
+#   It never sets prometheus.io/scrape. Queue-proxy exists only in Knative (Serverless) mode.
+KSERVE_SCRAPING = "serving.kserve.io/enable-prometheus-scraping"
+KSERVE_AGGREGATION = "serving.kserve.io/enable-metric-aggregation"
+QUEUE_PROXY_METRICS_PORT = "9091"
+QUEUE_PROXY_AGGREGATE_PORT = "9088"
+
+
+def kserve_pod_annotations(
+    runtime: dict[str, Any],
+    isvc: dict[str, Any],
+    cluster_scraping_default: str = "false",
+    cluster_aggregation_default: str = "false",
+) -> dict[str, str]:
+    """The annotations a predictor pod of `isvc` served by `runtime` ends up with."""
+    pod = {
+        **runtime["spec"].get("annotations", {}),
+        **isvc["metadata"].get("annotations", {}),
+        **isvc["spec"]["predictor"].get("annotations", {}),
+    }
+    pod.setdefault(KSERVE_AGGREGATION, cluster_aggregation_default)
+    pod.setdefault(KSERVE_SCRAPING, cluster_scraping_default)
+    if pod[KSERVE_SCRAPING] == "true":
+        aggregate = pod[KSERVE_AGGREGATION] == "true"
+        pod["prometheus.io/port"] = (
+            QUEUE_PROXY_AGGREGATE_PORT if aggregate else QUEUE_PROXY_METRICS_PORT
+        )
+        pod["prometheus.io/path"] = "/metrics"
+    return pod
+
+
+def prometheus_scrape_target(annotations: dict[str, str]) -> tuple[int, str] | None:
+    """(port, path) that a Prometheus scraping pods by their prometheus.io/* annotations (the
+    prometheus-community `prometheus` chart's kubernetes-pods job) reads, or None when it skips
+    the pod: it keeps only prometheus.io/scrape "true", and needs a numeric port."""
+    if annotations.get("prometheus.io/scrape") != "true":
+        return None
+    port = annotations.get("prometheus.io/port", "")
+    if not port.isdigit():
+        return None
+    return int(port), annotations.get("prometheus.io/path", "/metrics")
+
+
 def project_version() -> str:
     return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
 

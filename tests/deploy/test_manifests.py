@@ -15,7 +15,11 @@ import pytest
 import yaml
 from deploy_checks import (
     CRD_SCHEMAS,
+    KSERVE_AGGREGATION,
+    KSERVE_SCRAPING,
     KUBERNETES_VERSIONS,
+    QUEUE_PROXY_AGGREGATE_PORT,
+    QUEUE_PROXY_METRICS_PORT,
     ROOT,
     Document,
     container_port,
@@ -23,10 +27,12 @@ from deploy_checks import (
     custom_errors,
     find,
     is_custom,
+    kserve_pod_annotations,
     load_documents,
     parse_server_args,
     pod_spec,
     project_version,
+    prometheus_scrape_target,
     schema_errors,
     strict_schema,
     tributary_containers,
@@ -346,14 +352,18 @@ def test_hpa_scales_the_deployment_through_the_adapter_rule() -> None:
     assert "<<.Series>>" in rule["metricsQuery"] and "<<.GroupBy>>" in rule["metricsQuery"]
 
 
-def test_inference_service_scales_with_keda_on_queue_depth() -> None:
+def _autoscaled_isvc() -> dict:
     scaled = [
         d
         for d in find(DOCS, "InferenceService")
         if d.body["metadata"].get("annotations", {}).get("serving.kserve.io/autoscalerClass")
     ]
     assert len(scaled) == 1
-    isvc = scaled[0].body
+    return copy.deepcopy(scaled[0].body)
+
+
+def test_inference_service_scales_with_keda_on_queue_depth() -> None:
+    isvc = _autoscaled_isvc()
     annotations = isvc["metadata"]["annotations"]
     assert annotations["serving.kserve.io/autoscalerClass"] == "keda"
     assert annotations["serving.kserve.io/deploymentMode"] in ("Standard", "RawDeployment")
@@ -364,9 +374,75 @@ def test_inference_service_scales_with_keda_on_queue_depth() -> None:
     external = metric["external"]
     assert external["metric"]["backend"] == "prometheus"
     assert external["target"]["type"] == "Value" and float(external["target"]["value"]) > 0
+    # KServe's KEDA reconciler copies only the stabilization windows from autoScaling.behavior;
+    # policies would be dropped without a word. The windows match the plain ScaledObject's.
+    (scaled,) = find(DOCS, "ScaledObject")
+    plain = scaled.body["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
+    behavior = predictor["autoScaling"]["behavior"]
+    for direction in ("scaleUp", "scaleDown"):
+        assert set(behavior[direction]) == {"stabilizationWindowSeconds"}, behavior
+        window = behavior[direction]["stabilizationWindowSeconds"]
+        assert window == plain[direction]["stabilizationWindowSeconds"]
     # KServe names the predictor Deployment <isvc>-predictor.
     name = isvc["metadata"]["name"]
     _check_query(external["metric"]["query"], isvc["metadata"]["namespace"], f"{name}-predictor")
+
+
+def _runtime_and_metrics_port() -> tuple[dict, int]:
+    (runtime,) = find(DOCS, "ClusterServingRuntime")
+    (container,) = tributary_containers(runtime)
+    return copy.deepcopy(runtime.body), parse_server_args(container["args"])[0].metrics_port
+
+
+@pytest.mark.parametrize("cluster_default", ["false", "true"])
+def test_prometheus_scrapes_the_autoscaled_predictor(cluster_default: str) -> None:
+    """KEDA's query has series only if Prometheus scrapes the predictor pods' metrics port.
+    Whatever the cluster's enablePrometheusScraping default, KServe must leave the pods with
+    prometheus.io/scrape "true" and the server's metrics port (Standard mode runs no
+    queue-proxy, so KServe's 9091/9088 would be a dead target)."""
+    runtime, metrics_port = _runtime_and_metrics_port()
+    isvc = _autoscaled_isvc()
+    pod = kserve_pod_annotations(runtime, isvc, cluster_scraping_default=cluster_default)
+    assert prometheus_scrape_target(pod) == (metrics_port, "/metrics"), pod
+
+
+@pytest.mark.parametrize("doc", find(DOCS, "InferenceService"), ids=lambda d: d.id)
+def test_every_predictor_is_scraped_on_the_metrics_port(doc: Document) -> None:
+    runtime, metrics_port = _runtime_and_metrics_port()
+    pod = kserve_pod_annotations(runtime, doc.body)
+    assert prometheus_scrape_target(pod) == (metrics_port, "/metrics"), pod
+    # prometheus.kserve.io/*: where queue-proxy's metric aggregation (Serverless mode) reads.
+    assert pod["prometheus.kserve.io/port"] == str(metrics_port)
+
+
+def test_the_scrape_check_fails_without_the_annotations() -> None:
+    runtime, metrics_port = _runtime_and_metrics_port()
+    isvc = _autoscaled_isvc()
+    assert prometheus_scrape_target(kserve_pod_annotations(runtime, isvc, "true")) is not None
+
+    # Without the pin, a cluster default of "true" moves the port to queue-proxy's.
+    unpinned = copy.deepcopy(isvc)
+    del unpinned["metadata"]["annotations"][KSERVE_SCRAPING]
+    assert prometheus_scrape_target(kserve_pod_annotations(runtime, unpinned, "false"))
+    assert prometheus_scrape_target(kserve_pod_annotations(runtime, unpinned, "true")) == (
+        int(QUEUE_PROXY_METRICS_PORT),
+        "/metrics",
+    )
+    # What KServe's own docs suggest, in Standard mode: the same dead port, still no scrape.
+    enabled = copy.deepcopy(isvc)
+    enabled["metadata"]["annotations"][KSERVE_SCRAPING] = "true"
+    enabled["metadata"]["annotations"][KSERVE_AGGREGATION] = "true"
+    target = prometheus_scrape_target(kserve_pod_annotations(runtime, enabled))
+    assert target == (int(QUEUE_PROXY_AGGREGATE_PORT), "/metrics")
+    # Only prometheus.kserve.io/* (where metrics are, for KServe): Prometheus skips the pods.
+    bare = copy.deepcopy(runtime)
+    for key in ("prometheus.io/scrape", "prometheus.io/port", "prometheus.io/path"):
+        del bare["spec"]["annotations"][key]
+    assert prometheus_scrape_target(kserve_pod_annotations(bare, isvc)) is None
+    # A predictor-level annotation wins over the InferenceService's and the runtime's.
+    override = copy.deepcopy(isvc)
+    override["spec"]["predictor"]["annotations"] = {"prometheus.io/port": "1"}
+    assert prometheus_scrape_target(kserve_pod_annotations(runtime, override)) == (1, "/metrics")
 
 
 def test_the_deployment_guide_covers_every_manifest() -> None:
