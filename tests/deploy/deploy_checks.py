@@ -70,13 +70,67 @@ class Document:
         return f"{self.path.name}#{self.index}:{self.kind}/{self.name}"
 
 
+# Files in deploy/ that are Helm values for someone else's chart, not Kubernetes objects
+# (file name -> chart). load_documents leaves them out; tests read them with helm_values.
+HELM_VALUES = {"prometheus-adapter-values.yaml": "prometheus-community/prometheus-adapter"}
+
+# prometheus-adapter's rule fields (kubernetes-sigs/prometheus-adapter pkg/config/config.go at
+# 01919d0, DiscoveryRule and the types under it). The adapter loads its config with
+# yaml.UnmarshalStrict: an unknown key stops it from starting.
+ADAPTER_RULE_KEYS = {"seriesQuery", "seriesFilters", "resources", "name", "metricsQuery"}
+ADAPTER_RESOURCES_KEYS = {"template", "overrides", "namespaced"}
+ADAPTER_NAME_KEYS = {"matches", "as"}
+ADAPTER_OVERRIDE_KEYS = {"group", "resource"}
+
+
 def load_documents(folder: Path = DEPLOY) -> list[Document]:
     docs = []
     for path in sorted(folder.glob("*.yaml")):
+        if path.name in HELM_VALUES:
+            continue
         for index, body in enumerate(yaml.safe_load_all(path.read_text())):
             if body is not None:
                 docs.append(Document(path, index, body))
     return docs
+
+
+def helm_values(name: str, folder: Path = DEPLOY) -> dict[str, Any]:
+    assert name in HELM_VALUES, name
+    return yaml.safe_load((folder / name).read_text())
+
+
+def adapter_rule_problems(rule: dict[str, Any], series: str, metric: str) -> list[str]:
+    """A prometheus-adapter custom-metrics rule that serves the Prometheus series `series` per
+    pod as the custom metric `metric`, in a form the adapter loads."""
+    problems = []
+    for where, keys, allowed in (
+        ("rule", rule, ADAPTER_RULE_KEYS),
+        ("resources", rule.get("resources", {}), ADAPTER_RESOURCES_KEYS),
+        ("name", rule.get("name", {}), ADAPTER_NAME_KEYS),
+        *(
+            (f"overrides.{label}", value, ADAPTER_OVERRIDE_KEYS)
+            for label, value in rule.get("resources", {}).get("overrides", {}).items()
+        ),
+    ):
+        unknown = set(keys) - allowed
+        if unknown:
+            problems.append(f"{where}: unknown keys {sorted(unknown)}")
+    if not str(rule.get("seriesQuery", "")).startswith(series + "{"):
+        problems.append(f"seriesQuery does not select {series}: {rule.get('seriesQuery')!r}")
+    overrides = rule.get("resources", {}).get("overrides", {})
+    for label in ("namespace", "pod"):
+        if overrides.get(label) != {"resource": label}:
+            problems.append(f"label {label!r} is not mapped to the {label} resource")
+    name = rule.get("name", {})
+    if not re.fullmatch(name.get("matches", ""), series):
+        problems.append(f"name.matches {name.get('matches')!r} does not match {series}")
+    if name.get("as") != metric:
+        problems.append(f"name.as is {name.get('as')!r}, the HPA asks for {metric!r}")
+    query = str(rule.get("metricsQuery", ""))
+    for part in ("<<.Series>>", "<<.LabelMatchers>>", "<<.GroupBy>>"):
+        if part not in query:
+            problems.append(f"metricsQuery lacks {part}: {query!r}")
+    return problems
 
 
 def find(docs: list[Document], kind: str, name: str | None = None) -> list[Document]:

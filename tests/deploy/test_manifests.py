@@ -15,6 +15,8 @@ import pytest
 import yaml
 from deploy_checks import (
     CRD_SCHEMAS,
+    DEPLOY,
+    HELM_VALUES,
     KSERVE_AGGREGATION,
     KSERVE_SCRAPING,
     KUBERNETES_VERSIONS,
@@ -22,10 +24,12 @@ from deploy_checks import (
     QUEUE_PROXY_METRICS_PORT,
     ROOT,
     Document,
+    adapter_rule_problems,
     container_port,
     core_errors,
     custom_errors,
     find,
+    helm_values,
     is_custom,
     kserve_pod_annotations,
     load_documents,
@@ -71,9 +75,37 @@ def test_deploy_has_what_the_docs_promise() -> None:
         "Service",
         "ScaledObject",
         "HorizontalPodAutoscaler",
-        "ConfigMap",
     } <= kinds
-    assert len(CORE) >= 7 and len(CUSTOM) >= 4
+    assert len(CORE) >= 6 and len(CUSTOM) >= 4
+
+
+def test_every_file_is_objects_or_declared_helm_values() -> None:
+    """`kubectl apply -f` on a file in deploy/ applies Kubernetes objects, each with a kind and
+    a name; the Helm values files (HELM_VALUES) are not objects at all, so they cannot be
+    applied by mistake in place of the user's own."""
+    names = {path.name for path in DEPLOY.glob("*.yaml")}
+    assert set(HELM_VALUES) <= names
+    for path in sorted(DEPLOY.glob("*.yaml")):
+        bodies = [b for b in yaml.safe_load_all(path.read_text()) if b is not None]
+        assert bodies, path.name
+        for body in bodies:
+            is_object = {"apiVersion", "kind", "metadata"} <= set(body)
+            assert is_object == (path.name not in HELM_VALUES), path.name
+            if is_object:
+                assert body["metadata"].get("name"), path.name
+
+
+def test_nothing_lands_in_another_namespace() -> None:
+    """Every namespaced object goes to the tributary namespace: applying deploy/ must not
+    replace something of the user's elsewhere (as a prometheus-adapter ConfigMap in monitoring
+    once would have)."""
+    cluster_scoped = {"Namespace", "ClusterServingRuntime"}
+    namespaces = {d.id: d.body["metadata"].get("namespace") for d in DOCS}
+    for doc in DOCS:
+        if doc.kind in cluster_scoped:
+            assert namespaces[doc.id] is None, doc.id
+        else:
+            assert namespaces[doc.id] == "tributary", doc.id
 
 
 # ------------------------------------------------------------------------------ schemas
@@ -337,19 +369,33 @@ def test_hpa_scales_the_deployment_through_the_adapter_rule() -> None:
     assert metric["type"] == "Pods"
     assert metric["pods"]["target"]["type"] == "AverageValue"
 
-    (adapter,) = find(DOCS, "ConfigMap", "prometheus-adapter")
-    config = yaml.safe_load(adapter.body["data"]["config.yaml"])
-    assert set(config) == {"rules"}
-    (rule,) = config["rules"]
-    assert set(rule) == {"seriesQuery", "resources", "name", "metricsQuery"}
-    assert rule["seriesQuery"].startswith(METRIC + "{")
-    assert rule["resources"]["overrides"] == {
-        "namespace": {"resource": "namespace"},
-        "pod": {"resource": "pod"},
-    }
-    assert re.fullmatch(rule["name"]["matches"], METRIC)
-    assert rule["name"]["as"] == metric["pods"]["metric"]["name"]
-    assert "<<.Series>>" in rule["metricsQuery"] and "<<.GroupBy>>" in rule["metricsQuery"]
+    values = helm_values("prometheus-adapter-values.yaml")
+    assert set(values) == {"rules"} and set(values["rules"]) == {"custom"}  # nothing else of theirs
+    wanted = metric["pods"]["metric"]["name"]
+    rules = [r for r in values["rules"]["custom"] if r.get("name", {}).get("as") == wanted]
+    assert len(rules) == 1, values
+    assert adapter_rule_problems(rules[0], METRIC, wanted) == []
+
+
+def test_the_adapter_rule_check_can_fail() -> None:
+    (rule,) = helm_values("prometheus-adapter-values.yaml")["rules"]["custom"]
+    name = rule["name"]["as"]
+    assert adapter_rule_problems(rule, METRIC, name) == []
+    assert adapter_rule_problems(rule, METRIC, "another_name")  # the HPA asks for another metric
+    assert adapter_rule_problems(rule, "nv_inference_queue_duration_us", name)
+    for path, value in (
+        (("metricQuery",), "x"),  # a typo the adapter's strict loader refuses
+        (("resources", "overrides", "pod", "resources"), "pod"),
+        (("resources", "overrides", "pod"), {"resource": "pods"}),
+        (("name", "matches"), "^nv_inference_pending$"),
+        (("metricsQuery",), "sum(<<.Series>>{<<.LabelMatchers>>})"),
+    ):
+        broken = copy.deepcopy(rule)
+        node = broken
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+        assert adapter_rule_problems(broken, METRIC, name), path
 
 
 def _autoscaled_isvc() -> dict:
@@ -447,6 +493,6 @@ def test_the_scrape_check_fails_without_the_annotations() -> None:
 
 def test_the_deployment_guide_covers_every_manifest() -> None:
     guide = (ROOT / "docs" / "deployment.md").read_text()
-    for path in sorted({d.path for d in DOCS}):
+    for path in sorted(DEPLOY.glob("*.yaml")):
         assert f"deploy/{path.name}" in guide, path.name
     assert "../" not in guide  # the guide stands on the repository alone
