@@ -94,6 +94,42 @@ def load_documents(folder: Path = DEPLOY) -> list[Document]:
     return docs
 
 
+# Objects the manifests create that have no namespace; everything else goes to NAMESPACE.
+CLUSTER_SCOPED = {"Namespace", "ClusterServingRuntime"}
+NAMESPACE = "tributary"
+
+
+def file_problems(name: str, text: str) -> list[str]:
+    """A deploy/ file holds Kubernetes objects (kind, apiVersion, a name) or, when HELM_VALUES
+    lists it, Helm values with no trace of an object."""
+    bodies = [b for b in yaml.safe_load_all(text) if b is not None]
+    if not bodies:
+        return [f"{name}: empty"]
+    problems = []
+    for index, body in enumerate(bodies):
+        is_object = isinstance(body, dict) and {"apiVersion", "kind", "metadata"} <= set(body)
+        if name in HELM_VALUES:
+            if not isinstance(body, dict) or {"apiVersion", "kind", "metadata"} & set(body):
+                problems.append(f"{name}#{index}: Helm values must not look like an object")
+        elif not is_object:
+            problems.append(f"{name}#{index}: not a Kubernetes object (and not in HELM_VALUES)")
+        elif not (body["metadata"] or {}).get("name"):
+            problems.append(f"{name}#{index}: {body['kind']} without a name")
+    return problems
+
+
+def namespace_problems(docs: list[Document]) -> list[str]:
+    """Namespaced objects name the tributary namespace (not someone else's, nor whatever
+    namespace kubectl happens to use); cluster-scoped ones name none."""
+    problems = []
+    for doc in docs:
+        namespace = doc.body["metadata"].get("namespace")
+        expected = None if doc.kind in CLUSTER_SCOPED else NAMESPACE
+        if namespace != expected:
+            problems.append(f"{doc.id}: namespace {namespace!r}, expected {expected!r}")
+    return problems
+
+
 def helm_values(name: str, folder: Path = DEPLOY) -> dict[str, Any]:
     assert name in HELM_VALUES, name
     return yaml.safe_load((folder / name).read_text())

@@ -12,7 +12,6 @@ import copy
 import re
 
 import pytest
-import yaml
 from deploy_checks import (
     CRD_SCHEMAS,
     DEPLOY,
@@ -28,11 +27,13 @@ from deploy_checks import (
     container_port,
     core_errors,
     custom_errors,
+    file_problems,
     find,
     helm_values,
     is_custom,
     kserve_pod_annotations,
     load_documents,
+    namespace_problems,
     parse_server_args,
     pod_spec,
     project_version,
@@ -83,29 +84,36 @@ def test_every_file_is_objects_or_declared_helm_values() -> None:
     """`kubectl apply -f` on a file in deploy/ applies Kubernetes objects, each with a kind and
     a name; the Helm values files (HELM_VALUES) are not objects at all, so they cannot be
     applied by mistake in place of the user's own."""
-    names = {path.name for path in DEPLOY.glob("*.yaml")}
-    assert set(HELM_VALUES) <= names
+    assert set(HELM_VALUES) <= {path.name for path in DEPLOY.glob("*.yaml")}
     for path in sorted(DEPLOY.glob("*.yaml")):
-        bodies = [b for b in yaml.safe_load_all(path.read_text()) if b is not None]
-        assert bodies, path.name
-        for body in bodies:
-            is_object = {"apiVersion", "kind", "metadata"} <= set(body)
-            assert is_object == (path.name not in HELM_VALUES), path.name
-            if is_object:
-                assert body["metadata"].get("name"), path.name
+        assert file_problems(path.name, path.read_text()) == [], path.name
 
 
 def test_nothing_lands_in_another_namespace() -> None:
-    """Every namespaced object goes to the tributary namespace: applying deploy/ must not
-    replace something of the user's elsewhere (as a prometheus-adapter ConfigMap in monitoring
-    once would have)."""
-    cluster_scoped = {"Namespace", "ClusterServingRuntime"}
-    namespaces = {d.id: d.body["metadata"].get("namespace") for d in DOCS}
-    for doc in DOCS:
-        if doc.kind in cluster_scoped:
-            assert namespaces[doc.id] is None, doc.id
-        else:
-            assert namespaces[doc.id] == "tributary", doc.id
+    """Applying deploy/ must not replace something of the user's elsewhere (as a
+    prometheus-adapter ConfigMap in monitoring once would have)."""
+    assert namespace_problems(DOCS) == []
+
+
+def test_the_file_and_namespace_checks_can_fail() -> None:
+    values = (DEPLOY / "prometheus-adapter-values.yaml").read_text()
+    assert file_problems("extra-values.yaml", values)  # values, but not declared as such
+    hpa = (DEPLOY / "autoscaling-hpa.yaml").read_text()
+    assert file_problems("prometheus-adapter-values.yaml", hpa)  # an object where values go
+    assert file_problems("x.yaml", "apiVersion: v1\nkind: ConfigMap\nmetadata: {}\n")
+    assert file_problems("x.yaml", "# only a comment\n")
+    adapter = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "prometheus-adapter", "namespace": "monitoring"},
+    }
+    assert namespace_problems([*DOCS, Document(DEPLOY / "x.yaml", 0, adapter)])
+    unset = copy.deepcopy(adapter)
+    del unset["metadata"]["namespace"]  # lands in the current kubectl context's namespace
+    assert namespace_problems([Document(DEPLOY / "x.yaml", 0, unset)])
+    runtime = copy.deepcopy(find(DOCS, "ClusterServingRuntime")[0].body)
+    runtime["metadata"]["namespace"] = "tributary"
+    assert namespace_problems([Document(DEPLOY / "x.yaml", 0, runtime)])
 
 
 # ------------------------------------------------------------------------------ schemas
