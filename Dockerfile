@@ -47,7 +47,8 @@ COPY model_repository/ /models/
 
 # ORT_DISABLE_TELEMETRY: otherwise onnxruntime 1.31 keeps a telemetry id in
 # ~/.cache/Microsoft/DeveloperTools, the only file the server would write (a read-only root
-# filesystem just gets a warning). With it, the server writes nothing unless given --port-file.
+# filesystem just gets a warning). With it, the server writes nothing unless given --port-file
+# or --log-file.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \

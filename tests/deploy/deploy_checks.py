@@ -70,13 +70,103 @@ class Document:
         return f"{self.path.name}#{self.index}:{self.kind}/{self.name}"
 
 
+# Files in deploy/ that are Helm values for someone else's chart, not Kubernetes objects
+# (file name -> chart). load_documents leaves them out; tests read them with helm_values.
+HELM_VALUES = {"prometheus-adapter-values.yaml": "prometheus-community/prometheus-adapter"}
+
+# prometheus-adapter's rule fields (kubernetes-sigs/prometheus-adapter pkg/config/config.go at
+# 01919d0, DiscoveryRule and the types under it). The adapter loads its config with
+# yaml.UnmarshalStrict: an unknown key stops it from starting.
+ADAPTER_RULE_KEYS = {"seriesQuery", "seriesFilters", "resources", "name", "metricsQuery"}
+ADAPTER_RESOURCES_KEYS = {"template", "overrides", "namespaced"}
+ADAPTER_NAME_KEYS = {"matches", "as"}
+ADAPTER_OVERRIDE_KEYS = {"group", "resource"}
+
+
 def load_documents(folder: Path = DEPLOY) -> list[Document]:
     docs = []
     for path in sorted(folder.glob("*.yaml")):
+        if path.name in HELM_VALUES:
+            continue
         for index, body in enumerate(yaml.safe_load_all(path.read_text())):
             if body is not None:
                 docs.append(Document(path, index, body))
     return docs
+
+
+# Objects the manifests create that have no namespace; everything else goes to NAMESPACE.
+CLUSTER_SCOPED = {"Namespace", "ClusterServingRuntime"}
+NAMESPACE = "tributary"
+
+
+def file_problems(name: str, text: str) -> list[str]:
+    """A deploy/ file holds Kubernetes objects (kind, apiVersion, a name) or, when HELM_VALUES
+    lists it, Helm values with no trace of an object."""
+    bodies = [b for b in yaml.safe_load_all(text) if b is not None]
+    if not bodies:
+        return [f"{name}: empty"]
+    problems = []
+    for index, body in enumerate(bodies):
+        is_object = isinstance(body, dict) and {"apiVersion", "kind", "metadata"} <= set(body)
+        if name in HELM_VALUES:
+            if not isinstance(body, dict) or {"apiVersion", "kind", "metadata"} & set(body):
+                problems.append(f"{name}#{index}: Helm values must not look like an object")
+        elif not is_object:
+            problems.append(f"{name}#{index}: not a Kubernetes object (and not in HELM_VALUES)")
+        elif not (body["metadata"] or {}).get("name"):
+            problems.append(f"{name}#{index}: {body['kind']} without a name")
+    return problems
+
+
+def namespace_problems(docs: list[Document]) -> list[str]:
+    """Namespaced objects name the tributary namespace (not someone else's, nor whatever
+    namespace kubectl happens to use); cluster-scoped ones name none."""
+    problems = []
+    for doc in docs:
+        namespace = doc.body["metadata"].get("namespace")
+        expected = None if doc.kind in CLUSTER_SCOPED else NAMESPACE
+        if namespace != expected:
+            problems.append(f"{doc.id}: namespace {namespace!r}, expected {expected!r}")
+    return problems
+
+
+def helm_values(name: str, folder: Path = DEPLOY) -> dict[str, Any]:
+    assert name in HELM_VALUES, name
+    return yaml.safe_load((folder / name).read_text())
+
+
+def adapter_rule_problems(rule: dict[str, Any], series: str, metric: str) -> list[str]:
+    """A prometheus-adapter custom-metrics rule that serves the Prometheus series `series` per
+    pod as the custom metric `metric`, in a form the adapter loads."""
+    problems = []
+    for where, keys, allowed in (
+        ("rule", rule, ADAPTER_RULE_KEYS),
+        ("resources", rule.get("resources", {}), ADAPTER_RESOURCES_KEYS),
+        ("name", rule.get("name", {}), ADAPTER_NAME_KEYS),
+        *(
+            (f"overrides.{label}", value, ADAPTER_OVERRIDE_KEYS)
+            for label, value in rule.get("resources", {}).get("overrides", {}).items()
+        ),
+    ):
+        unknown = set(keys) - allowed
+        if unknown:
+            problems.append(f"{where}: unknown keys {sorted(unknown)}")
+    if not str(rule.get("seriesQuery", "")).startswith(series + "{"):
+        problems.append(f"seriesQuery does not select {series}: {rule.get('seriesQuery')!r}")
+    overrides = rule.get("resources", {}).get("overrides", {})
+    for label in ("namespace", "pod"):
+        if overrides.get(label) != {"resource": label}:
+            problems.append(f"label {label!r} is not mapped to the {label} resource")
+    name = rule.get("name", {})
+    if not re.fullmatch(name.get("matches", ""), series):
+        problems.append(f"name.matches {name.get('matches')!r} does not match {series}")
+    if name.get("as") != metric:
+        problems.append(f"name.as is {name.get('as')!r}, the HPA asks for {metric!r}")
+    query = str(rule.get("metricsQuery", ""))
+    for part in ("<<.Series>>", "<<.LabelMatchers>>", "<<.GroupBy>>"):
+        if part not in query:
+            problems.append(f"metricsQuery lacks {part}: {query!r}")
+    return problems
 
 
 def find(docs: list[Document], kind: str, name: str | None = None) -> list[Document]:
@@ -207,6 +297,58 @@ def parse_server_args(args: list[str]):
             else:
                 swapped.append(arg)
         return cli.parse_args(swapped), repos
+
+
+# What KServe does to a predictor pod's annotations, from kserve/kserve at the commit the CRD
+# schemas come from (tests/schemas/README.md):
+# - pkg/controller/v1beta1/inferenceservice/components/predictor.go, buildObjectMeta: the pod
+#   template gets the union of the runtime's spec.annotations, the InferenceService's
+#   metadata.annotations and spec.predictor.annotations, later ones winning;
+# - pkg/webhook/admission/pod/metrics_aggregate_injector.go, InjectMetricsAggregator: when
+#   serving.kserve.io/enable-prometheus-scraping is absent the pod gets the cluster default
+#   (inferenceservice-config, metricsAggregator.enablePrometheusScraping); when it is "true" the
+#   webhook overwrites prometheus.io/port with queue-proxy's port (9091, or the aggregation port
+#   9088 with serving.kserve.io/enable-metric-aggregation) and prometheus.io/path with /metrics.
+#   It never sets prometheus.io/scrape. Queue-proxy exists only in Knative (Serverless) mode.
+KSERVE_SCRAPING = "serving.kserve.io/enable-prometheus-scraping"
+KSERVE_AGGREGATION = "serving.kserve.io/enable-metric-aggregation"
+QUEUE_PROXY_METRICS_PORT = "9091"
+QUEUE_PROXY_AGGREGATE_PORT = "9088"
+
+
+def kserve_pod_annotations(
+    runtime: dict[str, Any],
+    isvc: dict[str, Any],
+    cluster_scraping_default: str = "false",
+    cluster_aggregation_default: str = "false",
+) -> dict[str, str]:
+    """The annotations a predictor pod of `isvc` served by `runtime` ends up with."""
+    pod = {
+        **runtime["spec"].get("annotations", {}),
+        **isvc["metadata"].get("annotations", {}),
+        **isvc["spec"]["predictor"].get("annotations", {}),
+    }
+    pod.setdefault(KSERVE_AGGREGATION, cluster_aggregation_default)
+    pod.setdefault(KSERVE_SCRAPING, cluster_scraping_default)
+    if pod[KSERVE_SCRAPING] == "true":
+        aggregate = pod[KSERVE_AGGREGATION] == "true"
+        pod["prometheus.io/port"] = (
+            QUEUE_PROXY_AGGREGATE_PORT if aggregate else QUEUE_PROXY_METRICS_PORT
+        )
+        pod["prometheus.io/path"] = "/metrics"
+    return pod
+
+
+def prometheus_scrape_target(annotations: dict[str, str]) -> tuple[int, str] | None:
+    """(port, path) that a Prometheus scraping pods by their prometheus.io/* annotations (the
+    prometheus-community `prometheus` chart's kubernetes-pods job) reads, or None when it skips
+    the pod: it keeps only prometheus.io/scrape "true", and needs a numeric port."""
+    if annotations.get("prometheus.io/scrape") != "true":
+        return None
+    port = annotations.get("prometheus.io/port", "")
+    if not port.isdigit():
+        return None
+    return int(port), annotations.get("prometheus.io/path", "/metrics")
 
 
 def project_version() -> str:

@@ -12,21 +12,32 @@ import copy
 import re
 
 import pytest
-import yaml
 from deploy_checks import (
     CRD_SCHEMAS,
+    DEPLOY,
+    HELM_VALUES,
+    KSERVE_AGGREGATION,
+    KSERVE_SCRAPING,
     KUBERNETES_VERSIONS,
+    QUEUE_PROXY_AGGREGATE_PORT,
+    QUEUE_PROXY_METRICS_PORT,
     ROOT,
     Document,
+    adapter_rule_problems,
     container_port,
     core_errors,
     custom_errors,
+    file_problems,
     find,
+    helm_values,
     is_custom,
+    kserve_pod_annotations,
     load_documents,
+    namespace_problems,
     parse_server_args,
     pod_spec,
     project_version,
+    prometheus_scrape_target,
     schema_errors,
     strict_schema,
     tributary_containers,
@@ -65,9 +76,44 @@ def test_deploy_has_what_the_docs_promise() -> None:
         "Service",
         "ScaledObject",
         "HorizontalPodAutoscaler",
-        "ConfigMap",
     } <= kinds
-    assert len(CORE) >= 7 and len(CUSTOM) >= 4
+    assert len(CORE) >= 6 and len(CUSTOM) >= 4
+
+
+def test_every_file_is_objects_or_declared_helm_values() -> None:
+    """`kubectl apply -f` on a file in deploy/ applies Kubernetes objects, each with a kind and
+    a name; the Helm values files (HELM_VALUES) are not objects at all, so they cannot be
+    applied by mistake in place of the user's own."""
+    assert set(HELM_VALUES) <= {path.name for path in DEPLOY.glob("*.yaml")}
+    for path in sorted(DEPLOY.glob("*.yaml")):
+        assert file_problems(path.name, path.read_text()) == [], path.name
+
+
+def test_nothing_lands_in_another_namespace() -> None:
+    """Applying deploy/ must not replace something of the user's elsewhere (as a
+    prometheus-adapter ConfigMap in monitoring once would have)."""
+    assert namespace_problems(DOCS) == []
+
+
+def test_the_file_and_namespace_checks_can_fail() -> None:
+    values = (DEPLOY / "prometheus-adapter-values.yaml").read_text()
+    assert file_problems("extra-values.yaml", values)  # values, but not declared as such
+    hpa = (DEPLOY / "autoscaling-hpa.yaml").read_text()
+    assert file_problems("prometheus-adapter-values.yaml", hpa)  # an object where values go
+    assert file_problems("x.yaml", "apiVersion: v1\nkind: ConfigMap\nmetadata: {}\n")
+    assert file_problems("x.yaml", "# only a comment\n")
+    adapter = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "prometheus-adapter", "namespace": "monitoring"},
+    }
+    assert namespace_problems([*DOCS, Document(DEPLOY / "x.yaml", 0, adapter)])
+    unset = copy.deepcopy(adapter)
+    del unset["metadata"]["namespace"]  # lands in the current kubectl context's namespace
+    assert namespace_problems([Document(DEPLOY / "x.yaml", 0, unset)])
+    runtime = copy.deepcopy(find(DOCS, "ClusterServingRuntime")[0].body)
+    runtime["metadata"]["namespace"] = "tributary"
+    assert namespace_problems([Document(DEPLOY / "x.yaml", 0, runtime)])
 
 
 # ------------------------------------------------------------------------------ schemas
@@ -331,29 +377,47 @@ def test_hpa_scales_the_deployment_through_the_adapter_rule() -> None:
     assert metric["type"] == "Pods"
     assert metric["pods"]["target"]["type"] == "AverageValue"
 
-    (adapter,) = find(DOCS, "ConfigMap", "prometheus-adapter")
-    config = yaml.safe_load(adapter.body["data"]["config.yaml"])
-    assert set(config) == {"rules"}
-    (rule,) = config["rules"]
-    assert set(rule) == {"seriesQuery", "resources", "name", "metricsQuery"}
-    assert rule["seriesQuery"].startswith(METRIC + "{")
-    assert rule["resources"]["overrides"] == {
-        "namespace": {"resource": "namespace"},
-        "pod": {"resource": "pod"},
-    }
-    assert re.fullmatch(rule["name"]["matches"], METRIC)
-    assert rule["name"]["as"] == metric["pods"]["metric"]["name"]
-    assert "<<.Series>>" in rule["metricsQuery"] and "<<.GroupBy>>" in rule["metricsQuery"]
+    values = helm_values("prometheus-adapter-values.yaml")
+    assert set(values) == {"rules"} and set(values["rules"]) == {"custom"}  # nothing else of theirs
+    wanted = metric["pods"]["metric"]["name"]
+    rules = [r for r in values["rules"]["custom"] if r.get("name", {}).get("as") == wanted]
+    assert len(rules) == 1, values
+    assert adapter_rule_problems(rules[0], METRIC, wanted) == []
 
 
-def test_inference_service_scales_with_keda_on_queue_depth() -> None:
+def test_the_adapter_rule_check_can_fail() -> None:
+    (rule,) = helm_values("prometheus-adapter-values.yaml")["rules"]["custom"]
+    name = rule["name"]["as"]
+    assert adapter_rule_problems(rule, METRIC, name) == []
+    assert adapter_rule_problems(rule, METRIC, "another_name")  # the HPA asks for another metric
+    assert adapter_rule_problems(rule, "nv_inference_queue_duration_us", name)
+    for path, value in (
+        (("metricQuery",), "x"),  # a typo the adapter's strict loader refuses
+        (("resources", "overrides", "pod", "resources"), "pod"),
+        (("resources", "overrides", "pod"), {"resource": "pods"}),
+        (("name", "matches"), "^nv_inference_pending$"),
+        (("metricsQuery",), "sum(<<.Series>>{<<.LabelMatchers>>})"),
+    ):
+        broken = copy.deepcopy(rule)
+        node = broken
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+        assert adapter_rule_problems(broken, METRIC, name), path
+
+
+def _autoscaled_isvc() -> dict:
     scaled = [
         d
         for d in find(DOCS, "InferenceService")
         if d.body["metadata"].get("annotations", {}).get("serving.kserve.io/autoscalerClass")
     ]
     assert len(scaled) == 1
-    isvc = scaled[0].body
+    return copy.deepcopy(scaled[0].body)
+
+
+def test_inference_service_scales_with_keda_on_queue_depth() -> None:
+    isvc = _autoscaled_isvc()
     annotations = isvc["metadata"]["annotations"]
     assert annotations["serving.kserve.io/autoscalerClass"] == "keda"
     assert annotations["serving.kserve.io/deploymentMode"] in ("Standard", "RawDeployment")
@@ -364,13 +428,79 @@ def test_inference_service_scales_with_keda_on_queue_depth() -> None:
     external = metric["external"]
     assert external["metric"]["backend"] == "prometheus"
     assert external["target"]["type"] == "Value" and float(external["target"]["value"]) > 0
+    # KServe's KEDA reconciler copies only the stabilization windows from autoScaling.behavior;
+    # policies would be dropped without a word. The windows match the plain ScaledObject's.
+    (scaled,) = find(DOCS, "ScaledObject")
+    plain = scaled.body["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
+    behavior = predictor["autoScaling"]["behavior"]
+    for direction in ("scaleUp", "scaleDown"):
+        assert set(behavior[direction]) == {"stabilizationWindowSeconds"}, behavior
+        window = behavior[direction]["stabilizationWindowSeconds"]
+        assert window == plain[direction]["stabilizationWindowSeconds"]
     # KServe names the predictor Deployment <isvc>-predictor.
     name = isvc["metadata"]["name"]
     _check_query(external["metric"]["query"], isvc["metadata"]["namespace"], f"{name}-predictor")
 
 
+def _runtime_and_metrics_port() -> tuple[dict, int]:
+    (runtime,) = find(DOCS, "ClusterServingRuntime")
+    (container,) = tributary_containers(runtime)
+    return copy.deepcopy(runtime.body), parse_server_args(container["args"])[0].metrics_port
+
+
+@pytest.mark.parametrize("cluster_default", ["false", "true"])
+def test_prometheus_scrapes_the_autoscaled_predictor(cluster_default: str) -> None:
+    """KEDA's query has series only if Prometheus scrapes the predictor pods' metrics port.
+    Whatever the cluster's enablePrometheusScraping default, KServe must leave the pods with
+    prometheus.io/scrape "true" and the server's metrics port (Standard mode runs no
+    queue-proxy, so KServe's 9091/9088 would be a dead target)."""
+    runtime, metrics_port = _runtime_and_metrics_port()
+    isvc = _autoscaled_isvc()
+    pod = kserve_pod_annotations(runtime, isvc, cluster_scraping_default=cluster_default)
+    assert prometheus_scrape_target(pod) == (metrics_port, "/metrics"), pod
+
+
+@pytest.mark.parametrize("doc", find(DOCS, "InferenceService"), ids=lambda d: d.id)
+def test_every_predictor_is_scraped_on_the_metrics_port(doc: Document) -> None:
+    runtime, metrics_port = _runtime_and_metrics_port()
+    pod = kserve_pod_annotations(runtime, doc.body)
+    assert prometheus_scrape_target(pod) == (metrics_port, "/metrics"), pod
+    # prometheus.kserve.io/*: where queue-proxy's metric aggregation (Serverless mode) reads.
+    assert pod["prometheus.kserve.io/port"] == str(metrics_port)
+
+
+def test_the_scrape_check_fails_without_the_annotations() -> None:
+    runtime, metrics_port = _runtime_and_metrics_port()
+    isvc = _autoscaled_isvc()
+    assert prometheus_scrape_target(kserve_pod_annotations(runtime, isvc, "true")) is not None
+
+    # Without the pin, a cluster default of "true" moves the port to queue-proxy's.
+    unpinned = copy.deepcopy(isvc)
+    del unpinned["metadata"]["annotations"][KSERVE_SCRAPING]
+    assert prometheus_scrape_target(kserve_pod_annotations(runtime, unpinned, "false"))
+    assert prometheus_scrape_target(kserve_pod_annotations(runtime, unpinned, "true")) == (
+        int(QUEUE_PROXY_METRICS_PORT),
+        "/metrics",
+    )
+    # What KServe's own docs suggest, in Standard mode: the same dead port, still no scrape.
+    enabled = copy.deepcopy(isvc)
+    enabled["metadata"]["annotations"][KSERVE_SCRAPING] = "true"
+    enabled["metadata"]["annotations"][KSERVE_AGGREGATION] = "true"
+    target = prometheus_scrape_target(kserve_pod_annotations(runtime, enabled))
+    assert target == (int(QUEUE_PROXY_AGGREGATE_PORT), "/metrics")
+    # Only prometheus.kserve.io/* (where metrics are, for KServe): Prometheus skips the pods.
+    bare = copy.deepcopy(runtime)
+    for key in ("prometheus.io/scrape", "prometheus.io/port", "prometheus.io/path"):
+        del bare["spec"]["annotations"][key]
+    assert prometheus_scrape_target(kserve_pod_annotations(bare, isvc)) is None
+    # A predictor-level annotation wins over the InferenceService's and the runtime's.
+    override = copy.deepcopy(isvc)
+    override["spec"]["predictor"]["annotations"] = {"prometheus.io/port": "1"}
+    assert prometheus_scrape_target(kserve_pod_annotations(runtime, override)) == (1, "/metrics")
+
+
 def test_the_deployment_guide_covers_every_manifest() -> None:
     guide = (ROOT / "docs" / "deployment.md").read_text()
-    for path in sorted({d.path for d in DOCS}):
+    for path in sorted(DEPLOY.glob("*.yaml")):
         assert f"deploy/{path.name}" in guide, path.name
     assert "../" not in guide  # the guide stands on the repository alone
