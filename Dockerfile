@@ -41,6 +41,9 @@ RUN if id -u ubuntu >/dev/null 2>&1; then userdel --remove ubuntu; fi \
  && useradd --uid 1000 --gid 1000 --home-dir /home/tributary --create-home \
       --shell /usr/sbin/nologin tributary
 COPY --from=build /opt/venv /opt/venv
+# Flags go to tributary; a leading `tritonserver` (Triton-image command lines, as in KServe's
+# Triton runtime) or `tributary` word is dropped; any other command runs as given.
+COPY docker/entrypoint.sh /usr/local/bin/tributary-entrypoint
 # Example models, so `docker run` serves something; mount your repository over /models
 # (docker run -v "$PWD/models:/models:ro" ...) or pass --model-repository=<path>.
 COPY model_repository/ /models/
@@ -68,5 +71,5 @@ EXPOSE 8001 8002
 # (e.g. "--tls --ca /certs/ca.pem"); both are documented in docs/deployment.md.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
   CMD tributary-health "$TRIBUTARY_HEALTH_TARGET" $TRIBUTARY_HEALTH_ARGS || exit 1
-ENTRYPOINT ["tributary"]
+ENTRYPOINT ["tributary-entrypoint"]
 CMD ["--model-repository=/models"]

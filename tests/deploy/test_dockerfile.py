@@ -8,6 +8,7 @@ user, a HEALTHCHECK that follows the port and TLS settings, constrained installs
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -141,8 +142,47 @@ def test_the_server_writes_nothing_to_the_image() -> None:
     assert env["PYTHONDONTWRITEBYTECODE"] == "1"
 
 
+def _run_entrypoint(tmp_path: Path, *args: str) -> list[str]:
+    """Run the image's entrypoint script with stand-ins for `tributary` and `bash` on PATH that
+    print what they were called as; returns that argv (program name first)."""
+    (entry,) = _final("ENTRYPOINT")
+    assert json.loads(entry) == ["tributary-entrypoint"]
+    copies = [i.value.split() for i in INSTRUCTIONS if i.name == "COPY"]
+    [source] = [c[0] for c in copies if c[-1] == "/usr/local/bin/tributary-entrypoint"]
+    script = ROOT / source
+    assert os.access(script, os.X_OK), "the entrypoint must be executable in git"
+    for name in ("tributary", "bash"):
+        fake = tmp_path / name
+        fake.write_text(f"#!{sys.executable}\nimport json, sys\nprint(json.dumps(sys.argv))\n")
+        fake.chmod(0o755)
+    done = subprocess.run(
+        [str(script), *args],
+        env={"PATH": f"{tmp_path}:/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    argv = json.loads(done.stdout)
+    return [Path(argv[0]).name, *argv[1:]]
+
+
+def test_entrypoint_takes_flags_and_triton_command_lines(tmp_path: Path) -> None:
+    """KServe's Triton runtime passes `tritonserver --model-store=... --grpc-port=9000 ...` as
+    the container's args; the image must start tributary with those flags."""
+    kserve = ["--model-store=/mnt/models", "--grpc-port=9000", "--http-port=8080"]
+    assert _run_entrypoint(tmp_path, "tritonserver", *kserve) == ["tributary", *kserve]
+    assert _run_entrypoint(tmp_path, "--grpc-port=9000") == ["tributary", "--grpc-port=9000"]
+    assert _run_entrypoint(tmp_path, "tributary", "--version") == ["tributary", "--version"]
+    assert _run_entrypoint(tmp_path, "bash", "-c", "true") == ["bash", "-c", "true"]
+    (cmd,) = _final("CMD")
+    default = json.loads(cmd)
+    assert _run_entrypoint(tmp_path, *default) == ["tributary", *default]
+    # and what tributary then receives parses, KServe's line included
+    build_parser().parse_args(["--model-store=/tmp", *kserve[1:]])
+
+
 def test_entrypoint_cmd_and_ports_match_the_cli() -> None:
-    assert _final("ENTRYPOINT") == ['["tributary"]']
     assert "tributary" in console_scripts()
     (cmd,) = _final("CMD")
     args = json.loads(cmd)
