@@ -427,7 +427,8 @@ class Client:
 
         Each input's datatype comes from its numpy dtype (object/str/bytes arrays are BYTES);
         a mismatch with the model is the server's INVALID_ARGUMENT, unless `cast=True`
-        converts inputs to the model's datatypes first (same-kind casts only, see docs).
+        converts inputs to the model's datatypes first (int -> int only when every value fits,
+        int/float -> float unless a value overflows to inf; see docs/sdk.md).
         `outputs` None means all of the model's outputs. `classification` maps an output to
         its top-k count. `timeout_us` is the server-side queue timeout; `timeout` (seconds) is
         the client-side limit for the whole call, retries included (`deadline` is its

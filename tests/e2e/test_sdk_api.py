@@ -20,7 +20,14 @@ from google.protobuf import json_format
 from sdk_support import CountingInterceptor, RecordingProxy, refused_url, simple_inputs
 from sklearn.datasets import load_digits
 
-from tributary_client import AsyncClient, CallFuture, Client, InferenceServerError, RetryPolicy
+from tributary_client import (
+    AsyncClient,
+    CallFuture,
+    Client,
+    InferenceServerError,
+    RetryPolicy,
+    _codec,
+)
 from tributary_client._proto import grpc_service_pb2 as pb
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -245,6 +252,89 @@ def test_dtype_mismatch_is_the_servers_error_unless_cast_is_asked(server) -> Non
         with pytest.raises(TypeError, match="is INT32; will not cast object"):
             client.infer("simple", {"INPUT0": strings, "INPUT1": strings}, cast=True)
         assert counter.calls.count("ModelMetadata") == 2  # `simple`, once
+
+
+def test_cast_refuses_integers_that_do_not_fit_and_sends_nothing(server) -> None:
+    counter = CountingInterceptor()
+    zeros = np.zeros((1, 16), np.int64)
+
+    def infers() -> int:
+        return counter.calls.count("ModelInfer")
+
+    with Client(server.url, timeout=30, interceptors=[counter]) as client:
+        edges = np.array([[-(2**31), 2**31 - 1] * 8], np.int64)  # int64, every value fits
+        result = client.infer("simple", {"INPUT0": edges, "INPUT1": zeros}, cast=True)
+        np.testing.assert_array_equal(result["OUTPUT0"], edges.astype(np.int32))
+        small = np.arange(16, dtype=np.uint32)[None]  # unsigned -> signed, in range
+        result = client.infer("simple", {"INPUT0": small, "INPUT1": zeros}, cast=True)
+        np.testing.assert_array_equal(result["OUTPUT0"], small.astype(np.int32))
+        sent = infers()
+
+        too_big = {
+            "int64 2**32 + 5": (np.full((1, 16), 2**32 + 5, np.int64), "4294967301..4294967301"),
+            "int64 below": (np.full((1, 16), -(2**31) - 1, np.int64), "-2147483649..-2147483649"),
+            "uint64 2**40": (np.full((1, 16), 2**40, np.uint64), "1099511627776..1099511627776"),
+            "uint32 max": (np.arange(4294967280, 2**32, dtype=np.uint32)[None], "4294967280.."),
+        }
+        for case, (values, shown) in too_big.items():
+            inputs = {"INPUT0": values, "INPUT1": zeros}
+            with pytest.raises(ValueError, match=r"'INPUT0' of model 'simple' is INT32 ") as info:
+                client.infer("simple", inputs, cast=True)
+            assert "(-2147483648..2147483647)" in str(info.value), case
+            assert f"{values.dtype} values given range over {shown}" in str(info.value), case
+            with pytest.raises(ValueError, match="is INT32"):
+                client.infer_async("simple", inputs, cast=True)
+        assert infers() == sent  # refused before anything went on the wire
+
+        eights = np.array([[-128, 127] * 8])  # a plain int64 array into an INT8 model
+        result = client.infer("simple_int8", {"INPUT0": eights, "INPUT1": zeros}, cast=True)
+        np.testing.assert_array_equal(result["OUTPUT0"], eights.astype(np.int8))
+        with pytest.raises(ValueError, match=r"is INT8 \(-128..127\), but the int64 values"):
+            client.infer("simple_int8", {"INPUT0": eights + 1, "INPUT1": zeros}, cast=True)
+
+        images = DIGITS.data[:2].copy()
+        images[1, 5] = 1e300  # finite in float64, inf in FP32
+        sent = infers()
+        with pytest.raises(ValueError, match=r"'input' of model 'digits' is FP32 .*become inf"):
+            client.infer("digits", {"input": images}, cast=True)
+        assert infers() == sent
+
+
+def test_cast_rules_value_by_value() -> None:
+    """The cast function itself, for datatypes the test repository has no model for."""
+
+    def cast(values: object, datatype: str) -> np.ndarray:
+        return _codec.cast_inputs({"x": values}, {"x": datatype}, "m")["x"]
+
+    # signed -> unsigned: allowed when every value fits, refused (never wrapped) otherwise
+    assert cast(np.array([0, 255]), "UINT8").tolist() == [0, 255]
+    with pytest.raises(ValueError, match=r"is UINT8 \(0..255\), but the int64 values .* -1..3"):
+        cast(np.array([-1, 3]), "UINT8")
+    with pytest.raises(ValueError, match=r"is INT64 .* 18446744073709551615"):
+        cast(np.array([2**64 - 1], np.uint64), "INT64")
+    with pytest.raises(ValueError, match=r"is UINT32 .* 4294967296"):
+        cast(np.array([2**32]), "UINT32")
+    assert cast(np.array([True, False]), "UINT8").dtype == np.uint8
+    assert cast(np.zeros((0, 4), np.int64), "INT8").shape == (0, 4)
+
+    # float narrowing: precision may go, magnitude may not
+    with pytest.raises(ValueError, match=r"FP16 \(finite magnitudes up to 65504\).*1e\+06"):
+        cast(np.array([1.0, 1e6]), "FP16")
+    with pytest.raises(ValueError, match=r"FP16 .*int64 values given range over 70000"):
+        cast(np.array([70000]), "FP16")
+    with pytest.raises(ValueError, match="become inf"):
+        cast(np.array([2.0**128]), "FP32")
+    assert cast(np.array([65504.0, -65504.0]), "FP16").tolist() == [65504.0, -65504.0]
+    kept = cast(np.array([np.nan, np.inf, -np.inf, 1.0]), "FP16")  # not an overflow: as given
+    assert np.isnan(kept[0]) and kept[1:].tolist() == [np.inf, -np.inf, 1.0]
+    assert cast(np.array([1e-10]), "FP16").tolist() == [0.0]  # underflow is precision loss
+    assert cast(np.array([0.1]), "FP32")[0] == np.float32(0.1)
+    assert cast(np.array([2**60 + 1]), "FP32")[0] == np.float32(2.0**60)
+
+    with pytest.raises(TypeError, match="will not cast float64"):
+        cast(np.array([1.0]), "INT32")
+    with pytest.raises(TypeError, match="will not cast int64"):
+        cast(np.array([1]), "BOOL")
 
 
 def test_asyncio_cast(server) -> None:
