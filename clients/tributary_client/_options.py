@@ -6,6 +6,8 @@ built once (from files, from a config system) and handed to both the sync and as
 
 from __future__ import annotations
 
+import math
+import numbers
 import random
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -16,6 +18,31 @@ from typing import Any
 import grpc
 
 INT32_MAX = 2**31 - 1
+
+
+# The longest timeout accepted, in seconds (about 31 years). grpc turns deadlines past its
+# clock's range (about 290 years from boot) into ones already expired, so a longer timeout
+# would fail at once with DEADLINE_EXCEEDED; None is how to say "no limit".
+MAX_TIMEOUT = 1e9
+
+
+def check_timeout(timeout: object, name: str = "timeout") -> float | None:
+    """`timeout` as float seconds, or None for no limit; anything else raises up front.
+
+    Negative, zero, NaN, infinite and absurdly large values are refused: grpc would turn each
+    into a call that fails at once (or, for NaN, an unlimited one), never what was meant.
+    """
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
+        raise TypeError(f"{name} must be a number of seconds or None, not {timeout!r}")
+    seconds = float(timeout)
+    if not (math.isfinite(seconds) and 0 < seconds <= MAX_TIMEOUT):
+        raise ValueError(
+            f"{name} must be > 0 and at most {MAX_TIMEOUT:g} seconds (None: no limit), "
+            f"not {timeout!r}"
+        )
+    return seconds
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,6 +29,7 @@ from ._options import (
     RetryPolicy,
     TLSConfig,
     channel_options,
+    check_timeout,
     deprecated_alias,
     merge_metadata,
     normalize_metadata,
@@ -88,7 +89,7 @@ class AsyncClient:
             )
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
         self.url = url
-        self._timeout = timeout
+        self._timeout = check_timeout(timeout)
         self._retry = retry
         self._headers = normalize_metadata(headers)
         self._wait_for_ready = wait_for_ready
@@ -114,7 +115,7 @@ class AsyncClient:
     ) -> Any:
         method = getattr(self._stub, rpc)
         metadata = merge_metadata(self._headers, headers)
-        budget = timeout if timeout is not None else self._timeout
+        budget = check_timeout(timeout) if timeout is not None else self._timeout
         end = None if budget is None else time.monotonic() + budget
         attempt = 1
         while True:
@@ -374,6 +375,7 @@ class AsyncClient:
                     yield message(item)
 
         metadata = merge_metadata(self._headers, headers)
+        timeout = check_timeout(timeout)
         call = self._stub.ModelStreamInfer(outgoing(), metadata=metadata, timeout=timeout)
         try:
             async for response in call:

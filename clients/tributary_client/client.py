@@ -30,6 +30,7 @@ from ._options import (
     RetryPolicy,
     TLSConfig,
     channel_options,
+    check_timeout,
     deprecated_alias,
     merge_metadata,
     normalize_metadata,
@@ -118,7 +119,7 @@ class Client:
             channel = grpc.intercept_channel(channel, *interceptors)
         self._stub = pb_grpc.GRPCInferenceServiceStub(channel)
         self.url = url
-        self._timeout = timeout
+        self._timeout = check_timeout(timeout)
         self._retry = retry
         self._headers = normalize_metadata(headers)
         self._wait_for_ready = wait_for_ready
@@ -131,7 +132,7 @@ class Client:
         (sleep or time.sleep)(seconds)
 
     def _end(self, timeout: float | None) -> float | None:
-        budget = timeout if timeout is not None else self._timeout
+        budget = check_timeout(timeout) if timeout is not None else self._timeout
         return None if budget is None else time.monotonic() + budget
 
     def _retry_delay(
@@ -507,7 +508,7 @@ class Client:
         `timeout` bounds the whole stream (not each request); streams are never retried.
         """
         metadata = merge_metadata(self._headers, headers)
-        return InferStream(self._stub, model, version, metadata, timeout)
+        return InferStream(self._stub, model, version, metadata, check_timeout(timeout))
 
 
 class InferStream(Iterator[StreamResult]):

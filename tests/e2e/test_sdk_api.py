@@ -146,6 +146,53 @@ def test_timeout_is_the_deadline_the_server_sees(proxy: RecordingProxy) -> None:
         Client(proxy.url, metadata={"x": "y"}).close()
 
 
+@pytest.mark.parametrize("bad", [-1, -0.5, 0, float("nan"), float("inf"), 1e300])
+def test_impossible_timeouts_raise_before_anything_is_sent(
+    proxy: RecordingProxy, bad: float
+) -> None:
+    """grpc would turn each into a call that fails at once (or, NaN, never times out)."""
+    before = len(proxy.seen)
+    match = r"timeout must be > 0 and at most 1e\+09 seconds \(None: no limit\)"
+    with pytest.raises(ValueError, match=match):
+        Client(proxy.url, timeout=bad)
+    with Client(proxy.url, timeout=30) as client:
+        with pytest.raises(ValueError, match=match):
+            client.is_live(timeout=bad)
+        with pytest.raises(ValueError, match=match):
+            client.infer("simple", simple_inputs(), timeout=bad)
+        with pytest.raises(ValueError, match=match):
+            client.infer_async("simple", simple_inputs(), timeout=bad)
+        with pytest.raises(ValueError, match=match):
+            client.infer("digits", {"input": DIGITS.data[:1]}, cast=True, timeout=bad)
+        with pytest.raises(ValueError, match=match):
+            client.stream("simple", timeout=bad)
+        with pytest.raises(ValueError, match=match), pytest.warns(DeprecationWarning):
+            client.infer("simple", simple_inputs(), deadline=bad)
+
+    async def scenario() -> None:
+        with pytest.raises(ValueError, match=match):
+            AsyncClient(proxy.url, timeout=bad)
+        async with AsyncClient(proxy.url, timeout=30) as client:
+            with pytest.raises(ValueError, match=match):
+                await client.is_ready(timeout=bad)
+            with pytest.raises(ValueError, match=match):
+                await client.infer("simple", simple_inputs(), timeout=bad)
+            with pytest.raises(ValueError, match=match):
+                async for _ in client.stream("simple", [simple_inputs()], timeout=bad):
+                    pass
+
+    asyncio.run(scenario())
+    assert len(proxy.seen) == before  # nothing reached the wire
+
+
+def test_timeout_must_be_a_number() -> None:
+    for bad in ("5", True):
+        with pytest.raises(TypeError, match="timeout must be a number of seconds or None"):
+            Client("localhost:1", timeout=bad)  # type: ignore[arg-type]
+    with Client("localhost:1", timeout=np.float32(2.5)) as client:  # type: ignore[arg-type]
+        assert client._timeout == 2.5
+
+
 # -- futures ------------------------------------------------------------------------------
 
 
