@@ -132,6 +132,9 @@ class Client:
         (sleep or time.sleep)(seconds)
 
     def _end(self, timeout: float | None) -> float | None:
+        """The monotonic time a call must end by (None: never), from a call's `timeout=`
+        or the client's default. Computed once per public call and shared by every RPC it
+        makes (cast=True's metadata fetch, retries), so the call as a whole keeps to it."""
         budget = check_timeout(timeout) if timeout is not None else self._timeout
         return None if budget is None else time.monotonic() + budget
 
@@ -150,7 +153,7 @@ class Client:
         *,
         infer: bool = False,
         retryable: bool = True,
-        timeout: float | None = None,
+        end: float | None,
         headers: Headers | None = None,
     ) -> Any:
         """One RPC with retries. `infer` = not idempotent: retried on UNAVAILABLE only.
@@ -158,7 +161,6 @@ class Client:
         server runs and their UNAVAILABLE ("model control is off") is permanent."""
         method = getattr(self._stub, rpc)
         metadata = merge_metadata(self._headers, headers)
-        end = self._end(timeout)
         attempt = 1
         while True:
             try:
@@ -183,7 +185,7 @@ class Client:
         decode: Callable[[Any], T],
         *,
         infer: bool = False,
-        timeout: float | None = None,
+        end: float | None,
         headers: Headers | None = None,
     ) -> CallFuture[T]:
         """`_call` without blocking: grpc's `.future()` carries the call, and its done-callback
@@ -191,7 +193,6 @@ class Client:
         a retry waits on a timer thread, or runs `RetryPolicy.sleep` on the callback thread."""
         method = getattr(self._stub, rpc)
         metadata = merge_metadata(self._headers, headers)
-        end = self._end(timeout)
         future: CallFuture[T] = CallFuture()
 
         def start(attempt: int) -> None:
@@ -262,13 +263,15 @@ class Client:
 
     def is_live(self, *, headers: Headers | None = None, timeout: float | None = None) -> bool:
         response = self._call(
-            "ServerLive", pb.ServerLiveRequest(), headers=headers, timeout=timeout
+            "ServerLive", pb.ServerLiveRequest(), headers=headers, end=self._end(timeout)
         )
         return bool(response.live)
 
     def is_ready(self, *, headers: Headers | None = None, timeout: float | None = None) -> bool:
         request = pb.ServerReadyRequest()
-        return bool(self._call("ServerReady", request, headers=headers, timeout=timeout).ready)
+        return bool(
+            self._call("ServerReady", request, headers=headers, end=self._end(timeout)).ready
+        )
 
     def is_model_ready(
         self,
@@ -279,13 +282,15 @@ class Client:
         timeout: float | None = None,
     ) -> bool:
         request = pb.ModelReadyRequest(name=name, version=version)
-        return bool(self._call("ModelReady", request, headers=headers, timeout=timeout).ready)
+        return bool(
+            self._call("ModelReady", request, headers=headers, end=self._end(timeout)).ready
+        )
 
     def server_metadata(
         self, *, headers: Headers | None = None, timeout: float | None = None
     ) -> ServerMetadata:
         request = pb.ServerMetadataRequest()
-        response = self._call("ServerMetadata", request, headers=headers, timeout=timeout)
+        response = self._call("ServerMetadata", request, headers=headers, end=self._end(timeout))
         return _codec.server_metadata(response)
 
     def model_metadata(
@@ -297,7 +302,7 @@ class Client:
         timeout: float | None = None,
     ) -> ModelMetadata:
         request = pb.ModelMetadataRequest(name=name, version=version)
-        response = self._call("ModelMetadata", request, headers=headers, timeout=timeout)
+        response = self._call("ModelMetadata", request, headers=headers, end=self._end(timeout))
         return _codec.model_metadata(response)
 
     def model_config(
@@ -309,7 +314,7 @@ class Client:
         timeout: float | None = None,
     ) -> model_config_pb2.ModelConfig:
         request = pb.ModelConfigRequest(name=name, version=version)
-        response = self._call("ModelConfig", request, headers=headers, timeout=timeout)
+        response = self._call("ModelConfig", request, headers=headers, end=self._end(timeout))
         config: model_config_pb2.ModelConfig = response.config
         return config
 
@@ -323,7 +328,7 @@ class Client:
     ) -> list[pb.ModelStatistics]:
         """ModelStatistics messages (all models when `name` is ""): their depth is the point."""
         request = pb.ModelStatisticsRequest(name=name, version=version)
-        response = self._call("ModelStatistics", request, headers=headers, timeout=timeout)
+        response = self._call("ModelStatistics", request, headers=headers, end=self._end(timeout))
         return list(response.model_stats)
 
     # -- model repository ------------------------------------------------------------------
@@ -336,7 +341,7 @@ class Client:
         timeout: float | None = None,
     ) -> list[ModelIndex]:
         request = pb.RepositoryIndexRequest(ready=ready_only)
-        response = self._call("RepositoryIndex", request, headers=headers, timeout=timeout)
+        response = self._call("RepositoryIndex", request, headers=headers, end=self._end(timeout))
         return _codec.repository_index(response)
 
     def load_model(
@@ -359,7 +364,11 @@ class Client:
         self._forget_inputs(name)
         try:
             self._call(
-                "RepositoryModelLoad", request, retryable=False, headers=headers, timeout=timeout
+                "RepositoryModelLoad",
+                request,
+                retryable=False,
+                headers=headers,
+                end=self._end(timeout),
             )
         finally:
             self._forget_inputs(name)
@@ -376,7 +385,11 @@ class Client:
         request = _codec.unload_request(name, unload_dependents=unload_dependents)
         try:
             self._call(
-                "RepositoryModelUnload", request, retryable=False, headers=headers, timeout=timeout
+                "RepositoryModelUnload",
+                request,
+                retryable=False,
+                headers=headers,
+                end=self._end(timeout),
             )
         finally:
             self._forget_inputs(name)
@@ -394,16 +407,19 @@ class Client:
         inputs: Mapping[str, Any],
         cast: bool,
         headers: Headers | None,
-        timeout: float | None,
+        end: float | None,
     ) -> Mapping[str, Any]:
         """`inputs`, cast to the model's datatypes when asked; ModelMetadata is fetched once
-        per (model, version) and kept until this client loads or unloads that model."""
+        per (model, version) and kept until this client loads or unloads that model. The
+        fetch counts against the inference call's own deadline `end`."""
         if not cast:
             return inputs
         key = (model, version)
         datatypes = self._input_types.get(key)
         if datatypes is None:
-            meta = self.model_metadata(model, version, headers=headers, timeout=timeout)
+            request = pb.ModelMetadataRequest(name=model, version=version)
+            response = self._call("ModelMetadata", request, headers=headers, end=end)
+            meta = _codec.model_metadata(response)
             datatypes = self._input_types[key] = _codec.input_datatypes(meta)
         return _codec.cast_inputs(inputs, datatypes, model)
 
@@ -436,7 +452,8 @@ class Client:
         deprecated old name).
         """
         timeout = deprecated_alias("timeout", "deadline", timeout, deadline)
-        inputs = self._inputs_for(model, version, inputs, cast, headers, timeout)
+        end = self._end(timeout)  # one deadline for the metadata fetch and the inference
+        inputs = self._inputs_for(model, version, inputs, cast, headers, end)
         request = _codec.build_request(
             model,
             inputs,
@@ -448,7 +465,7 @@ class Client:
             timeout_us=timeout_us,
             classification=classification,
         )
-        response = self._call("ModelInfer", request, infer=True, headers=headers, timeout=timeout)
+        response = self._call("ModelInfer", request, infer=True, headers=headers, end=end)
         return _codec.decode_response(response)
 
     def infer_async(
@@ -474,7 +491,8 @@ class Client:
         (and with `cast=True` the model's metadata fetched, once) before this returns; errors
         in the arguments raise here, server errors come out of `result()`.
         """
-        inputs = self._inputs_for(model, version, inputs, cast, headers, timeout)
+        end = self._end(timeout)  # one deadline for the metadata fetch and the inference
+        inputs = self._inputs_for(model, version, inputs, cast, headers, end)
         request = _codec.build_request(
             model,
             inputs,
@@ -492,7 +510,7 @@ class Client:
             _codec.decode_response,
             infer=True,
             headers=headers,
-            timeout=timeout,
+            end=end,
         )
 
     def stream(

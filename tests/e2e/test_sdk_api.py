@@ -193,6 +193,40 @@ def test_timeout_must_be_a_number() -> None:
         assert client._timeout == 2.5
 
 
+def test_cast_metadata_fetch_shares_the_calls_timeout(proxy: RecordingProxy) -> None:
+    """With cast=True and nothing cached, the ModelMetadata fetch and the inference share one
+    deadline: a slow metadata answer leaves the inference only what is left of `timeout`."""
+    images = {"input": DIGITS.data[:1]}
+    proxy.delays["ModelMetadata"] = 1.0
+    try:
+        with Client(proxy.url, timeout=4) as client:
+            client.infer("digits", images, cast=True)
+            first = proxy.last("ModelInfer").time_remaining
+            client.infer("digits", images, cast=True)  # metadata cached: the whole 4 s again
+            cached = proxy.last("ModelInfer").time_remaining
+        with Client(proxy.url, timeout=30) as client:
+            client.infer_async("digits", images, cast=True, timeout=4).result(30)
+            future = proxy.last("ModelInfer").time_remaining
+
+        async def scenario() -> None:
+            async with AsyncClient(proxy.url) as client:
+                await client.infer("digits", images, cast=True, timeout=4)
+
+        asyncio.run(scenario())
+        aio = proxy.last("ModelInfer").time_remaining
+        with Client(proxy.url, retry=None) as client:  # 1 s of metadata + 1 s of inference
+            proxy.delays["ModelInfer"] = 1.0
+            with pytest.raises(InferenceServerError) as info:
+                client.infer("digits", images, cast=True, timeout=1.5)
+            assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    finally:
+        proxy.delays.clear()
+    # the grpc-timeout header rounds up a little, hence the half-second headroom
+    for remaining in (first, future, aio):
+        assert remaining is not None and 2 < remaining <= 3.5
+    assert cached is not None and 3.5 < cached <= 4.5
+
+
 # -- futures ------------------------------------------------------------------------------
 
 
