@@ -54,16 +54,33 @@ class CallFuture(Future[T]):
     """A concurrent.futures.Future for one SDK call (retries included).
 
     `result()` returns what the blocking method would, or raises its InferenceServerError.
-    `cancel()` also cancels the RPC in flight, so the server stops waiting on it.
+    `cancel()` also cancels the RPC in flight, so the server stops waiting on it, and wakes
+    `concurrent.futures.wait` / `as_completed` callers, like an executor's future does.
+
+    States only ever move forward, each under the Future's own lock: PENDING to FINISHED
+    (`_settle`, once: `set_result`/`set_exception` refuse a future that is already cancelled
+    or finished, and `_settle` then drops the late outcome) or PENDING to CANCELLED (`cancel`).
+    So an outcome that arrives while `cancel()` runs is dropped, never delivered, and the
+    done-callbacks run exactly once.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self._rpc: grpc.Future[Any] | None = None
+        self._cancel_lock = threading.Lock()
+        self._waiters_told = False
 
     def cancel(self) -> bool:
-        if not super().cancel():
+        if not super().cancel():  # PENDING -> CANCELLED, or already cancelled
             return False
+        # Future.cancel() alone leaves wait()/as_completed() waiting forever: only
+        # set_running_or_notify_cancel() moves CANCELLED to CANCELLED_AND_NOTIFIED and tells
+        # them (executors call it for their futures; nobody else does for ours). It may run
+        # once only (a second call raises), so concurrent cancel()s elect one caller to do it.
+        with self._cancel_lock:
+            first, self._waiters_told = not self._waiters_told, True
+        if first:
+            self.set_running_or_notify_cancel()  # returns False: "was cancelled"
         rpc = self._rpc
         if rpc is not None:
             rpc.cancel()

@@ -9,8 +9,8 @@ import asyncio
 import shutil
 import threading
 import time
-from collections.abc import Iterator
-from concurrent.futures import as_completed
+from collections.abc import Callable, Iterator
+from concurrent.futures import CancelledError, as_completed, wait
 from pathlib import Path
 
 import grpc
@@ -292,6 +292,101 @@ def test_cancelling_a_future_cancels_the_rpc(dead_url: str) -> None:
         assert future.cancelled()
         rpc = future._rpc
         assert rpc is not None and rpc.cancelled()
+
+
+def test_a_cancelled_future_wakes_wait_and_as_completed(dead_url: str) -> None:
+    """Future.cancel() alone never tells wait()/as_completed(): they only hear of futures
+    that an executor notified, so gathering a cancelled CallFuture used to hang."""
+    with Client(dead_url, wait_for_ready=True) as client:  # calls wait for a server forever
+        waiting = client.infer_async("simple", simple_inputs())
+        later = client.infer_async("simple", simple_inputs())
+        threading.Timer(0.2, later.cancel).start()
+        started = time.monotonic()
+        assert list(as_completed([later], timeout=20)) == [later]  # cancelled while waiting
+        assert time.monotonic() - started < 10
+        assert waiting.cancel() and waiting.cancel()  # twice (and from two places) is fine
+        done, not_done = wait([waiting, later], timeout=20)
+        assert done == {waiting, later} and not not_done
+
+
+class _FakeRpc:
+    """Stands in for grpc's call future, so a test decides when, and how, it completes."""
+
+    def __init__(self) -> None:
+        self.callbacks: list[Callable[[object], None]] = []
+        self.was_cancelled = False
+
+    def add_done_callback(self, callback: Callable[[object], None]) -> None:
+        self.callbacks.append(callback)
+
+    def cancel(self) -> bool:
+        self.was_cancelled = True
+        return True
+
+
+class _Done:
+    """What grpc hands a done-callback: `result()` runs `outcome`, which may cancel first."""
+
+    def __init__(self, outcome: Callable[[], object]) -> None:
+        self.result = outcome
+
+
+class _Unavailable(grpc.RpcError):
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return "down"
+
+
+def test_cancel_racing_the_outcome_leaves_the_future_cancelled(monkeypatch) -> None:
+    """Forces each interleaving of cancel() with the call completing: between the
+    done-callback's own done() check and settling the future (with an answer, with an error
+    that would be retried), and between a retry's done() check and its RPC starting. The
+    future must stay CANCELLED, its callbacks must run once, and no RPC may start after."""
+    rpcs: list[_FakeRpc] = []
+    on_start: list[Callable[[], object]] = []
+
+    class Method:
+        def future(self, request: object, **_: object) -> _FakeRpc:
+            for hook in on_start:
+                hook()
+            rpcs.append(_FakeRpc())
+            return rpcs[-1]
+
+    with Client("localhost:1", retry=RetryPolicy(sleep=lambda _: None)) as client:
+        monkeypatch.setattr(client, "_stub", type("Stub", (), {"ModelInfer": Method()})())
+
+        def cancel_then(future: CallFuture, outcome: Callable[[], object]) -> _Done:
+            def result() -> object:
+                assert future.cancel()  # lands after the callback checked done()
+                return outcome()
+
+            return _Done(result)
+
+        def fail() -> object:
+            raise _Unavailable()
+
+        for outcome in (pb.ModelInferResponse, fail):
+            rpcs.clear()
+            future = client.infer_async("simple", simple_inputs())
+            called: list[CallFuture] = []
+            future.add_done_callback(called.append)
+            rpcs[0].callbacks[0](cancel_then(future, outcome))
+            assert future.cancelled() and called == [future]
+            assert len(rpcs) == 1  # the failure was retryable, yet nothing was retried
+            with pytest.raises(CancelledError):
+                future.result(timeout=0)
+            assert wait([future], timeout=0).done == {future}
+
+        rpcs.clear()  # cancelled while a retry was about to start its RPC
+        future = client.infer_async("simple", simple_inputs())
+        called = []
+        future.add_done_callback(called.append)
+        on_start.append(future.cancel)
+        rpcs[0].callbacks[0](_Done(fail))
+        assert len(rpcs) == 2 and rpcs[1].was_cancelled and not rpcs[1].callbacks
+        assert future.cancelled() and called == [future]
 
 
 # -- explicit casts -----------------------------------------------------------------------
