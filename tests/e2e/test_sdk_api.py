@@ -123,6 +123,64 @@ def test_header_values_are_checked_before_sending(proxy: RecordingProxy) -> None
             client.is_live(headers={"x-raw": b"\x00"})
 
 
+@pytest.mark.parametrize(
+    ("headers", "match"),
+    [
+        ({"x y": "v"}, r"header name 'x y' is not valid gRPC metadata"),
+        ({"caf\u00e9": "v"}, "is not valid gRPC metadata"),
+        ({"\u212a": "v"}, "is not valid gRPC metadata"),  # KELVIN SIGN: lower() is ASCII "k"
+        ({":authority": "evil"}, "is not valid gRPC metadata"),
+        ({"x-a\n": "v"}, "is not valid gRPC metadata"),
+        ({"grpc-timeout": "1S"}, "names starting with 'grpc-' are reserved"),
+        ({"Grpc-Trace": "t"}, "names starting with 'grpc-' are reserved"),
+        ({"authorization": "Bearer abc\nx-evil: 1"}, r"its value has '\\n' at index 10"),
+        ({"x-tenant": "caf\u00e9"}, "its value has '\u00e9' at index 3"),
+        ({"x-tenant": "a\tb"}, "printable ASCII"),
+    ],
+)
+def test_invalid_header_names_and_values_raise_before_sending(
+    proxy: RecordingProxy, headers: dict[str, str], match: str
+) -> None:
+    """grpc itself only notices at call time, and fails the call with INTERNAL."""
+    before = len(proxy.seen)
+    with pytest.raises(ValueError, match=match):
+        Client(proxy.url, headers=headers)
+    with Client(proxy.url, timeout=30) as client:
+        with pytest.raises(ValueError, match=match):
+            client.is_live(headers=headers)
+        with pytest.raises(ValueError, match=match):
+            client.infer("simple", simple_inputs(), headers=headers)
+        with pytest.raises(ValueError, match=match):
+            client.infer_async("simple", simple_inputs(), headers=headers)
+        with pytest.raises(ValueError, match=match):
+            client.infer("digits", {"input": DIGITS.data[:1]}, cast=True, headers=headers)
+        with pytest.raises(ValueError, match=match):
+            client.stream("simple", headers=headers)
+
+    async def scenario() -> None:
+        with pytest.raises(ValueError, match=match):
+            AsyncClient(proxy.url, headers=headers)
+        async with AsyncClient(proxy.url, timeout=30) as client:
+            with pytest.raises(ValueError, match=match):
+                await client.is_ready(headers=headers)
+            with pytest.raises(ValueError, match=match):
+                await client.infer("simple", simple_inputs(), headers=headers)
+
+    asyncio.run(scenario())
+    assert len(proxy.seen) == before  # nothing reached the wire
+
+
+def test_valid_header_edge_cases_arrive_as_sent(proxy: RecordingProxy) -> None:
+    headers = {"X-Ok_.9": " printable ~ ASCII ", "empty": "", "raw-bin": b"\x00\n\xff"}
+    with Client(proxy.url, headers=headers, timeout=30) as client:
+        client.is_live()
+    seen = proxy.last("ServerLive").headers
+    assert seen["x-ok_.9"] == " printable ~ ASCII " and seen["raw-bin"] == b"\x00\n\xff"
+    with pytest.raises(ValueError) as info:
+        Client(proxy.url, headers={"authorization": "Bearer secret-token\n"})
+    assert "secret-token" not in str(info.value)  # tokens stay out of logs
+
+
 def test_timeout_is_the_deadline_the_server_sees(proxy: RecordingProxy) -> None:
     with Client(proxy.url, timeout=30) as client:
         client.is_live()
