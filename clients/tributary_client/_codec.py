@@ -152,11 +152,20 @@ def cast_inputs(
 ) -> dict[str, np.ndarray]:
     """Convert numeric inputs to the datatypes the model declares (`cast=True`).
 
-    Only conversions numpy calls "same_kind" happen (float64 -> FP32, int64 -> INT32,
-    bool -> INT8, int -> FP32): those keep the value's kind and at most lose precision or
-    range, which is what asking for the cast means. Float -> integer (truncation), numbers ->
-    BYTES and strings -> numbers raise TypeError instead, as do names the model does not have
-    (the server would refuse those anyway; this says why before anything is sent).
+    What is converted, every rule checked before anything is sent:
+
+    - bool or integer -> an integer datatype (INT8..INT64, UINT8..UINT64, signed and unsigned
+      either way) when every value fits the target's range; otherwise ValueError naming the
+      input, its value range and the datatype. Nothing wraps around.
+    - bool, integer or float -> a float datatype (FP16, FP32, FP64). Precision may be lost
+      (float64 -> FP32 rounds, tiny values may become 0): that is what asking for the cast
+      means. A finite value too large for the target (it would become inf) raises ValueError;
+      NaN and infinities stay what they are.
+
+    Float -> integer (truncation), anything -> BOOL but bool, numbers -> BYTES and strings ->
+    numbers raise TypeError, as do names the model does not have (the server would refuse
+    those anyway; this says why before anything is sent). The range check is one min/max (or,
+    for floats, one isfinite) per array, never a Python loop over elements.
     """
     out: dict[str, np.ndarray] = {}
     for name, value in inputs.items():
@@ -174,13 +183,45 @@ def cast_inputs(
         except TypeError:
             out[name] = array  # a datatype numpy cannot hold (BF16): send as is
             continue
-        if want == "BYTES" or have == "BYTES" or not np.can_cast(array.dtype, target, "same_kind"):
+        kinds = _CASTABLE_FROM.get(target.kind, "")
+        if want == "BYTES" or array.dtype.kind not in kinds:
             raise TypeError(
                 f"input '{name}' of model '{model}' is {want}; will not cast {array.dtype} to "
-                f"it (only same-kind casts, e.g. float64 -> FP32, are done): convert it yourself"
+                f"it (only bool/int -> int, and bool/int/float -> float): convert it yourself"
             )
-        out[name] = array.astype(target)
+        out[name] = _checked_cast(array, target, f"input '{name}' of model '{model}'", want)
     return out
+
+
+# Source dtype kinds (numpy's dtype.kind) that `cast=True` converts to each target kind.
+_CASTABLE_FROM = {"i": "biu", "u": "biu", "f": "biuf"}
+
+
+def _checked_cast(array: np.ndarray, target: np.dtype, what: str, want: str) -> np.ndarray:
+    """`array.astype(target)`, refusing values the target cannot represent (see cast_inputs)."""
+    if array.size == 0 or np.can_cast(array.dtype, target, "safe"):
+        return array.astype(target)
+    if target.kind in "iu":
+        low, high = int(array.min()), int(array.max())  # Python ints: exact for uint64 too
+        limits = np.iinfo(target)
+        if low < limits.min or high > limits.max:
+            raise ValueError(
+                f"{what} is {want} ({limits.min}..{limits.max}), but the {array.dtype} values "
+                f"given range over {low}..{high}: not sent; bring them into range yourself"
+            )
+        return array.astype(target)
+    with np.errstate(over="ignore"):  # overflow is detected below, and raised as an error
+        cast = array.astype(target)
+    if not np.isfinite(cast).all():
+        overflowed = np.isfinite(array) & ~np.isfinite(cast)
+        if overflowed.any():
+            finite = array[np.isfinite(array)]
+            raise ValueError(
+                f"{what} is {want} (finite magnitudes up to {float(np.finfo(target).max):g}), "
+                f"but the finite {array.dtype} values given range over {finite.min():g}.."
+                f"{finite.max():g}, which would become inf: not sent; scale or clip them yourself"
+            )
+    return cast
 
 
 def load_request(

@@ -6,7 +6,10 @@ built once (from files, from a config system) and handed to both the sync and as
 
 from __future__ import annotations
 
+import math
+import numbers
 import random
+import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -16,6 +19,31 @@ from typing import Any
 import grpc
 
 INT32_MAX = 2**31 - 1
+
+
+# The longest timeout accepted, in seconds (about 31 years). grpc turns deadlines past its
+# clock's range (about 290 years from boot) into ones already expired, so a longer timeout
+# would fail at once with DEADLINE_EXCEEDED; None is how to say "no limit".
+MAX_TIMEOUT = 1e9
+
+
+def check_timeout(timeout: object, name: str = "timeout") -> float | None:
+    """`timeout` as float seconds, or None for no limit; anything else raises up front.
+
+    Negative, zero, NaN, infinite and absurdly large values are refused: grpc would turn each
+    into a call that fails at once (or, for NaN, an unlimited one), never what was meant.
+    """
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
+        raise TypeError(f"{name} must be a number of seconds or None, not {timeout!r}")
+    seconds = float(timeout)
+    if not (math.isfinite(seconds) and 0 < seconds <= MAX_TIMEOUT):
+        raise ValueError(
+            f"{name} must be > 0 and at most {MAX_TIMEOUT:g} seconds (None: no limit), "
+            f"not {timeout!r}"
+        )
+    return seconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,23 +128,47 @@ Headers = Mapping[str, HeaderValue]
 Metadata = tuple[tuple[str, HeaderValue], ...]
 
 
+# gRPC's metadata rules (doc/PROTOCOL-HTTP2.md in grpc/grpc): a name is 0-9 a-z _ - . (sent
+# lower-case, so upper-case letters are accepted and lowered here) and "grpc-" names are the
+# protocol's own; a text value is printable ASCII, space included. grpc itself only checks
+# at call time and then fails the call with INTERNAL "Invalid metadata".
+_HEADER_NAME = re.compile(r"[0-9A-Za-z_.\-]+")
+_NOT_HEADER_TEXT = re.compile(r"[^\x20-\x7e]")
+
+
 def normalize_metadata(headers: Headers | None) -> Metadata:
     """gRPC metadata from a headers mapping, checked here rather than deep inside a call.
 
-    gRPC rejects upper-case keys at call time, so keys are lower-cased. Binary values (bytes)
-    are only allowed under keys ending in "-bin", text values only under other keys: that is
-    how gRPC tells them apart on the wire.
+    gRPC rejects upper-case keys at call time, so keys are lower-cased; other characters than
+    letters, digits, "_", "-" and "." and names starting with "grpc-" raise ValueError. Binary
+    values (bytes) are only allowed under keys ending in "-bin", text values only under other
+    keys (TypeError otherwise): that is how gRPC tells them apart on the wire. Text values must
+    be printable ASCII (space to "~"), or ValueError.
     """
     out: list[tuple[str, HeaderValue]] = []
     for key, value in (headers or {}).items():
         if not isinstance(key, str) or not key:
             raise TypeError(f"header names must be non-empty str, not {key!r}")
+        if not _HEADER_NAME.fullmatch(key):
+            raise ValueError(
+                f"header name {key!r} is not valid gRPC metadata: only letters, digits, "
+                f"'_', '-' and '.' (sent lower-case)"
+            )
         name = key.lower()
+        if name.startswith("grpc-"):
+            raise ValueError(f"header name {key!r}: names starting with 'grpc-' are reserved")
         if name.endswith("-bin"):
             if not isinstance(value, bytes):
                 raise TypeError(f"header {name!r} ends in -bin, so its value must be bytes")
         elif not isinstance(value, str):
             raise TypeError(f"header {name!r} needs a str value (bytes only under '-bin' names)")
+        elif bad := _NOT_HEADER_TEXT.search(value):
+            # the value itself stays out of the message: headers carry tokens
+            raise ValueError(
+                f"header {name!r}: its value has {bad.group()!r} at index {bad.start()}; text "
+                f"values must be printable ASCII (no control characters such as newlines or "
+                f"tabs, no non-ASCII): send other data as bytes under a name ending in '-bin'"
+            )
         out.append((name, value))
     return tuple(out)
 

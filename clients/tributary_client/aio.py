@@ -29,6 +29,7 @@ from ._options import (
     RetryPolicy,
     TLSConfig,
     channel_options,
+    check_timeout,
     deprecated_alias,
     merge_metadata,
     normalize_metadata,
@@ -88,7 +89,7 @@ class AsyncClient:
             )
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
         self.url = url
-        self._timeout = timeout
+        self._timeout = check_timeout(timeout)
         self._retry = retry
         self._headers = normalize_metadata(headers)
         self._wait_for_ready = wait_for_ready
@@ -102,6 +103,11 @@ class AsyncClient:
         if inspect.isawaitable(outcome):
             await outcome
 
+    def _end(self, timeout: float | None) -> float | None:
+        """See `Client._end`: one deadline per public call, shared by all its RPCs."""
+        budget = check_timeout(timeout) if timeout is not None else self._timeout
+        return None if budget is None else time.monotonic() + budget
+
     async def _call(
         self,
         rpc: str,
@@ -109,13 +115,11 @@ class AsyncClient:
         *,
         infer: bool = False,
         retryable: bool = True,
-        timeout: float | None = None,
+        end: float | None,
         headers: Headers | None = None,
     ) -> Any:
         method = getattr(self._stub, rpc)
         metadata = merge_metadata(self._headers, headers)
-        budget = timeout if timeout is not None else self._timeout
-        end = None if budget is None else time.monotonic() + budget
         attempt = 1
         while True:
             try:
@@ -160,14 +164,14 @@ class AsyncClient:
     ) -> bool:
         request = pb.ServerLiveRequest()
         return bool(
-            (await self._call("ServerLive", request, headers=headers, timeout=timeout)).live
+            (await self._call("ServerLive", request, headers=headers, end=self._end(timeout))).live
         )
 
     async def is_ready(
         self, *, headers: Headers | None = None, timeout: float | None = None
     ) -> bool:
         request = pb.ServerReadyRequest()
-        response = await self._call("ServerReady", request, headers=headers, timeout=timeout)
+        response = await self._call("ServerReady", request, headers=headers, end=self._end(timeout))
         return bool(response.ready)
 
     async def is_model_ready(
@@ -179,14 +183,16 @@ class AsyncClient:
         timeout: float | None = None,
     ) -> bool:
         request = pb.ModelReadyRequest(name=name, version=version)
-        response = await self._call("ModelReady", request, headers=headers, timeout=timeout)
+        response = await self._call("ModelReady", request, headers=headers, end=self._end(timeout))
         return bool(response.ready)
 
     async def server_metadata(
         self, *, headers: Headers | None = None, timeout: float | None = None
     ) -> ServerMetadata:
         request = pb.ServerMetadataRequest()
-        response = await self._call("ServerMetadata", request, headers=headers, timeout=timeout)
+        response = await self._call(
+            "ServerMetadata", request, headers=headers, end=self._end(timeout)
+        )
         return _codec.server_metadata(response)
 
     async def model_metadata(
@@ -198,7 +204,9 @@ class AsyncClient:
         timeout: float | None = None,
     ) -> ModelMetadata:
         request = pb.ModelMetadataRequest(name=name, version=version)
-        response = await self._call("ModelMetadata", request, headers=headers, timeout=timeout)
+        response = await self._call(
+            "ModelMetadata", request, headers=headers, end=self._end(timeout)
+        )
         return _codec.model_metadata(response)
 
     async def model_config(
@@ -210,7 +218,7 @@ class AsyncClient:
         timeout: float | None = None,
     ) -> model_config_pb2.ModelConfig:
         request = pb.ModelConfigRequest(name=name, version=version)
-        response = await self._call("ModelConfig", request, headers=headers, timeout=timeout)
+        response = await self._call("ModelConfig", request, headers=headers, end=self._end(timeout))
         config: model_config_pb2.ModelConfig = response.config
         return config
 
@@ -223,7 +231,9 @@ class AsyncClient:
         timeout: float | None = None,
     ) -> list[pb.ModelStatistics]:
         request = pb.ModelStatisticsRequest(name=name, version=version)
-        response = await self._call("ModelStatistics", request, headers=headers, timeout=timeout)
+        response = await self._call(
+            "ModelStatistics", request, headers=headers, end=self._end(timeout)
+        )
         return list(response.model_stats)
 
     # -- model repository ------------------------------------------------------------------
@@ -236,7 +246,9 @@ class AsyncClient:
         timeout: float | None = None,
     ) -> list[ModelIndex]:
         request = pb.RepositoryIndexRequest(ready=ready_only)
-        response = await self._call("RepositoryIndex", request, headers=headers, timeout=timeout)
+        response = await self._call(
+            "RepositoryIndex", request, headers=headers, end=self._end(timeout)
+        )
         return _codec.repository_index(response)
 
     async def load_model(
@@ -253,7 +265,11 @@ class AsyncClient:
         self._forget_inputs(name)
         try:
             await self._call(
-                "RepositoryModelLoad", request, retryable=False, headers=headers, timeout=timeout
+                "RepositoryModelLoad",
+                request,
+                retryable=False,
+                headers=headers,
+                end=self._end(timeout),
             )
         finally:
             self._forget_inputs(name)
@@ -270,7 +286,11 @@ class AsyncClient:
         request = _codec.unload_request(name, unload_dependents=unload_dependents)
         try:
             await self._call(
-                "RepositoryModelUnload", request, retryable=False, headers=headers, timeout=timeout
+                "RepositoryModelUnload",
+                request,
+                retryable=False,
+                headers=headers,
+                end=self._end(timeout),
             )
         finally:
             self._forget_inputs(name)
@@ -288,14 +308,16 @@ class AsyncClient:
         inputs: Mapping[str, Any],
         cast: bool,
         headers: Headers | None,
-        timeout: float | None,
+        end: float | None,
     ) -> Mapping[str, Any]:
         if not cast:
             return inputs
         key = (model, version)
         datatypes = self._input_types.get(key)
         if datatypes is None:
-            meta = await self.model_metadata(model, version, headers=headers, timeout=timeout)
+            request = pb.ModelMetadataRequest(name=model, version=version)
+            response = await self._call("ModelMetadata", request, headers=headers, end=end)
+            meta = _codec.model_metadata(response)
             datatypes = self._input_types[key] = _codec.input_datatypes(meta)
         return _codec.cast_inputs(inputs, datatypes, model)
 
@@ -318,7 +340,8 @@ class AsyncClient:
     ) -> InferResult:
         """See `Client.infer`."""
         timeout = deprecated_alias("timeout", "deadline", timeout, deadline)
-        inputs = await self._inputs_for(model, version, inputs, cast, headers, timeout)
+        end = self._end(timeout)  # one deadline for the metadata fetch and the inference
+        inputs = await self._inputs_for(model, version, inputs, cast, headers, end)
         request = _codec.build_request(
             model,
             inputs,
@@ -330,9 +353,7 @@ class AsyncClient:
             timeout_us=timeout_us,
             classification=classification,
         )
-        response = await self._call(
-            "ModelInfer", request, infer=True, headers=headers, timeout=timeout
-        )
+        response = await self._call("ModelInfer", request, infer=True, headers=headers, end=end)
         return _codec.decode_response(response)
 
     async def stream(
@@ -374,6 +395,7 @@ class AsyncClient:
                     yield message(item)
 
         metadata = merge_metadata(self._headers, headers)
+        timeout = check_timeout(timeout)
         call = self._stub.ModelStreamInfer(outgoing(), metadata=metadata, timeout=timeout)
         try:
             async for response in call:

@@ -30,6 +30,7 @@ from ._options import (
     RetryPolicy,
     TLSConfig,
     channel_options,
+    check_timeout,
     deprecated_alias,
     merge_metadata,
     normalize_metadata,
@@ -53,16 +54,33 @@ class CallFuture(Future[T]):
     """A concurrent.futures.Future for one SDK call (retries included).
 
     `result()` returns what the blocking method would, or raises its InferenceServerError.
-    `cancel()` also cancels the RPC in flight, so the server stops waiting on it.
+    `cancel()` also cancels the RPC in flight, so the server stops waiting on it, and wakes
+    `concurrent.futures.wait` / `as_completed` callers, like an executor's future does.
+
+    States only ever move forward, each under the Future's own lock: PENDING to FINISHED
+    (`_settle`, once: `set_result`/`set_exception` refuse a future that is already cancelled
+    or finished, and `_settle` then drops the late outcome) or PENDING to CANCELLED (`cancel`).
+    So an outcome that arrives while `cancel()` runs is dropped, never delivered, and the
+    done-callbacks run exactly once.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self._rpc: grpc.Future[Any] | None = None
+        self._cancel_lock = threading.Lock()
+        self._waiters_told = False
 
     def cancel(self) -> bool:
-        if not super().cancel():
+        if not super().cancel():  # PENDING -> CANCELLED, or already cancelled
             return False
+        # Future.cancel() alone leaves wait()/as_completed() waiting forever: only
+        # set_running_or_notify_cancel() moves CANCELLED to CANCELLED_AND_NOTIFIED and tells
+        # them (executors call it for their futures; nobody else does for ours). It may run
+        # once only (a second call raises), so concurrent cancel()s elect one caller to do it.
+        with self._cancel_lock:
+            first, self._waiters_told = not self._waiters_told, True
+        if first:
+            self.set_running_or_notify_cancel()  # returns False: "was cancelled"
         rpc = self._rpc
         if rpc is not None:
             rpc.cancel()
@@ -118,7 +136,7 @@ class Client:
             channel = grpc.intercept_channel(channel, *interceptors)
         self._stub = pb_grpc.GRPCInferenceServiceStub(channel)
         self.url = url
-        self._timeout = timeout
+        self._timeout = check_timeout(timeout)
         self._retry = retry
         self._headers = normalize_metadata(headers)
         self._wait_for_ready = wait_for_ready
@@ -131,7 +149,10 @@ class Client:
         (sleep or time.sleep)(seconds)
 
     def _end(self, timeout: float | None) -> float | None:
-        budget = timeout if timeout is not None else self._timeout
+        """The monotonic time a call must end by (None: never), from a call's `timeout=`
+        or the client's default. Computed once per public call and shared by every RPC it
+        makes (cast=True's metadata fetch, retries), so the call as a whole keeps to it."""
+        budget = check_timeout(timeout) if timeout is not None else self._timeout
         return None if budget is None else time.monotonic() + budget
 
     def _retry_delay(
@@ -149,7 +170,7 @@ class Client:
         *,
         infer: bool = False,
         retryable: bool = True,
-        timeout: float | None = None,
+        end: float | None,
         headers: Headers | None = None,
     ) -> Any:
         """One RPC with retries. `infer` = not idempotent: retried on UNAVAILABLE only.
@@ -157,7 +178,6 @@ class Client:
         server runs and their UNAVAILABLE ("model control is off") is permanent."""
         method = getattr(self._stub, rpc)
         metadata = merge_metadata(self._headers, headers)
-        end = self._end(timeout)
         attempt = 1
         while True:
             try:
@@ -182,7 +202,7 @@ class Client:
         decode: Callable[[Any], T],
         *,
         infer: bool = False,
-        timeout: float | None = None,
+        end: float | None,
         headers: Headers | None = None,
     ) -> CallFuture[T]:
         """`_call` without blocking: grpc's `.future()` carries the call, and its done-callback
@@ -190,7 +210,6 @@ class Client:
         a retry waits on a timer thread, or runs `RetryPolicy.sleep` on the callback thread."""
         method = getattr(self._stub, rpc)
         metadata = merge_metadata(self._headers, headers)
-        end = self._end(timeout)
         future: CallFuture[T] = CallFuture()
 
         def start(attempt: int) -> None:
@@ -261,13 +280,15 @@ class Client:
 
     def is_live(self, *, headers: Headers | None = None, timeout: float | None = None) -> bool:
         response = self._call(
-            "ServerLive", pb.ServerLiveRequest(), headers=headers, timeout=timeout
+            "ServerLive", pb.ServerLiveRequest(), headers=headers, end=self._end(timeout)
         )
         return bool(response.live)
 
     def is_ready(self, *, headers: Headers | None = None, timeout: float | None = None) -> bool:
         request = pb.ServerReadyRequest()
-        return bool(self._call("ServerReady", request, headers=headers, timeout=timeout).ready)
+        return bool(
+            self._call("ServerReady", request, headers=headers, end=self._end(timeout)).ready
+        )
 
     def is_model_ready(
         self,
@@ -278,13 +299,15 @@ class Client:
         timeout: float | None = None,
     ) -> bool:
         request = pb.ModelReadyRequest(name=name, version=version)
-        return bool(self._call("ModelReady", request, headers=headers, timeout=timeout).ready)
+        return bool(
+            self._call("ModelReady", request, headers=headers, end=self._end(timeout)).ready
+        )
 
     def server_metadata(
         self, *, headers: Headers | None = None, timeout: float | None = None
     ) -> ServerMetadata:
         request = pb.ServerMetadataRequest()
-        response = self._call("ServerMetadata", request, headers=headers, timeout=timeout)
+        response = self._call("ServerMetadata", request, headers=headers, end=self._end(timeout))
         return _codec.server_metadata(response)
 
     def model_metadata(
@@ -296,7 +319,7 @@ class Client:
         timeout: float | None = None,
     ) -> ModelMetadata:
         request = pb.ModelMetadataRequest(name=name, version=version)
-        response = self._call("ModelMetadata", request, headers=headers, timeout=timeout)
+        response = self._call("ModelMetadata", request, headers=headers, end=self._end(timeout))
         return _codec.model_metadata(response)
 
     def model_config(
@@ -308,7 +331,7 @@ class Client:
         timeout: float | None = None,
     ) -> model_config_pb2.ModelConfig:
         request = pb.ModelConfigRequest(name=name, version=version)
-        response = self._call("ModelConfig", request, headers=headers, timeout=timeout)
+        response = self._call("ModelConfig", request, headers=headers, end=self._end(timeout))
         config: model_config_pb2.ModelConfig = response.config
         return config
 
@@ -322,7 +345,7 @@ class Client:
     ) -> list[pb.ModelStatistics]:
         """ModelStatistics messages (all models when `name` is ""): their depth is the point."""
         request = pb.ModelStatisticsRequest(name=name, version=version)
-        response = self._call("ModelStatistics", request, headers=headers, timeout=timeout)
+        response = self._call("ModelStatistics", request, headers=headers, end=self._end(timeout))
         return list(response.model_stats)
 
     # -- model repository ------------------------------------------------------------------
@@ -335,7 +358,7 @@ class Client:
         timeout: float | None = None,
     ) -> list[ModelIndex]:
         request = pb.RepositoryIndexRequest(ready=ready_only)
-        response = self._call("RepositoryIndex", request, headers=headers, timeout=timeout)
+        response = self._call("RepositoryIndex", request, headers=headers, end=self._end(timeout))
         return _codec.repository_index(response)
 
     def load_model(
@@ -358,7 +381,11 @@ class Client:
         self._forget_inputs(name)
         try:
             self._call(
-                "RepositoryModelLoad", request, retryable=False, headers=headers, timeout=timeout
+                "RepositoryModelLoad",
+                request,
+                retryable=False,
+                headers=headers,
+                end=self._end(timeout),
             )
         finally:
             self._forget_inputs(name)
@@ -375,7 +402,11 @@ class Client:
         request = _codec.unload_request(name, unload_dependents=unload_dependents)
         try:
             self._call(
-                "RepositoryModelUnload", request, retryable=False, headers=headers, timeout=timeout
+                "RepositoryModelUnload",
+                request,
+                retryable=False,
+                headers=headers,
+                end=self._end(timeout),
             )
         finally:
             self._forget_inputs(name)
@@ -393,16 +424,19 @@ class Client:
         inputs: Mapping[str, Any],
         cast: bool,
         headers: Headers | None,
-        timeout: float | None,
+        end: float | None,
     ) -> Mapping[str, Any]:
         """`inputs`, cast to the model's datatypes when asked; ModelMetadata is fetched once
-        per (model, version) and kept until this client loads or unloads that model."""
+        per (model, version) and kept until this client loads or unloads that model. The
+        fetch counts against the inference call's own deadline `end`."""
         if not cast:
             return inputs
         key = (model, version)
         datatypes = self._input_types.get(key)
         if datatypes is None:
-            meta = self.model_metadata(model, version, headers=headers, timeout=timeout)
+            request = pb.ModelMetadataRequest(name=model, version=version)
+            response = self._call("ModelMetadata", request, headers=headers, end=end)
+            meta = _codec.model_metadata(response)
             datatypes = self._input_types[key] = _codec.input_datatypes(meta)
         return _codec.cast_inputs(inputs, datatypes, model)
 
@@ -427,14 +461,16 @@ class Client:
 
         Each input's datatype comes from its numpy dtype (object/str/bytes arrays are BYTES);
         a mismatch with the model is the server's INVALID_ARGUMENT, unless `cast=True`
-        converts inputs to the model's datatypes first (same-kind casts only, see docs).
+        converts inputs to the model's datatypes first (int -> int only when every value fits,
+        int/float -> float unless a value overflows to inf; see docs/sdk.md).
         `outputs` None means all of the model's outputs. `classification` maps an output to
         its top-k count. `timeout_us` is the server-side queue timeout; `timeout` (seconds) is
         the client-side limit for the whole call, retries included (`deadline` is its
         deprecated old name).
         """
         timeout = deprecated_alias("timeout", "deadline", timeout, deadline)
-        inputs = self._inputs_for(model, version, inputs, cast, headers, timeout)
+        end = self._end(timeout)  # one deadline for the metadata fetch and the inference
+        inputs = self._inputs_for(model, version, inputs, cast, headers, end)
         request = _codec.build_request(
             model,
             inputs,
@@ -446,7 +482,7 @@ class Client:
             timeout_us=timeout_us,
             classification=classification,
         )
-        response = self._call("ModelInfer", request, infer=True, headers=headers, timeout=timeout)
+        response = self._call("ModelInfer", request, infer=True, headers=headers, end=end)
         return _codec.decode_response(response)
 
     def infer_async(
@@ -472,7 +508,8 @@ class Client:
         (and with `cast=True` the model's metadata fetched, once) before this returns; errors
         in the arguments raise here, server errors come out of `result()`.
         """
-        inputs = self._inputs_for(model, version, inputs, cast, headers, timeout)
+        end = self._end(timeout)  # one deadline for the metadata fetch and the inference
+        inputs = self._inputs_for(model, version, inputs, cast, headers, end)
         request = _codec.build_request(
             model,
             inputs,
@@ -490,7 +527,7 @@ class Client:
             _codec.decode_response,
             infer=True,
             headers=headers,
-            timeout=timeout,
+            end=end,
         )
 
     def stream(
@@ -506,7 +543,7 @@ class Client:
         `timeout` bounds the whole stream (not each request); streams are never retried.
         """
         metadata = merge_metadata(self._headers, headers)
-        return InferStream(self._stub, model, version, metadata, timeout)
+        return InferStream(self._stub, model, version, metadata, check_timeout(timeout))
 
 
 class InferStream(Iterator[StreamResult]):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from concurrent import futures
 from contextlib import contextmanager
@@ -54,10 +55,12 @@ class Seen:
 
 class RecordingProxy(grpc.GenericRpcHandler):
     """A real gRPC server in front of a real Tributary: forwards every call's bytes unchanged
-    and records the method, the metadata and the deadline the client sent."""
+    and records the method, the metadata and the deadline the client sent. `delays` maps a
+    unary method's short name to seconds to wait before forwarding it (a slow server)."""
 
     def __init__(self, target: str) -> None:
         self.seen: list[Seen] = []
+        self.delays: dict[str, float] = {}
         self._lock = threading.Lock()
         self._upstream = grpc.insecure_channel(target)
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
@@ -86,6 +89,7 @@ class RecordingProxy(grpc.GenericRpcHandler):
 
         def unary(request: bytes, context: grpc.ServicerContext) -> bytes:
             self._record(method, context)
+            time.sleep(self.delays.get(method.rsplit("/", 1)[-1], 0.0))
             try:
                 return self._upstream.unary_unary(method)(request, timeout=30)
             except grpc.RpcError as exc:

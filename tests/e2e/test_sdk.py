@@ -28,6 +28,8 @@ from tributary_client import (
     serialize_bytes,
 )
 from tributary_client._proto import grpc_service_pb2 as pb
+from tributary_client.health import check as health_check
+from tributary_client.health import main as health_main
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL_REPOSITORY = ROOT / "model_repository"
@@ -389,6 +391,59 @@ def test_health_cli_mutual_tls_and_usage_errors(mtls_server, pki: Path) -> None:
     assert half.returncode == 2 and "--cert and --key go together" in half.stderr
     missing = health_cli(mtls_server.url, "--ca", str(pki / "nope.crt"))
     assert missing.returncode == 2 and "nope.crt" in missing.stderr
+
+
+def _usage_error(capsys: pytest.CaptureFixture[str], *args: str) -> str:
+    """tributary-health's main() with `args`: must exit 2 with exactly one line on stderr."""
+    with pytest.raises(SystemExit) as info:
+        health_main(list(args))
+    out, err = capsys.readouterr()
+    assert (info.value.code, out) == (2, ""), err
+    assert err.count("\n") == 1 and err.startswith("tributary-health: error: "), err
+    return err
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "-inf", "1e300", "0", "-1", "ten"])
+def test_health_cli_refuses_timeouts_grpc_cannot_honour(
+    capsys: pytest.CaptureFixture[str], dead_url: str, bad: str
+) -> None:
+    # nan, inf and 1e300 used to reach grpc and fail at once with DEADLINE_EXCEEDED (exit 1)
+    err = _usage_error(capsys, dead_url, f"--timeout={bad}")  # "=": -inf is no option
+    assert "argument --timeout: " in err and repr(bad) in err
+    with pytest.raises(ValueError, match="timeout must be > 0"):
+        health_check(dead_url, timeout=float(bad) if bad != "ten" else -1)
+
+
+def test_health_cli_refuses_tls_files_that_are_not_the_right_pem(
+    capsys: pytest.CaptureFixture[str], pki: Path, tmp_path: Path, dead_url: str
+) -> None:
+    """Found before connecting: grpc would only see it at connect time, exit 1 with C-core
+    log lines on stderr. The last case shows a bad file from the console script itself."""
+    ca, cert, key = (str(pki / name) for name in ("ca.crt", "client.crt", "client.key"))
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    fake = tmp_path / "fake.pem"
+    fake.write_text("-----BEGIN CERTIFICATE-----\nno base64 here!\n-----END CERTIFICATE-----\n")
+    encrypted = tmp_path / "encrypted.key"
+    _openssl("pkcs8", "-topk8", "-in", key, "-out", str(encrypted), "-passout", "pass:x",
+             cwd=tmp_path)  # fmt: skip
+    cases = {
+        ("--ca", str(garbage)): "not a PEM file (no -----BEGIN ...----- block)",
+        ("--ca", str(fake)): "its CERTIFICATE block is not valid base64",
+        ("--ca", key): "holds no PEM certificate, only PRIVATE KEY",
+        ("--ca", ca, "--cert", key, "--key", key): "--cert ",
+        ("--ca", ca, "--cert", cert, "--key", cert): "holds no PEM private key, only CERTIFICATE",
+        ("--ca", ca, "--cert", cert, "--key", str(encrypted)): "private key is encrypted",
+    }
+    for args, message in cases.items():
+        err = _usage_error(capsys, dead_url, *args, "--timeout", "5")
+        assert message in err, (args, err)
+    run = health_cli(dead_url, "--ca", str(garbage))
+    assert run.returncode == 2, run.stderr
+    assert run.stderr == (
+        f"tributary-health: error: --ca {garbage}: not a PEM file (no -----BEGIN ...----- "
+        "block) (see --help)\n"
+    )
 
 
 # -- streaming ------------------------------------------------------------------------------

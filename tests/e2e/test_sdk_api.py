@@ -9,8 +9,8 @@ import asyncio
 import shutil
 import threading
 import time
-from collections.abc import Iterator
-from concurrent.futures import as_completed
+from collections.abc import Callable, Iterator
+from concurrent.futures import CancelledError, as_completed, wait
 from pathlib import Path
 
 import grpc
@@ -20,7 +20,14 @@ from google.protobuf import json_format
 from sdk_support import CountingInterceptor, RecordingProxy, refused_url, simple_inputs
 from sklearn.datasets import load_digits
 
-from tributary_client import AsyncClient, CallFuture, Client, InferenceServerError, RetryPolicy
+from tributary_client import (
+    AsyncClient,
+    CallFuture,
+    Client,
+    InferenceServerError,
+    RetryPolicy,
+    _codec,
+)
 from tributary_client._proto import grpc_service_pb2 as pb
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -116,6 +123,64 @@ def test_header_values_are_checked_before_sending(proxy: RecordingProxy) -> None
             client.is_live(headers={"x-raw": b"\x00"})
 
 
+@pytest.mark.parametrize(
+    ("headers", "match"),
+    [
+        ({"x y": "v"}, r"header name 'x y' is not valid gRPC metadata"),
+        ({"caf\u00e9": "v"}, "is not valid gRPC metadata"),
+        ({"\u212a": "v"}, "is not valid gRPC metadata"),  # KELVIN SIGN: lower() is ASCII "k"
+        ({":authority": "evil"}, "is not valid gRPC metadata"),
+        ({"x-a\n": "v"}, "is not valid gRPC metadata"),
+        ({"grpc-timeout": "1S"}, "names starting with 'grpc-' are reserved"),
+        ({"Grpc-Trace": "t"}, "names starting with 'grpc-' are reserved"),
+        ({"authorization": "Bearer abc\nx-evil: 1"}, r"its value has '\\n' at index 10"),
+        ({"x-tenant": "caf\u00e9"}, "its value has '\u00e9' at index 3"),
+        ({"x-tenant": "a\tb"}, "printable ASCII"),
+    ],
+)
+def test_invalid_header_names_and_values_raise_before_sending(
+    proxy: RecordingProxy, headers: dict[str, str], match: str
+) -> None:
+    """grpc itself only notices at call time, and fails the call with INTERNAL."""
+    before = len(proxy.seen)
+    with pytest.raises(ValueError, match=match):
+        Client(proxy.url, headers=headers)
+    with Client(proxy.url, timeout=30) as client:
+        with pytest.raises(ValueError, match=match):
+            client.is_live(headers=headers)
+        with pytest.raises(ValueError, match=match):
+            client.infer("simple", simple_inputs(), headers=headers)
+        with pytest.raises(ValueError, match=match):
+            client.infer_async("simple", simple_inputs(), headers=headers)
+        with pytest.raises(ValueError, match=match):
+            client.infer("digits", {"input": DIGITS.data[:1]}, cast=True, headers=headers)
+        with pytest.raises(ValueError, match=match):
+            client.stream("simple", headers=headers)
+
+    async def scenario() -> None:
+        with pytest.raises(ValueError, match=match):
+            AsyncClient(proxy.url, headers=headers)
+        async with AsyncClient(proxy.url, timeout=30) as client:
+            with pytest.raises(ValueError, match=match):
+                await client.is_ready(headers=headers)
+            with pytest.raises(ValueError, match=match):
+                await client.infer("simple", simple_inputs(), headers=headers)
+
+    asyncio.run(scenario())
+    assert len(proxy.seen) == before  # nothing reached the wire
+
+
+def test_valid_header_edge_cases_arrive_as_sent(proxy: RecordingProxy) -> None:
+    headers = {"X-Ok_.9": " printable ~ ASCII ", "empty": "", "raw-bin": b"\x00\n\xff"}
+    with Client(proxy.url, headers=headers, timeout=30) as client:
+        client.is_live()
+    seen = proxy.last("ServerLive").headers
+    assert seen["x-ok_.9"] == " printable ~ ASCII " and seen["raw-bin"] == b"\x00\n\xff"
+    with pytest.raises(ValueError) as info:
+        Client(proxy.url, headers={"authorization": "Bearer secret-token\n"})
+    assert "secret-token" not in str(info.value)  # tokens stay out of logs
+
+
 def test_timeout_is_the_deadline_the_server_sees(proxy: RecordingProxy) -> None:
     with Client(proxy.url, timeout=30) as client:
         client.is_live()
@@ -137,6 +202,87 @@ def test_timeout_is_the_deadline_the_server_sees(proxy: RecordingProxy) -> None:
     assert none is None or none > 1e6  # grpc reports "no deadline" as None or effectively ∞
     with pytest.warns(DeprecationWarning, match="metadata= is deprecated"):
         Client(proxy.url, metadata={"x": "y"}).close()
+
+
+@pytest.mark.parametrize("bad", [-1, -0.5, 0, float("nan"), float("inf"), 1e300])
+def test_impossible_timeouts_raise_before_anything_is_sent(
+    proxy: RecordingProxy, bad: float
+) -> None:
+    """grpc would turn each into a call that fails at once (or, NaN, never times out)."""
+    before = len(proxy.seen)
+    match = r"timeout must be > 0 and at most 1e\+09 seconds \(None: no limit\)"
+    with pytest.raises(ValueError, match=match):
+        Client(proxy.url, timeout=bad)
+    with Client(proxy.url, timeout=30) as client:
+        with pytest.raises(ValueError, match=match):
+            client.is_live(timeout=bad)
+        with pytest.raises(ValueError, match=match):
+            client.infer("simple", simple_inputs(), timeout=bad)
+        with pytest.raises(ValueError, match=match):
+            client.infer_async("simple", simple_inputs(), timeout=bad)
+        with pytest.raises(ValueError, match=match):
+            client.infer("digits", {"input": DIGITS.data[:1]}, cast=True, timeout=bad)
+        with pytest.raises(ValueError, match=match):
+            client.stream("simple", timeout=bad)
+        with pytest.raises(ValueError, match=match), pytest.warns(DeprecationWarning):
+            client.infer("simple", simple_inputs(), deadline=bad)
+
+    async def scenario() -> None:
+        with pytest.raises(ValueError, match=match):
+            AsyncClient(proxy.url, timeout=bad)
+        async with AsyncClient(proxy.url, timeout=30) as client:
+            with pytest.raises(ValueError, match=match):
+                await client.is_ready(timeout=bad)
+            with pytest.raises(ValueError, match=match):
+                await client.infer("simple", simple_inputs(), timeout=bad)
+            with pytest.raises(ValueError, match=match):
+                async for _ in client.stream("simple", [simple_inputs()], timeout=bad):
+                    pass
+
+    asyncio.run(scenario())
+    assert len(proxy.seen) == before  # nothing reached the wire
+
+
+def test_timeout_must_be_a_number() -> None:
+    for bad in ("5", True):
+        with pytest.raises(TypeError, match="timeout must be a number of seconds or None"):
+            Client("localhost:1", timeout=bad)  # type: ignore[arg-type]
+    with Client("localhost:1", timeout=np.float32(2.5)) as client:  # type: ignore[arg-type]
+        assert client._timeout == 2.5
+
+
+def test_cast_metadata_fetch_shares_the_calls_timeout(proxy: RecordingProxy) -> None:
+    """With cast=True and nothing cached, the ModelMetadata fetch and the inference share one
+    deadline: a slow metadata answer leaves the inference only what is left of `timeout`."""
+    images = {"input": DIGITS.data[:1]}
+    proxy.delays["ModelMetadata"] = 1.0
+    try:
+        with Client(proxy.url, timeout=4) as client:
+            client.infer("digits", images, cast=True)
+            first = proxy.last("ModelInfer").time_remaining
+            client.infer("digits", images, cast=True)  # metadata cached: the whole 4 s again
+            cached = proxy.last("ModelInfer").time_remaining
+        with Client(proxy.url, timeout=30) as client:
+            client.infer_async("digits", images, cast=True, timeout=4).result(30)
+            future = proxy.last("ModelInfer").time_remaining
+
+        async def scenario() -> None:
+            async with AsyncClient(proxy.url) as client:
+                await client.infer("digits", images, cast=True, timeout=4)
+
+        asyncio.run(scenario())
+        aio = proxy.last("ModelInfer").time_remaining
+        with Client(proxy.url, retry=None) as client:  # 1 s of metadata + 1 s of inference
+            proxy.delays["ModelInfer"] = 1.0
+            with pytest.raises(InferenceServerError) as info:
+                client.infer("digits", images, cast=True, timeout=1.5)
+            assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    finally:
+        proxy.delays.clear()
+    # the grpc-timeout header rounds up a little, hence the half-second headroom
+    for remaining in (first, future, aio):
+        assert remaining is not None and 2 < remaining <= 3.5
+    assert cached is not None and 3.5 < cached <= 4.5
 
 
 # -- futures ------------------------------------------------------------------------------
@@ -206,6 +352,101 @@ def test_cancelling_a_future_cancels_the_rpc(dead_url: str) -> None:
         assert rpc is not None and rpc.cancelled()
 
 
+def test_a_cancelled_future_wakes_wait_and_as_completed(dead_url: str) -> None:
+    """Future.cancel() alone never tells wait()/as_completed(): they only hear of futures
+    that an executor notified, so gathering a cancelled CallFuture used to hang."""
+    with Client(dead_url, wait_for_ready=True) as client:  # calls wait for a server forever
+        waiting = client.infer_async("simple", simple_inputs())
+        later = client.infer_async("simple", simple_inputs())
+        threading.Timer(0.2, later.cancel).start()
+        started = time.monotonic()
+        assert list(as_completed([later], timeout=20)) == [later]  # cancelled while waiting
+        assert time.monotonic() - started < 10
+        assert waiting.cancel() and waiting.cancel()  # twice (and from two places) is fine
+        done, not_done = wait([waiting, later], timeout=20)
+        assert done == {waiting, later} and not not_done
+
+
+class _FakeRpc:
+    """Stands in for grpc's call future, so a test decides when, and how, it completes."""
+
+    def __init__(self) -> None:
+        self.callbacks: list[Callable[[object], None]] = []
+        self.was_cancelled = False
+
+    def add_done_callback(self, callback: Callable[[object], None]) -> None:
+        self.callbacks.append(callback)
+
+    def cancel(self) -> bool:
+        self.was_cancelled = True
+        return True
+
+
+class _Done:
+    """What grpc hands a done-callback: `result()` runs `outcome`, which may cancel first."""
+
+    def __init__(self, outcome: Callable[[], object]) -> None:
+        self.result = outcome
+
+
+class _Unavailable(grpc.RpcError):
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return "down"
+
+
+def test_cancel_racing_the_outcome_leaves_the_future_cancelled(monkeypatch) -> None:
+    """Forces each interleaving of cancel() with the call completing: between the
+    done-callback's own done() check and settling the future (with an answer, with an error
+    that would be retried), and between a retry's done() check and its RPC starting. The
+    future must stay CANCELLED, its callbacks must run once, and no RPC may start after."""
+    rpcs: list[_FakeRpc] = []
+    on_start: list[Callable[[], object]] = []
+
+    class Method:
+        def future(self, request: object, **_: object) -> _FakeRpc:
+            for hook in on_start:
+                hook()
+            rpcs.append(_FakeRpc())
+            return rpcs[-1]
+
+    with Client("localhost:1", retry=RetryPolicy(sleep=lambda _: None)) as client:
+        monkeypatch.setattr(client, "_stub", type("Stub", (), {"ModelInfer": Method()})())
+
+        def cancel_then(future: CallFuture, outcome: Callable[[], object]) -> _Done:
+            def result() -> object:
+                assert future.cancel()  # lands after the callback checked done()
+                return outcome()
+
+            return _Done(result)
+
+        def fail() -> object:
+            raise _Unavailable()
+
+        for outcome in (pb.ModelInferResponse, fail):
+            rpcs.clear()
+            future = client.infer_async("simple", simple_inputs())
+            called: list[CallFuture] = []
+            future.add_done_callback(called.append)
+            rpcs[0].callbacks[0](cancel_then(future, outcome))
+            assert future.cancelled() and called == [future]
+            assert len(rpcs) == 1  # the failure was retryable, yet nothing was retried
+            with pytest.raises(CancelledError):
+                future.result(timeout=0)
+            assert wait([future], timeout=0).done == {future}
+
+        rpcs.clear()  # cancelled while a retry was about to start its RPC
+        future = client.infer_async("simple", simple_inputs())
+        called = []
+        future.add_done_callback(called.append)
+        on_start.append(future.cancel)
+        rpcs[0].callbacks[0](_Done(fail))
+        assert len(rpcs) == 2 and rpcs[1].was_cancelled and not rpcs[1].callbacks
+        assert future.cancelled() and called == [future]
+
+
 # -- explicit casts -----------------------------------------------------------------------
 
 
@@ -245,6 +486,89 @@ def test_dtype_mismatch_is_the_servers_error_unless_cast_is_asked(server) -> Non
         with pytest.raises(TypeError, match="is INT32; will not cast object"):
             client.infer("simple", {"INPUT0": strings, "INPUT1": strings}, cast=True)
         assert counter.calls.count("ModelMetadata") == 2  # `simple`, once
+
+
+def test_cast_refuses_integers_that_do_not_fit_and_sends_nothing(server) -> None:
+    counter = CountingInterceptor()
+    zeros = np.zeros((1, 16), np.int64)
+
+    def infers() -> int:
+        return counter.calls.count("ModelInfer")
+
+    with Client(server.url, timeout=30, interceptors=[counter]) as client:
+        edges = np.array([[-(2**31), 2**31 - 1] * 8], np.int64)  # int64, every value fits
+        result = client.infer("simple", {"INPUT0": edges, "INPUT1": zeros}, cast=True)
+        np.testing.assert_array_equal(result["OUTPUT0"], edges.astype(np.int32))
+        small = np.arange(16, dtype=np.uint32)[None]  # unsigned -> signed, in range
+        result = client.infer("simple", {"INPUT0": small, "INPUT1": zeros}, cast=True)
+        np.testing.assert_array_equal(result["OUTPUT0"], small.astype(np.int32))
+        sent = infers()
+
+        too_big = {
+            "int64 2**32 + 5": (np.full((1, 16), 2**32 + 5, np.int64), "4294967301..4294967301"),
+            "int64 below": (np.full((1, 16), -(2**31) - 1, np.int64), "-2147483649..-2147483649"),
+            "uint64 2**40": (np.full((1, 16), 2**40, np.uint64), "1099511627776..1099511627776"),
+            "uint32 max": (np.arange(4294967280, 2**32, dtype=np.uint32)[None], "4294967280.."),
+        }
+        for case, (values, shown) in too_big.items():
+            inputs = {"INPUT0": values, "INPUT1": zeros}
+            with pytest.raises(ValueError, match=r"'INPUT0' of model 'simple' is INT32 ") as info:
+                client.infer("simple", inputs, cast=True)
+            assert "(-2147483648..2147483647)" in str(info.value), case
+            assert f"{values.dtype} values given range over {shown}" in str(info.value), case
+            with pytest.raises(ValueError, match="is INT32"):
+                client.infer_async("simple", inputs, cast=True)
+        assert infers() == sent  # refused before anything went on the wire
+
+        eights = np.array([[-128, 127] * 8])  # a plain int64 array into an INT8 model
+        result = client.infer("simple_int8", {"INPUT0": eights, "INPUT1": zeros}, cast=True)
+        np.testing.assert_array_equal(result["OUTPUT0"], eights.astype(np.int8))
+        with pytest.raises(ValueError, match=r"is INT8 \(-128..127\), but the int64 values"):
+            client.infer("simple_int8", {"INPUT0": eights + 1, "INPUT1": zeros}, cast=True)
+
+        images = DIGITS.data[:2].copy()
+        images[1, 5] = 1e300  # finite in float64, inf in FP32
+        sent = infers()
+        with pytest.raises(ValueError, match=r"'input' of model 'digits' is FP32 .*become inf"):
+            client.infer("digits", {"input": images}, cast=True)
+        assert infers() == sent
+
+
+def test_cast_rules_value_by_value() -> None:
+    """The cast function itself, for datatypes the test repository has no model for."""
+
+    def cast(values: object, datatype: str) -> np.ndarray:
+        return _codec.cast_inputs({"x": values}, {"x": datatype}, "m")["x"]
+
+    # signed -> unsigned: allowed when every value fits, refused (never wrapped) otherwise
+    assert cast(np.array([0, 255]), "UINT8").tolist() == [0, 255]
+    with pytest.raises(ValueError, match=r"is UINT8 \(0..255\), but the int64 values .* -1..3"):
+        cast(np.array([-1, 3]), "UINT8")
+    with pytest.raises(ValueError, match=r"is INT64 .* 18446744073709551615"):
+        cast(np.array([2**64 - 1], np.uint64), "INT64")
+    with pytest.raises(ValueError, match=r"is UINT32 .* 4294967296"):
+        cast(np.array([2**32]), "UINT32")
+    assert cast(np.array([True, False]), "UINT8").dtype == np.uint8
+    assert cast(np.zeros((0, 4), np.int64), "INT8").shape == (0, 4)
+
+    # float narrowing: precision may go, magnitude may not
+    with pytest.raises(ValueError, match=r"FP16 \(finite magnitudes up to 65504\).*1e\+06"):
+        cast(np.array([1.0, 1e6]), "FP16")
+    with pytest.raises(ValueError, match=r"FP16 .*int64 values given range over 70000"):
+        cast(np.array([70000]), "FP16")
+    with pytest.raises(ValueError, match="become inf"):
+        cast(np.array([2.0**128]), "FP32")
+    assert cast(np.array([65504.0, -65504.0]), "FP16").tolist() == [65504.0, -65504.0]
+    kept = cast(np.array([np.nan, np.inf, -np.inf, 1.0]), "FP16")  # not an overflow: as given
+    assert np.isnan(kept[0]) and kept[1:].tolist() == [np.inf, -np.inf, 1.0]
+    assert cast(np.array([1e-10]), "FP16").tolist() == [0.0]  # underflow is precision loss
+    assert cast(np.array([0.1]), "FP32")[0] == np.float32(0.1)
+    assert cast(np.array([2**60 + 1]), "FP32")[0] == np.float32(2.0**60)
+
+    with pytest.raises(TypeError, match="will not cast float64"):
+        cast(np.array([1.0]), "INT32")
+    with pytest.raises(TypeError, match="will not cast int64"):
+        cast(np.array([1]), "BOOL")
 
 
 def test_asyncio_cast(server) -> None:

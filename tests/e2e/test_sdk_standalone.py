@@ -147,3 +147,18 @@ def test_distributions_declare_the_split() -> None:
     assert sorted(Requirement(r).name for r in declared["dependencies"]) == sorted(client)
     root = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     assert root["packages"]["find"]["where"] == ["server"]
+
+
+def test_build_requires_a_setuptools_that_reads_spdx_licenses() -> None:
+    """`license = "Apache-2.0"` (an SPDX expression) is PEP 639, which setuptools reads from
+    77.0 on; an older one, allowed by a looser build requirement, fails to build or mangles it."""
+    for pyproject in (ROOT / "pyproject.toml", ROOT / "clients" / "pyproject.toml"):
+        data = tomllib.loads(pyproject.read_text())
+        assert isinstance(data["project"]["license"], str), pyproject
+        (setuptools,) = [
+            Requirement(r)
+            for r in data["build-system"]["requires"]
+            if Requirement(r).name == "setuptools"
+        ]
+        assert not setuptools.specifier.contains("76.9"), (pyproject, str(setuptools))
+        assert setuptools.specifier.contains("77.0.0"), (pyproject, str(setuptools))
