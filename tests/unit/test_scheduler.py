@@ -381,9 +381,10 @@ class FakeInstance:
             assert not self.busy, "an instance was given two batches at once"
             self.busy = True
         try:
+            gate = self.gate  # read before `entered` is set: a test may clear it right after
             self.entered.set()
-            if self.gate is not None:
-                assert self.gate.wait(10), "test gate never opened"
+            if gate is not None:
+                assert gate.wait(10), "test gate never opened"
             if self.on_run is not None:
                 self.on_run(inputs)
             x = inputs["x"]
@@ -803,6 +804,7 @@ def test_lone_request_runs_inline_on_the_callers_thread() -> None:
     # instance is run by it, not by its caller
     gate = threading.Event()
     inst.gate = gate
+    inst.entered.clear()  # set by the run above; wait for *this* request's run
     first = threading.Thread(
         target=sched.infer, args=(WorkItem(inputs={"x": x}, rows=1, outputs=("y",)),)
     )
