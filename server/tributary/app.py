@@ -237,6 +237,7 @@ def start(options: ServerOptions) -> Server | None:
         ),
         max_streams=options.grpc_max_streams,
         request_log=request_log,
+        restricted=options.grpc_restricted_protocols,
     )
     # Bound now, served only once the start-up models are loaded (Triton's order): a port
     # that is taken fails here, in one line, without loading anything.

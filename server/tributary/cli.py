@@ -16,6 +16,7 @@ from typing import NoReturn
 
 from . import flags
 from .options import ServerOptions
+from .restrict import by_category
 
 DEFAULT_MAX_BATCH_SIZE = 4
 
@@ -135,6 +136,10 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerOptions:
                 if problem:
                     parser.error(f"{flag} '{pem}': {problem}")
     default_mbs, backend_warnings = _backend_config(a.backend_config, parser)
+    try:
+        restricted = by_category(a.grpc_restricted_protocol or ())
+    except ValueError as exc:
+        parser.error(f"--grpc-restricted-protocol: {exc}")
     if a.strict_model_config:
         warnings.append(
             "--strict-model-config is deprecated (as in tritonserver): "
@@ -184,6 +189,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerOptions:
         grpc_max_connection_age_grace_ms=a.grpc_max_connection_age_grace,
         grpc_infer_response_compression_level=a.grpc_infer_response_compression_level,
         max_tensor_bytes=a.max_tensor_bytes,
+        grpc_restricted_protocols=restricted,
         allow_metrics=a.allow_metrics,
         allow_cpu_metrics=a.allow_cpu_metrics,
         allow_gpu_metrics=a.allow_gpu_metrics,

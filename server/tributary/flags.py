@@ -25,6 +25,7 @@ from typing import Any
 
 from . import __version__
 from .options import INT32_MAX
+from .restrict import parse_restriction
 
 IMPLEMENTED = "implemented"
 IGNORED = "ignored"
@@ -611,15 +612,17 @@ FLAGS: tuple[Flag, ...] = (
         default=None,
         metavar="MS",
     ),
-    _refused(
+    _impl(
         "--grpc-restricted-protocol",
         GRPC,
-        "RPC groups that need a header (<protocols>:<key>=<value>)",
-        "protocol restriction is not implemented, and ignoring it would serve the protected "
-        "RPCs to every client; keep the port private (network policy, or a proxy that checks "
-        "the header) instead",
+        "RPC categories (comma-separated: health, metadata, inference, shared-memory, "
+        "model-config, model-repository, statistics, trace, logging) that answer only calls "
+        "carrying the header triton-grpc-protocol-<key>: <value>; others get UNAVAILABLE. "
+        "Repeatable, each category in one group only",
+        type=parse_restriction,
         action="append",
-        metavar="PROTOCOLS:KEY=VALUE",
+        default=None,
+        metavar="CATEGORIES:KEY=VALUE",
     ),
     _ours(
         "--grpc-worker-threads",

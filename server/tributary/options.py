@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .restrict import Restriction
 
 INT32_MAX = 2**31 - 1
 
@@ -53,6 +57,8 @@ class ServerOptions:
     grpc_max_connection_age_grace_ms: int | None = None
     grpc_infer_response_compression_level: str = "none"
     max_tensor_bytes: int = INT32_MAX
+    # --grpc-restricted-protocol: {category: the header it requires} (tributary.restrict)
+    grpc_restricted_protocols: dict[str, Restriction] = field(default_factory=dict)
     # metrics
     allow_metrics: bool = True
     allow_cpu_metrics: bool = True

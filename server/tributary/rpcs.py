@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +41,7 @@ from .errors import (
     clip_message,
 )
 from .logs import RequestLog
+from .restrict import Restriction, for_method
 from .servicer import InferenceServicer, internal_error
 
 log = logging.getLogger("tributary.rpcs")
@@ -134,6 +135,32 @@ def _unary(
 
     handler.__name__ = name
     return handler
+
+
+def _restricted(
+    name: str,
+    handler: Callable[[Any, grpc.ServicerContext], Any],
+    restriction: Restriction | None,
+    request_log: RequestLog | None,
+) -> Callable[[Any, grpc.ServicerContext], Any]:
+    """`handler` behind --grpc-restricted-protocol: the header is checked before the request
+    is parsed. Unrestricted methods keep their plain handler, so they pay nothing."""
+    if restriction is None:
+        return handler
+    message = restriction.message
+
+    def guarded(data: Any, context: grpc.ServicerContext, *more: Any) -> Any:
+        if not restriction.allows(context):
+            if request_log is not None:
+                request_log.message(name, None, "UNAVAILABLE", time.perf_counter_ns())
+            context.abort(grpc.StatusCode.UNAVAILABLE, message)
+        return handler(data, context, *more)
+
+    guarded.__name__ = name
+    for attr in ("experimental_non_blocking",):
+        if hasattr(handler, attr):
+            setattr(guarded, attr, getattr(handler, attr))
+    return guarded
 
 
 def _logged_unary(
@@ -230,6 +257,7 @@ def _inference(
     streams: ThreadPoolExecutor,
     probes: Any,
     log: RequestLog | None,
+    restricted: Mapping[str, Restriction],
 ) -> None:
     cap = _capture(lambda c: pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, c))
     handlers = cap.handlers
@@ -240,6 +268,7 @@ def _inference(
         serializer = None if name in RAW_METHODS else h.response_serializer
         # ModelInfer writes its own line (the servicer parses it); the others get it here.
         fn = _unary(name, getattr(servicer, name), parse, None if name in RAW_METHODS else log)
+        fn = _restricted(name, fn, for_method(restricted, name), log)
         handlers[name] = grpc.unary_unary_rpc_method_handler(
             _on(probes if name in PROBES else None, fn), response_serializer=serializer
         )
@@ -255,7 +284,10 @@ def _inference(
             code, message = internal.code, internal.message
         context.abort(code, clip_message(message))
 
-    handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(_on(streams, stream))
+    guarded = _restricted(
+        "ModelStreamInfer", stream, for_method(restricted, "ModelStreamInfer"), log
+    )
+    handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(_on(streams, guarded))
     _add(server, cap.service, handlers)
 
 
@@ -265,12 +297,21 @@ def _health(
     probes: Any,
     watches: _StreamGate,
     log: RequestLog | None,
+    restriction: Restriction | None,
 ) -> None:
     cap = _capture(lambda c: health_pb2_grpc.add_HealthServicer_to_server(servicer, c))
     check = cap.handlers["Check"]
     watch = cap.handlers["Watch"]
     cap.handlers["Check"] = grpc.unary_unary_rpc_method_handler(
-        _on(probes, _unary("Check", servicer.Check, check.request_deserializer, log)),
+        _on(
+            probes,
+            _restricted(
+                "Check",
+                _unary("Check", servicer.Check, check.request_deserializer, log),
+                restriction,
+                log,
+            ),
+        ),
         response_serializer=check.response_serializer,
     )
     parse_watch = watch.request_deserializer
@@ -293,7 +334,8 @@ def _health(
     # was built with); it starts on the probe pool, so a busy unary pool cannot delay it.
     watch_fn.experimental_non_blocking = True  # type: ignore[attr-defined]
     cap.handlers["Watch"] = grpc.unary_stream_rpc_method_handler(
-        _on(probes, watch_fn), response_serializer=watch.response_serializer
+        _on(probes, _restricted("Watch", watch_fn, restriction, log)),
+        response_serializer=watch.response_serializer,
     )
     _add(server, cap.service, cap.handlers)
 
@@ -353,6 +395,7 @@ def register(
     reflected: tuple[str, ...],
     max_streams: int,
     request_log: RequestLog | None = None,
+    restricted: Mapping[str, Restriction] | None = None,
 ) -> Front:
     """Put inference, health and reflection on `server`; see the module docstring."""
     # A few spare threads per pool answer RESOURCE_EXHAUSTED beyond each cap.
@@ -361,8 +404,9 @@ def register(
     reflect_pool = ThreadPoolExecutor(REFLECTION_STREAMS + 4, thread_name_prefix="grpc-reflect")
     gate = _StreamGate("reflection", REFLECTION_STREAMS)
     watches = _StreamGate("health Watch", HEALTH_WATCHES)
-    _inference(server, servicer, streams, probes, request_log)
-    _health(server, health_servicer, probes, watches, request_log)
+    restricted = restricted or {}
+    _inference(server, servicer, streams, probes, request_log, restricted)
+    _health(server, health_servicer, probes, watches, request_log, for_method(restricted, "Check"))
     if reflected:  # --allow-grpc-reflection
         _reflection(server, reflected, reflect_pool, gate)
     return Front(servicer, [streams, probes, reflect_pool], [gate, watches])

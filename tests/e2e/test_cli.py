@@ -31,8 +31,7 @@ def test_help() -> None:
         assert flag in proc.stdout
     assert proc.stderr == ""
     text = " ".join(proc.stdout.split())
-    assert "--grpc-restricted-protocol PROTOCOLS:KEY=VALUE RPC groups" in text
-    assert "[refused: protocol restriction is not implemented" in text
+    assert "--grpc-restricted-protocol CATEGORIES:KEY=VALUE RPC categories" in text
     assert "[ignored, with a warning: HTTP/REST is not served" in text
 
 
@@ -130,7 +129,6 @@ def test_a_taken_port_fails_in_one_line_before_loading_models(server) -> None:
     ("flag", "why"),
     [
         ("--allow-grpc=false", "only front end"),
-        ("--grpc-restricted-protocol=model-repository:key=value", "to every client"),
         ("--model-control-mode=POLL", "--model-control-mode=explicit"),
         ("--model-namespacing=true", "distinct names"),
         ("--allow-sagemaker=true", "gRPC endpoint"),

@@ -79,6 +79,7 @@ VALUES = {
     "grpc-http2-max-ping-strikes": "0",
     "grpc-max-connection-age": "60000",
     "grpc-max-connection-age-grace": "5000",
+    "grpc-restricted-protocol": "model-repository,statistics:admin-key=admin-value",
     "log-verbose": "1",
     "log-format": "ISO8601",
     "sagemaker-port": "8080",
@@ -120,7 +121,6 @@ NOT_ON_ONE_LINE = {
     "model-repository",
     "grpc-use-ssl",
     "grpc-use-ssl-mutual",
-    "grpc-restricted-protocol",  # refused whatever its value
 }
 
 
