@@ -167,6 +167,8 @@ class Server:
         if self.front is not None:
             self.front.shutdown()
         self.repository.close(max(0.0, deadline - time.monotonic()))
+        if self.front is not None:
+            self.front.servicer.control.close()  # file-override directories
         if self.metrics is not None:
             self.metrics.stop()
         log.info("stopped")

@@ -12,6 +12,7 @@ only turns a request into a `load(name, override=...)` or `unload(name)` call.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -20,18 +21,15 @@ from google.protobuf import json_format
 from tributary_client._proto import model_config_pb2 as mc
 
 from .config import MAX_CONFIG_FILE_BYTES
-from .errors import Internal, InvalidArgument, Unavailable, Unimplemented, shown
+from .config_check import RefusedConfig
+from .errors import InvalidArgument, ModelLoadError, Unavailable, Unimplemented, shown
+from .overrides import FILE_PREFIX, OverrideDirs, check_model_name, poll_failed
 from .repository import ModelRepository
 
 log = logging.getLogger("tributary.control")
 
 POLLING_ENABLED = "explicit model load / unload is not allowed if polling is enabled"
-FILE_PREFIX = "file:"
-
-
-def _poll_failed(name: str) -> Internal:
-    """What Triton answers for anything that goes wrong before a model's versions are tried."""
-    return Internal(f"failed to load '{shown(name)}', failed to poll from model repository")
+CONFIG_REQUIRED = "Load parameter 'config' must be specified for model file override"
 
 
 def _check_repository_name(repository_name: str) -> None:
@@ -39,13 +37,13 @@ def _check_repository_name(repository_name: str) -> None:
         raise Unimplemented("'repository_name' specification is not supported")
 
 
-def _load_parameters(parameters: Mapping[str, Any]) -> tuple[str | None, list[str]]:
+def _load_parameters(parameters: Mapping[str, Any]) -> tuple[str | None, dict[str, bytes]]:
     """Validate keys and value types the way Triton's gRPC front end does, before the mode check.
 
-    Returns the `config` JSON (None when absent) and the names of `file:` parameters.
+    Returns the `config` JSON (None when absent) and the `file:` parameters' bytes by key.
     """
     config: str | None = None
-    files: list[str] = []
+    files: dict[str, bytes] = {}
     for key, value in parameters.items():
         kind = value.WhichOneof("parameter_choice")
         if key == "config":
@@ -59,7 +57,7 @@ def _load_parameters(parameters: Mapping[str, Any]) -> tuple[str | None, list[st
                 raise InvalidArgument(
                     f"invalid value type for load parameter '{shown(key)}', expected bytes_param."
                 )
-            files.append(key)
+            files[key] = value.bytes_param
         else:
             raise InvalidArgument(f"unrecognized load parameter '{shown(key)}'.")
     return config, files
@@ -85,7 +83,7 @@ def parse_override(name: str, text: str) -> mc.ModelConfig:
             exc,
             extra={"model": shown(name)},
         )
-        raise _poll_failed(name) from exc
+        raise poll_failed(name) from exc
 
 
 class ModelControl:
@@ -97,6 +95,15 @@ class ModelControl:
         self._repo = repository
         self._explicit = explicit
         self._on_change = on_change
+        self.overrides = OverrideDirs()
+        self._lock = threading.Lock()
+        self._name_locks: dict[str, threading.Lock] = {}
+
+    def _name_lock(self, name: str) -> threading.Lock:
+        """Loads of one model are serialised anyway (the repository's operation lock); this
+        one also covers the override directories' bookkeeping around them."""
+        with self._lock:
+            return self._name_locks.setdefault(name, threading.Lock())
 
     def load(self, request: Any) -> None:
         """Load, or reload when already loaded; blocks until done, like Triton."""
@@ -105,28 +112,42 @@ class ModelControl:
         if not self._explicit:
             raise Unavailable(POLLING_ENABLED)
         name = request.model_name
-        override = parse_override(name, config) if config is not None else None
         if files:
-            # Triton writes these into a temporary model directory; we do not build one, so
-            # the load fails exactly as Triton's does when it cannot write that directory.
-            log.error(
-                "failed to load model %r: model file overrides (%r) are not supported",
-                shown(name),
-                shown(files[0], 64),
-                extra={"model": shown(name)},
-            )
-            raise _poll_failed(name)
-        if name not in self._repo.model_names():
+            check_model_name(name)  # it becomes a directory name
+            if config is None:
+                log.error(
+                    "failed to load model %r: %s",
+                    shown(name),
+                    CONFIG_REQUIRED,
+                    extra={"model": shown(name)},
+                )
+                raise poll_failed(name, CONFIG_REQUIRED)
+            self.overrides.check(name, files)  # every limit and path, before writing
+        override = parse_override(name, config) if config is not None else None
+        if not files and name not in self._repo.model_names():
             log.error(
                 "failed to load model %r: no such directory in the model repository",
                 shown(name),
                 extra={"model": shown(name)},
             )
-            raise _poll_failed(name)
-        try:
-            self._repo.load(name, override=override)
-        finally:
-            self._on_change()  # even a failed reload can change readiness (a failed version)
+            raise poll_failed(name)
+        with self._name_lock(name):
+            model_dir = self.overrides.write(name, files) if files else None
+            try:
+                self._repo.load(name, override=override, model_dir=model_dir)
+            except ModelLoadError as exc:
+                if model_dir is not None and isinstance(exc, RefusedConfig):
+                    self.overrides.discard(name, model_dir)  # no version came from it
+                # else a version failed: its previous instance (and directory) keeps serving
+                raise
+            except BaseException:
+                if model_dir is not None:
+                    self.overrides.discard(name, model_dir)
+                raise
+            else:
+                self.overrides.loaded(name, model_dir, in_use=False)
+            finally:
+                self._on_change()  # even a failed reload can change readiness
 
     def unload(self, request: Any) -> None:
         """Unload every version; returns once in-flight work on them has finished."""
@@ -142,8 +163,14 @@ class ModelControl:
         if not self._explicit:
             raise Unavailable(POLLING_ENABLED)
         try:
-            self._repo.unload(request.model_name)
+            with self._name_lock(request.model_name):
+                self._repo.unload(request.model_name)
+                self.overrides.unloaded(request.model_name)
         finally:
             self._on_change()
         name = shown(request.model_name)
         log.info("unloaded model %r", name, extra={"model": name})
+
+    def close(self) -> None:
+        """Shutdown, after the repository closed: the override directories go."""
+        self.overrides.close()

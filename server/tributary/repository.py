@@ -175,13 +175,20 @@ class ModelRepository:
             list(pool.map(one, targets))
         return dict(sorted(failures.items()))
 
-    def load(self, name: str, *, override: mc.ModelConfig | None = None) -> None:
+    def load(
+        self,
+        name: str,
+        *,
+        override: mc.ModelConfig | None = None,
+        model_dir: Path | None = None,
+    ) -> None:
         """Load or reload one model: new versions first, then swap, then close the old ones.
 
         Raises Triton's repository-load errors (docs/protocol.md). A version whose reload
-        fails keeps serving its previous instance, as Triton does.
+        fails keeps serving its previous instance, as Triton does. `model_dir` replaces the
+        repository's directory (a RepositoryModelLoad with `file:` overrides, tributary.control).
         """
-        model_dir = self._scan().get(name)
+        model_dir = model_dir or self._scan().get(name)
         if model_dir is None:
             log.error("failed to load model '%s': no such directory", name, extra={"model": name})
             raise Internal(

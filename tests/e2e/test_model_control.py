@@ -170,7 +170,7 @@ def test_load_reload_unload(explicit) -> None:
     message = triton_error(grpc.StatusCode.INTERNAL, client.load_model, "wrong_model_name")
     assert message == failed_poll("wrong_model_name")
 
-    # file overrides are not built into a model directory here; Triton fails this one too
+    # a file override path component over NAME_MAX: Triton's failed poll, the server lives
     files = {"file:" + "A" * 256: b"a"}
     message = triton_error(
         grpc.StatusCode.INTERNAL, client.load_model, "simple", config="{}", files=files
