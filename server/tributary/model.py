@@ -8,6 +8,8 @@ happens here, so the scheduler never sees protobuf. Warmup runs before the versi
 from __future__ import annotations
 
 import logging
+import os
+import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,12 +19,16 @@ import numpy as np
 
 from .backends.onnxruntime import OrtInstance, create_instances
 from .config import ModelSignature, signature
+from .config_check import inside_model_dir
 from .datatypes import from_config
 from .errors import ModelLoadError
 from .scheduler import BatchPolicy, QueuePolicy, Scheduler
 from .stats import ModelStats
 
 log = logging.getLogger("tributary.model")
+
+WARMUP_FOLDER = "warmup"  # Triton's: input_data_file names a file in <model>/warmup/
+MAX_WARMUP_FILE_BYTES = 64 * 1024 * 1024  # a BYTES sample file (numeric ones read their size)
 
 
 def _queue_policy(p: Any) -> QueuePolicy:
@@ -82,18 +88,88 @@ class Model:
         self.instances.clear()
 
 
-def _warmup_inputs(sample: Any, spec_batch: int) -> dict[str, np.ndarray]:
+def _read_sample(path: Path, expected: int | None, what: str) -> bytes:
+    """A warmup file's bytes: exactly `expected` (numeric; Triton ignores any excess) or the
+    whole file up to MAX_WARMUP_FILE_BYTES (BYTES), sizes checked before reading."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ModelLoadError(
+            f"{what}: cannot read it: {exc.strerror or type(exc).__name__}"
+        ) from None
+    with os.fdopen(fd, "rb") as file:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ModelLoadError(f"{what} is not a regular file")
+        if expected is not None and info.st_size < expected:
+            raise ModelLoadError(
+                f"{what}: warmup setting expects {expected} bytes, but the data provided only "
+                f"has {info.st_size} bytes"
+            )
+        limit = expected if expected is not None else MAX_WARMUP_FILE_BYTES
+        if expected is None and info.st_size > limit:
+            raise ModelLoadError(f"{what} is larger than the {limit}-byte limit")
+        data = file.read(limit + (0 if expected is not None else 1))
+    if len(data) > limit or (expected is not None and len(data) < expected):
+        raise ModelLoadError(f"{what} changed size while it was read")
+    return data
+
+
+def _bytes_elements(data: bytes, count: int, what: str) -> np.ndarray:
+    """Length-prefixed BYTES elements (4-byte little-endian length, then the bytes)."""
+    out: list[str] = []
+    pos = 0
+    while pos < len(data) and len(out) < count:
+        if pos + 4 > len(data):
+            break
+        size = int.from_bytes(data[pos : pos + 4], "little")
+        if pos + 4 + size > len(data):
+            break
+        try:
+            out.append(data[pos + 4 : pos + 4 + size].decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise ModelLoadError(f"{what}: element {len(out)} is not UTF-8") from exc
+        pos += 4 + size
+    if len(out) != count or pos != len(data):
+        raise ModelLoadError(
+            f"{what}: expected {count} length-prefixed BYTES elements and nothing more"
+        )
+    return np.array(out, dtype=object)
+
+
+def _warmup_inputs(
+    model: str, sample: Any, spec_batch: int, model_dir: Path | None = None
+) -> dict[str, np.ndarray]:
     arrays: dict[str, np.ndarray] = {}
     rng = np.random.default_rng(0)
     for name, inp in sample.inputs.items():
         dtype = from_config(inp.data_type)
-        shape = (spec_batch, *inp.dims) if spec_batch else tuple(inp.dims)
-        if inp.WhichOneof("input_data_type") == "input_data_file":
+        dims = tuple(int(d) for d in inp.dims)
+        if any(d < 0 for d in dims):
             raise ModelLoadError(
-                f"warmup '{sample.name}': input_data_file is not supported; use zero_data or "
-                "random_data"
+                "warmup setting expects all variable-size dimensions are specified for input "
+                f"'{name}'"
             )
-        if dtype.name == "BYTES":
+        shape = (spec_batch, *dims) if spec_batch else dims
+        if inp.WhichOneof("input_data_type") == "input_data_file":
+            if model_dir is None:
+                raise ModelLoadError("input_data_file needs the model directory")
+            value = inp.input_data_file
+            path = inside_model_dir(
+                model, "input_data_file", value, model_dir, base=model_dir / WARMUP_FOLDER
+            )
+            what = f"input '{name}' file '{WARMUP_FOLDER}/{value}'"
+            count = int(np.prod(dims, dtype=np.int64))
+            if dtype.name == "BYTES":
+                row = _bytes_elements(_read_sample(path, None, what), count, what).reshape(dims)
+            else:
+                itemsize = np.dtype(dtype.numpy).itemsize
+                data = _read_sample(path, count * itemsize, what)
+                row = np.frombuffer(data, dtype=np.dtype(dtype.numpy).newbyteorder("<"))
+                row = row.reshape(dims).astype(dtype.numpy, copy=False)
+            # Triton sends batch_size requests of this one sample; we send them as one batch.
+            arr = np.repeat(row[np.newaxis], spec_batch, axis=0) if spec_batch else row
+        elif dtype.name == "BYTES":
             arr = np.full(shape, "0" if inp.zero_data else "1", dtype=object)
         elif inp.random_data:
             arr = rng.integers(0, 2, size=shape).astype(dtype.numpy)
@@ -103,11 +179,17 @@ def _warmup_inputs(sample: Any, spec_batch: int) -> dict[str, np.ndarray]:
     return arrays
 
 
-def warm_up(model: Model) -> None:
-    """Run the config's model_warmup samples through every instance before READY."""
+def warm_up(model: Model, model_dir: Path | None = None) -> None:
+    """Run the config's model_warmup samples through every instance before READY; a sample
+    that fails (its file included) fails the load, naming the sample."""
     for sample in model.config.model_warmup:
         batch = max(1, sample.batch_size) if model.signature.max_batch_size > 0 else 0
-        inputs = _warmup_inputs(sample, batch)
+        try:
+            inputs = _warmup_inputs(model.name, sample, batch, model_dir)
+        except ModelLoadError as exc:
+            raise ModelLoadError(
+                f"model '{model.name}' warmup '{sample.name}' failed: {exc.message}"
+            ) from exc
         for spec in model.signature.inputs:
             if spec.reshape is not None and spec.name in inputs:
                 lead = (batch,) if batch else ()
@@ -146,7 +228,7 @@ def build_loader(
             name, version, config, sig, instances, scheduler, stats, time.monotonic() - start
         )
         try:
-            warm_up(model)
+            warm_up(model, model_dir)
         except Exception:
             model.close(0)
             raise
