@@ -5,8 +5,8 @@ named categories require the gRPC metadata entry `triton-grpc-protocol-<key>: <v
 without it (or with another value) the call fails UNAVAILABLE `This protocol is restricted,
 expecting header 'triton-grpc-protocol-<key>'`, Triton's text. The check runs in
 `tributary.rpcs`, before the request is parsed, and only on methods whose category is
-restricted: an unrestricted method's handler is the plain one (docs/protocol.md#restricted-
-protocols). Reflection is not a Triton category and stays unrestricted.
+restricted: an unrestricted method's handler is the plain one
+(docs/protocol.md#restricted-protocols). Reflection is not a Triton category and stays unrestricted.
 """
 
 from __future__ import annotations
