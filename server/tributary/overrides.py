@@ -7,11 +7,11 @@ repository. The directory lives as long as versions loaded from it may serve; it
 when the model is unloaded, when a later load of the same name replaces it, and at shutdown.
 
 Everything a client sends is checked before a byte is written
-(docs/limits.md#model-file-overrides): the number of files, each file's size and their total, the bytes all live
-override directories hold together, and each path: `<version>/<name>[/<name>...]`, relative,
-`/`-separated, no empty, `.` or `..` component, no NUL, backslash or control character,
-components at most 255 bytes. Files are created with O_EXCL | O_NOFOLLOW inside a directory
-nothing else writes to, and `config_check.inside_model_dir` confirms each target.
+(docs/limits.md#model-file-overrides): the number of files, their total size, the bytes all
+live override directories hold together, and each path: `<version>/<name>[/<name>...]`,
+relative, `/`-separated, no empty, `.` or `..` component, no NUL, backslash or control
+character, components at most 255 bytes. Files are created with O_EXCL | O_NOFOLLOW inside a
+directory nothing else writes to, and `config_check.inside_model_dir` confirms each target.
 """
 
 from __future__ import annotations
