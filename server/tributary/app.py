@@ -167,6 +167,8 @@ class Server:
         if self.front is not None:
             self.front.shutdown()
         self.repository.close(max(0.0, deadline - time.monotonic()))
+        if self.front is not None:
+            self.front.servicer.shm.close()  # regions still in use unmap with their last user
         if self.metrics is not None:
             self.metrics.stop()
         log.info("stopped")
@@ -210,6 +212,7 @@ def start(options: ServerOptions) -> Server | None:
         model_control_mode=options.model_control_mode,
         max_streams=options.grpc_max_streams,
         stream_max_pending=options.grpc_stream_max_pending,
+        allow_client_shm=options.allow_client_shm,
     )
     server = grpc.server(
         futures.ThreadPoolExecutor(

@@ -53,6 +53,7 @@ class ServerOptions:
     grpc_max_connection_age_grace_ms: int | None = None
     grpc_infer_response_compression_level: str = "none"
     max_tensor_bytes: int = INT32_MAX
+    allow_client_shm: bool = False
     # metrics
     allow_metrics: bool = True
     allow_cpu_metrics: bool = True
