@@ -169,6 +169,7 @@ class Server:
         self.repository.close(max(0.0, deadline - time.monotonic()))
         if self.front is not None:
             self.front.servicer.control.close()  # file-override directories
+            self.front.servicer.shm.close()  # regions still in use unmap with their last user
         if self.metrics is not None:
             self.metrics.stop()
         log.info("stopped")
@@ -212,6 +213,7 @@ def start(options: ServerOptions) -> Server | None:
         model_control_mode=options.model_control_mode,
         max_streams=options.grpc_max_streams,
         stream_max_pending=options.grpc_stream_max_pending,
+        allow_client_shm=options.allow_client_shm,
     )
     server = grpc.server(
         futures.ThreadPoolExecutor(

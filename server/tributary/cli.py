@@ -190,6 +190,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerOptions:
         grpc_infer_response_compression_level=a.grpc_infer_response_compression_level,
         max_tensor_bytes=a.max_tensor_bytes,
         grpc_restricted_protocols=restricted,
+        allow_client_shm=bool(a.allow_client_shm),
         allow_metrics=a.allow_metrics,
         allow_cpu_metrics=a.allow_cpu_metrics,
         allow_gpu_metrics=a.allow_gpu_metrics,

@@ -21,8 +21,9 @@ from tributary_client._proto import grpc_service_pb2 as pb
 from . import tensors
 from .config import ModelSignature, TensorSpec
 from .datatypes import BY_NAME
-from .errors import InvalidArgument, NotFound, shown
+from .errors import Internal, InvalidArgument, NotFound, shown
 from .scheduler import WorkItem
+from .shm import Leases, Region, SharedMemory
 
 INT32_MAX = 2**31 - 1
 MAX_TIMEOUT_US = 365 * 24 * 3600 * 1_000_000
@@ -38,9 +39,22 @@ _SHAPE_NOTE = (
 
 
 @dataclass(frozen=True)
+class ShmWindow:
+    """Where a tensor lives in a registered shared memory region (bounds checked)."""
+
+    region: Region
+    offset: int
+    byte_size: int
+
+    def view(self) -> memoryview:
+        return self.region.window(self.offset, self.byte_size)
+
+
+@dataclass(frozen=True)
 class RequestedOutput:
     spec: TensorSpec
     classification: int = 0  # top-k, 0 = plain tensor
+    shm: ShmWindow | None = None  # written into shared memory instead of the reply
 
 
 @dataclass
@@ -48,6 +62,13 @@ class DecodedRequest:
     item: WorkItem
     outputs: list[RequestedOutput]
     batched: bool
+    leases: Leases | None = None  # shared memory regions the request uses
+
+    def release(self) -> None:
+        """Give back the request's shared memory regions: call once its reply is built (or it
+        failed). Idempotent."""
+        if self.leases is not None:
+            self.leases.release()
 
 
 def _prefix(request_id: str) -> str:
@@ -104,18 +125,73 @@ def _request_params(request: pb.ModelInferRequest) -> tuple[int, int]:
     return priority, timeout_us
 
 
-def _shm_region(
-    tensor: pb.ModelInferRequest.InferInputTensor | pb.ModelInferRequest.InferRequestedOutputTensor,
-) -> None:
-    """Shared-memory tensors: no region can be registered yet, so any name is unknown."""
-    if "shared_memory_region" in tensor.parameters:
-        kind, region = _param_value(tensor.parameters["shared_memory_region"])
-        if kind != "string_param":
+class _ShmUse:
+    """The shared memory regions a request names, leased as they are found."""
+
+    __slots__ = ("manager", "leases")
+
+    def __init__(self, manager: SharedMemory | None) -> None:
+        self.manager = manager
+        self.leases: Leases | None = None
+
+    def window(
+        self,
+        tensor: pb.ModelInferRequest.InferInputTensor
+        | pb.ModelInferRequest.InferRequestedOutputTensor,
+    ) -> ShmWindow | None:
+        """The tensor's shared memory window, or None when it names no region. Parameter
+        checks and texts are Triton's (docs/protocol.md#shared-memory)."""
+        params = tensor.parameters
+        name: str | None = None
+        if "shared_memory_region" in params:
+            kind, value = _param_value(params["shared_memory_region"])
+            if kind != "string_param":
+                raise InvalidArgument(
+                    f"invalid value type for 'shared_memory_region' parameter for tensor "
+                    f"'{shown(tensor.name)}', expected string_param."
+                )
+            name = value
+        offset = _shm_int(params, "shared_memory_offset", name, tensor.name)
+        if "shared_memory_byte_size" not in params:
+            if name is None:
+                return None
             raise InvalidArgument(
-                f"invalid value type for 'shared_memory_region' parameter for tensor "
-                f"'{tensor.name}', expected string_param."
+                f"'shared_memory_byte_size' must be specified along with "
+                f"'shared_memory_region' parameter for tensor '{shown(tensor.name)}'"
             )
-        raise NotFound(f"Unable to find shared memory region: '{region}'")
+        byte_size = _shm_int(params, "shared_memory_byte_size", name, tensor.name)
+        assert name is not None
+        if self.manager is None:
+            raise NotFound(f"Unable to find shared memory region: '{shown(name)}'")
+        if self.leases is None:
+            self.leases = self.manager.leases()
+        region = self.leases.acquire(name)
+        if offset < 0 or byte_size < 0 or offset + byte_size > region.byte_size:
+            raise InvalidArgument(
+                f"Invalid offset + byte size for shared memory region: '{shown(name)}'"
+            )
+        return ShmWindow(region, offset, byte_size)
+
+    def release(self) -> None:
+        if self.leases is not None:
+            self.leases.release()
+
+
+def _shm_int(params: Any, key: str, region: str | None, tensor: str) -> int:
+    if key not in params:
+        return 0
+    if region is None:
+        raise InvalidArgument(
+            f"'{key}' can not be specified without 'shared_memory_region' parameter for "
+            f"tensor '{shown(tensor)}'"
+        )
+    kind, value = _param_value(params[key])
+    if kind != "int64_param":
+        raise InvalidArgument(
+            f"invalid value type for '{key}' parameter for tensor '{shown(tensor)}', "
+            "expected int64_param."
+        )
+    return int(value)
 
 
 def _check_shape(
@@ -150,12 +226,30 @@ def decode_request(
     max_tensor_bytes: int,
     is_active: Callable[[], bool] | None = None,
     raw: Sequence[bytes | memoryview] | None = None,
+    shm: SharedMemory | None = None,
 ) -> DecodedRequest:
     """Validate a ModelInferRequest against the signature and build the scheduler's WorkItem.
 
     `raw` are the request's raw_input_contents when the caller split them off the wire
-    (`tributary.wire`); None reads them from the message.
+    (`tributary.wire`); None reads them from the message. `shm` holds the registered shared
+    memory regions; the result leases those it names until `DecodedRequest.release`.
     """
+    use = _ShmUse(shm)
+    try:
+        return _decode(request, sig, max_tensor_bytes, is_active, raw, use)
+    except BaseException:
+        use.release()
+        raise
+
+
+def _decode(
+    request: pb.ModelInferRequest,
+    sig: ModelSignature,
+    max_tensor_bytes: int,
+    is_active: Callable[[], bool] | None,
+    raw: Sequence[bytes | memoryview] | None,
+    use: _ShmUse,
+) -> DecodedRequest:
     rid: str = shown(request.id)
     model = sig.name
     priority, timeout_us = _request_params(request) if request.parameters else (0, 0)
@@ -168,24 +262,33 @@ def decode_request(
             f"but got {len(raw)} for model '{model}'"
         )
 
-    checked: list[tuple[TensorSpec, pb.ModelInferRequest.InferInputTensor, tuple[int, ...]]] = []
+    checked: list[
+        tuple[TensorSpec, pb.ModelInferRequest.InferInputTensor, tuple[int, ...], ShmWindow | None]
+    ] = []
     seen: set[str] = set()
     batch: int | None = None
+    in_shm = 0
     for tensor in request.inputs:
         name = tensor.name
-        if raw and tensor.HasField("contents"):
+        spec = sig.input(name)
+        window = use.window(tensor) if tensor.parameters else None
+        if window is not None:
+            in_shm += 1
+            if tensor.HasField("contents"):
+                raise InvalidArgument(
+                    f"unexpected 'content' provided when using shared memory for input tensor "
+                    f"'{shown(name)}' for model '{model}'"
+                )
+        elif raw and tensor.HasField("contents"):
             raise InvalidArgument(
                 f"contents field must not be specified when using raw_input_contents for "
                 f"'{shown(name)}' for model '{model}'"
             )
-        spec = sig.input(name)
         if spec is None:
             raise InvalidArgument(f"unexpected inference input '{shown(name)}' for model '{model}'")
         if name in seen:
             raise InvalidArgument(f"{_prefix(rid)}input '{name}' already exists in request")
         seen.add(name)
-        if tensor.parameters:
-            _shm_region(tensor)
         if tensor.datatype != spec.dtype.name:
             raise InvalidArgument(
                 f"{_prefix(rid)}inference input '{name}' data-type is '{shown(tensor.datatype)}', "
@@ -214,7 +317,7 @@ def decode_request(
                 )
             batch = shape[0]
         tensors.check_size_limit(shape, spec.dtype, max_tensor_bytes, name, model)
-        checked.append((spec, tensor, shape))
+        checked.append((spec, tensor, shape, window))
 
     required = [s.name for s in sig.inputs if not s.optional]
     missing = [n for n in required if n not in seen]
@@ -231,16 +334,27 @@ def decode_request(
             f"input(s) {got}, but missing required input(s) {missing}. Please provide all "
             "required input(s)."
         )
+    if in_shm and len(raw) > len(checked) - in_shm:
+        raise InvalidArgument(
+            f"{_prefix(rid)}expected {len(checked) - in_shm} raw_input_contents (one per input "
+            f"not in shared memory) but got {len(raw)} for model '{model}'"
+        )
 
     arrays: dict[str, np.ndarray] = {}
-    for index, (spec, tensor, shape) in enumerate(checked):
-        if raw:
-            if index >= len(raw):
+    next_raw = 0  # raw buffers belong, in order, to the inputs not in shared memory
+    for spec, tensor, shape, window in checked:
+        if window is not None:
+            arr = tensors.raw_to_numpy(window.view(), spec.dtype, shape, spec.name, model, rid)
+            if arr.flags.writeable:  # the client's memory: the server only reads it
+                arr.flags.writeable = False
+        elif raw:
+            if next_raw >= len(raw):
                 raise InvalidArgument(
                     f"unable to find data for input tensor '{spec.name}' for model '{model}' "
                     "in request."
                 )
-            arr = tensors.raw_to_numpy(raw[index], spec.dtype, shape, spec.name, model, rid)
+            arr = tensors.raw_to_numpy(raw[next_raw], spec.dtype, shape, spec.name, model, rid)
+            next_raw += 1
         elif tensor.HasField("contents"):
             arr = tensors.typed_to_numpy(
                 tensor.contents,
@@ -259,7 +373,7 @@ def decode_request(
             arr = arr.reshape(((shape[0],) if batched else ()) + spec.reshape)
         arrays[spec.name] = arr
 
-    outputs = _requested_outputs(request, sig, rid)
+    outputs = _requested_outputs(request, sig, rid, use)
     item = WorkItem(
         inputs=arrays,
         rows=batch if batched and batch else 1,
@@ -269,11 +383,11 @@ def decode_request(
         is_active=is_active,
         request_id=rid,
     )
-    return DecodedRequest(item=item, outputs=outputs, batched=batched)
+    return DecodedRequest(item=item, outputs=outputs, batched=batched, leases=use.leases)
 
 
 def _requested_outputs(
-    request: pb.ModelInferRequest, sig: ModelSignature, rid: str
+    request: pb.ModelInferRequest, sig: ModelSignature, rid: str, use: _ShmUse
 ) -> list[RequestedOutput]:
     asked = request.outputs
     if not asked:
@@ -301,9 +415,8 @@ def _requested_outputs(
                     "output can't set both 'shared_memory_region' and 'classification'"
                 )
             k = int(value)
-        if out.parameters:
-            _shm_region(out)
-        result.append(RequestedOutput(spec, k))
+        window = use.window(out) if out.parameters else None
+        result.append(RequestedOutput(spec, k, window))
     return result
 
 
@@ -343,6 +456,10 @@ def encode_response(
                 arr = arr.astype(datatype.numpy)
             data = np.ascontiguousarray(arr).data  # a view of the array; no copy yet
         size = data.nbytes if isinstance(data, memoryview) else len(data)
+        if req.shm is not None:
+            _write_shm(req.shm, data, size, spec.name)
+            raws.append(b"")  # keeps raw_output_contents aligned with outputs
+            continue
         total += size
         raws.append(data)
     if total > INT32_MAX:
@@ -350,3 +467,15 @@ def encode_response(
             f"Response has byte size {total} which exceeds gRPC's byte size limit {INT32_MAX}."
         )
     return raws
+
+
+def _write_shm(window: ShmWindow, data: bytes | memoryview, size: int, output: str) -> None:
+    """Copy one output's bytes (BYTES: length-prefixed) into its shared memory window."""
+    if size > window.byte_size:
+        raise Internal(
+            f"shared memory size specified with the request for output '{output}' "
+            f"({window.byte_size} bytes) should be at least {size} bytes to hold the results"
+        )
+    if size:
+        dst = np.frombuffer(window.region.window(window.offset, size), dtype=np.uint8)
+        dst[:] = np.frombuffer(data, dtype=np.uint8)

@@ -893,15 +893,10 @@ FLAGS: tuple[Flag, ...] = (
     _impl(
         "--allow-client-shm",
         SHM,
-        "let clients register shared memory regions for tensors (tritonserver's default: false)",
+        "let clients register system shared memory regions (POSIX shm objects in /dev/shm) "
+        "and send or receive tensors through them; false: the register/unregister RPCs "
+        "answer UNIMPLEMENTED (tritonserver's default: false). CUDA regions are refused",
         **_bool_flag(False),
-        rule=Rule(
-            IGNORED,
-            "client shared memory is not served: the shared-memory RPCs answer UNIMPLEMENTED "
-            "and tensors travel in the request",
-            values="true",
-            applies=lambda v: v is True,
-        ),
     ),
     # -- backends and repository agents ------------------------------------------------------
     _ignored(

@@ -59,6 +59,7 @@ class ServerOptions:
     max_tensor_bytes: int = INT32_MAX
     # --grpc-restricted-protocol: {category: the header it requires} (tributary.restrict)
     grpc_restricted_protocols: dict[str, Restriction] = field(default_factory=dict)
+    allow_client_shm: bool = False
     # metrics
     allow_metrics: bool = True
     allow_cpu_metrics: bool = True

@@ -40,6 +40,7 @@ from .errors import (
 )
 from .logs import RequestLog
 from .repository import ModelRepository
+from .shm import SharedMemory
 from .streams import Slot, Streams
 from .wire import infer_response_bytes, split_request
 
@@ -53,6 +54,9 @@ EXTENSIONS = (
     "schedule_policy",
     "statistics",
 )
+SHM_EXTENSIONS = ("system_shared_memory", "cuda_shared_memory")
+"""Listed when --allow-client-shm=true, as tritonserver lists both (CUDA regions are refused
+on registration with its CPU-only text, docs/protocol.md#shared-memory)."""
 
 _refs = itertools.count(1)
 
@@ -81,6 +85,7 @@ class ServerState:
     model_control_mode: str = "none"
     max_streams: int = 512
     stream_max_pending: int = 256
+    allow_client_shm: bool = False
     exiting: bool = False
     # called after a model is loaded or unloaded at run time (health follows readiness)
     listeners: list[Callable[[], None]] = field(default_factory=list)
@@ -119,6 +124,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.control = ModelControl(
             repository, explicit=state.model_control_mode == "explicit", on_change=self._changed
         )
+        self.shm = SharedMemory(state.allow_client_shm)
+        self._extensions = EXTENSIONS + (SHM_EXTENSIONS if state.allow_client_shm else ())
         self.streams = Streams(
             max_streams=state.max_streams,
             max_pending=state.stream_max_pending,
@@ -145,7 +152,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def ServerMetadata(self, request: Any, context: grpc.ServicerContext) -> Any:
         return pb.ServerMetadataResponse(
-            name=self.state.server_id, version=__version__, extensions=EXTENSIONS
+            name=self.state.server_id, version=__version__, extensions=self._extensions
         )
 
     def ModelMetadata(self, request: Any, context: grpc.ServicerContext) -> Any:
@@ -214,11 +221,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> tuple[Any, list[bytes | memoryview]]:
         model, decoded, start = self._begin(request, raws, is_active)
         try:
-            results = model.scheduler.infer(decoded.item)
-        except BaseException as exc:
-            self._failed(model, decoded, start, exc)
-            raise
-        return self._finish(request, model, decoded, start, results)
+            try:
+                results = model.scheduler.infer(decoded.item)
+            except BaseException as exc:
+                self._failed(model, decoded, start, exc)
+                raise
+            return self._finish(request, model, decoded, start, results)
+        finally:
+            decoded.release()  # outputs in shared memory are written by now
 
     def _begin(
         self, request: Any, raws: Sequence[bytes | memoryview], is_active: Callable[[], bool] | None
@@ -235,6 +245,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 max_tensor_bytes=self.state.max_tensor_bytes,
                 is_active=is_active,
                 raw=raws,
+                shm=self.shm,
             )
         except BaseException as exc:
             self._failed(model, None, start, exc)
@@ -304,10 +315,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 slot.fail(exc, request)
             except Exception as exc:
                 slot.fail(internal_error("ModelStreamInfer", exc, request.id), request)
+            finally:
+                decoded.release()
 
         try:
             model.scheduler.submit(decoded.item, done)
         except Exception as exc:  # submit reports refusals through `done`; this is a bug
+            decoded.release()
             slot.fail(internal_error("ModelStreamInfer", exc, request.id), request)
 
     def _stream_one_logged(self, data: bytes, slot: Slot, is_active: Callable[[], bool]) -> None:
@@ -338,6 +352,37 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.control.unload(request)
         return pb.RepositoryModelUnloadResponse()
 
+    # ---- shared memory (tributary.shm) -----------------------------------------------------
+    def SystemSharedMemoryStatus(self, request: Any, context: grpc.ServicerContext) -> Any:
+        response = pb.SystemSharedMemoryStatusResponse()
+        for region in self.shm.status(request.name):
+            entry = response.regions[region.name]
+            entry.name = region.name
+            entry.key = region.key
+            entry.offset = region.offset
+            entry.byte_size = region.byte_size
+        return response
+
+    def SystemSharedMemoryRegister(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self.shm.register(request.name, request.key, request.offset, request.byte_size)
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    def SystemSharedMemoryUnregister(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self.shm.unregister(request.name)
+        return pb.SystemSharedMemoryUnregisterResponse()
+
+    def CudaSharedMemoryStatus(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self.shm.cuda_status(request.name)
+        return pb.CudaSharedMemoryStatusResponse()
+
+    def CudaSharedMemoryRegister(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self.shm.cuda_register(request.name)
+        return pb.CudaSharedMemoryRegisterResponse()
+
+    def CudaSharedMemoryUnregister(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self.shm.cuda_unregister(request.name)
+        return pb.CudaSharedMemoryUnregisterResponse()
+
 
 class _LoggedSlot:
     """A stream's `Slot` that also writes the request's --log-verbose line when answered."""
@@ -365,12 +410,6 @@ def _unimplemented(name: str, what: str) -> Callable[..., Any]:
 
 
 for _name, _what in {
-    "SystemSharedMemoryStatus": "client shared memory is not supported",
-    "SystemSharedMemoryRegister": "client shared memory is not supported",
-    "SystemSharedMemoryUnregister": "client shared memory is not supported",
-    "CudaSharedMemoryStatus": "CUDA shared memory is not supported",
-    "CudaSharedMemoryRegister": "CUDA shared memory is not supported",
-    "CudaSharedMemoryUnregister": "CUDA shared memory is not supported",
     "TraceSetting": "tracing is not supported",
     "LogSettings": "use --log-verbose at start-up",
 }.items():

@@ -212,7 +212,6 @@ def test_ignored_flags_warn_once_per_reason(server_factory, tmp_path) -> None:
         "--cache-config=local,size=1048576, --response-cache-byte-size=1048576: there is no "
         "response cache",
         "--pinned-memory-pool-byte-size=0: ONNX Runtime allocates",
-        "--allow-client-shm=true: client shared memory is not served",
         "--backend-directory=/opt/tritonserver/backends: ONNX Runtime is built in",
         "--backend-config=tensorflow,version=2 (backend 'tensorflow' is not available)",
     ]

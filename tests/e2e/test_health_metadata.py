@@ -202,8 +202,6 @@ def test_load_and_unload_refused_in_none_mode(client) -> None:
 @pytest.mark.parametrize(
     ("rpc", "request_message"),
     [
-        ("SystemSharedMemoryRegister", pb.SystemSharedMemoryRegisterRequest(name="r", key="/k")),
-        ("CudaSharedMemoryRegister", pb.CudaSharedMemoryRegisterRequest(name="r")),
         ("TraceSetting", pb.TraceSettingRequest()),
         ("LogSettings", pb.LogSettingsRequest()),
     ],
