@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         f"a change every {a.period}s; server exit status {code}"
     )
     print(
-        f"changes applied: {len(applied)} (not seen within 30 s: {missed}); "
+        f"swaps (add or config): {len(applied)} (not seen within 30 s: {missed}); "
         f"change -> visible: median {np.median(applied) * 1e3:.0f} ms, "
         f"max {max(applied) * 1e3:.0f} ms"
         if applied
