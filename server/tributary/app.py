@@ -377,7 +377,11 @@ def run(options: ServerOptions) -> int:
     server = start(options)
     if server is None:
         return 1
-    stop.wait()
+    # Timed: a signal that the kernel hands to another thread (gRPC's, ONNX Runtime's, the
+    # poller) does not interrupt a lock wait here, so the handler would only run at the next
+    # bytecode of this thread; waking each second bounds that.
+    while not stop.wait(1.0):
+        pass
     _exit_watchdog(options.exit_timeout_secs)
     server.stop()
     return 0
