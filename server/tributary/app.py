@@ -34,6 +34,7 @@ from .errors import InferenceError
 from .logs import RequestLog, configure
 from .model import build_loader
 from .options import ServerOptions
+from .poll import RepositoryPoller
 from .repository import ModelRepository
 from .rpcs import Front, HealthService, register
 from .servicer import InferenceServicer, ServerState, server_ready
@@ -134,6 +135,7 @@ class Server:
     grpc_port: int
     metrics: Any = None
     front: Front | None = None
+    poller: RepositoryPoller | None = None
     _health_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def refresh_health(self) -> None:
@@ -156,6 +158,10 @@ class Server:
         """Drain: NOT_SERVING, refuse new work, finish in-flight within the timeout, unload."""
         deadline = time.monotonic() + self.options.exit_timeout_secs
         self.state.exiting = True
+        if self.poller is not None:
+            # A load in progress may outlive this wait: the repository closes what it builds
+            # after close(), so nothing new serves past shutdown.
+            self.poller.stop(timeout=POLLER_STOP_WAIT_S)
         self.refresh_health()
         log.info(
             "shutting down: waiting up to %.0fs for in-flight requests",
@@ -173,6 +179,10 @@ class Server:
         if self.metrics is not None:
             self.metrics.stop()
         log.info("stopped")
+
+
+POLLER_STOP_WAIT_S = 2.0
+"""At shutdown, how long to wait for a poll-mode load in progress before draining anyway."""
 
 
 def startup_models(options: ServerOptions) -> list[str] | None:
@@ -265,6 +275,19 @@ def start(options: ServerOptions) -> Server | None:
         front.shutdown()
         return None
 
+    poller = None
+    if options.model_control_mode == "poll":
+
+        def changed() -> None:
+            for listener in state.listeners:
+                listener()
+
+        poller = RepositoryPoller(repository, options.repository_poll_secs, on_change=changed)
+        try:
+            poller.baseline()  # before loading: an edit made meanwhile is seen by the first poll
+        except Exception:
+            log.exception("poll: first scan of the model repository failed")
+
     # Each failure was logged once, with its reason, where it happened (ModelRepository.load).
     failures = repository.load_models(startup_models(options))
     if failures and options.exit_on_error:
@@ -286,10 +309,13 @@ def start(options: ServerOptions) -> Server | None:
         port,
         metrics=metrics,
         front=front,
+        poller=poller,
     )
     state.listeners.append(running.refresh_health)  # run-time load/unload moves readiness
     server.start()
     running.refresh_health()
+    if poller is not None:
+        poller.start()
     log.info(
         "Started GRPCInferenceService at %s:%d (%d model(s) ready) in %.2fs",
         options.grpc_address,
@@ -356,7 +382,11 @@ def run(options: ServerOptions) -> int:
     server = start(options)
     if server is None:
         return 1
-    stop.wait()
+    # Timed: a signal that the kernel hands to another thread (gRPC's, ONNX Runtime's, the
+    # poller) does not interrupt a lock wait here, so the handler would only run at the next
+    # bytecode of this thread; waking each second bounds that.
+    while not stop.wait(1.0):
+        pass
     _exit_watchdog(options.exit_timeout_secs)
     server.stop()
     return 0

@@ -148,6 +148,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerOptions:
     return ServerOptions(
         model_repositories=list(a.model_repository),
         model_control_mode=a.model_control_mode,
+        repository_poll_secs=a.repository_poll_secs,
         load_models=list(a.load_model),
         model_config_name=a.model_config_name,
         auto_complete_config=not (a.disable_auto_complete_config or a.strict_model_config),

@@ -349,25 +349,20 @@ FLAGS: tuple[Flag, ...] = (
         "--model-control-mode",
         REPOSITORY,
         "none (default): load every model at start-up, refuse load/unload requests. "
+        "poll: like none at start-up, then re-scan the repository every "
+        "--repository-poll-secs and load, reload or unload what changed. "
         "explicit: load only the --load-model models, then load/unload on request",
         type=lower("none", "poll", "explicit"),
         default="none",
-        metavar="{none,explicit}",
-        rule=Rule(
-            REFUSED,
-            "repository polling is not implemented; use --model-control-mode=explicit and "
-            "RepositoryModelLoad/Unload, or restart the server after changing the repository",
-            values="poll",
-            applies=lambda v: v == "poll",
-        ),
+        metavar="{none,poll,explicit}",
     ),
-    _ignored(
+    _impl(
         "--repository-poll-secs",
         REPOSITORY,
-        "seconds between repository polls in poll mode",
-        "it only paces --model-control-mode=poll, which is refused (tritonserver ignores it "
-        "in the other modes too)",
+        "seconds between repository scans in poll mode (default: 15; 0: never scan, as "
+        "tritonserver); other modes ignore it, as tritonserver does",
         type=nonneg,
+        default=15,
         metavar="SECS",
     ),
     _impl(

@@ -16,6 +16,7 @@ INT32_MAX = 2**31 - 1
 class ServerOptions:
     model_repositories: list[Path] = field(default_factory=list)
     model_control_mode: str = "none"
+    repository_poll_secs: int = 15
     load_models: list[str] = field(default_factory=list)
     model_config_name: str | None = None
     auto_complete_config: bool = True

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -49,6 +49,7 @@ from tributary_client._proto import model_config_pb2 as mc
 log = logging.getLogger(__name__)
 
 UNLOADED = "unloaded"
+STILL_SERVING = "reload failed, the previous load keeps serving: "
 RELOAD_DRAIN_TIMEOUT = 30.0  # seconds a replaced version gets to finish its in-flight work
 
 
@@ -128,6 +129,7 @@ class ModelRepository:
         self._lock = threading.Lock()
         self._models: dict[str, _Model] = {}
         self._op_locks: dict[str, threading.Lock] = {}
+        self._closed = False  # after close(): a load that finishes late closes what it built
         if config_name:
             check_config_name(config_name)  # a start-up error rather than every load failing
         for root in self._roots:
@@ -158,6 +160,10 @@ class ModelRepository:
     def model_names(self) -> list[str]:
         return sorted(self._scan())
 
+    def model_dirs(self) -> dict[str, Path]:
+        """{model: directory} as the repositories hold them now (poll mode scans these)."""
+        return self._scan()
+
     # -- loading ------------------------------------------------------------------------------
 
     def load_models(self, names: Sequence[str] | None = None) -> dict[str, str]:
@@ -181,12 +187,16 @@ class ModelRepository:
         *,
         override: mc.ModelConfig | None = None,
         model_dir: Path | None = None,
+        versions: Collection[int] | None = None,
     ) -> None:
         """Load or reload one model: new versions first, then swap, then close the old ones.
 
-        Raises Triton's repository-load errors (docs/protocol.md). A version whose reload
-        fails keeps serving its previous instance, as Triton does. `model_dir` replaces the
-        repository's directory (a RepositoryModelLoad with `file:` overrides, tributary.control).
+        `versions`: the READY versions to build again (None: all of them, as a load RPC does);
+        a READY version not named keeps its instance. Versions the policy no longer selects
+        unload either way. `model_dir` replaces the repository's directory (a
+        RepositoryModelLoad with `file:` overrides, tributary.control). Raises Triton's
+        repository-load errors (docs/protocol.md). A version whose reload fails keeps serving
+        its previous instance, as Triton does, and shows why in RepositoryIndex.
         """
         model_dir = model_dir or self._scan().get(name)
         if model_dir is None:
@@ -217,7 +227,7 @@ class ModelRepository:
                 raise Internal(
                     f"failed to load '{name}', failed to poll from model repository"
                 ) from exc
-            failed = self._load_versions(name, model_dir, config, wanted)
+            failed = self._load_versions(name, model_dir, config, wanted, versions)
         errors = [f"version {v} is at UNAVAILABLE state: {r}" for v, r in sorted(failed.items())]
         if errors:
             raise ModelLoadError(f"load failed for model '{name}': " + "; ".join(errors))
@@ -231,26 +241,38 @@ class ModelRepository:
     ) -> None:
         with self._lock:
             record = self._models.setdefault(name, _Model(model_dir))
-            if not any(v.state == ModelState.READY for v in record.versions.values()):
+            serving = [v for v in record.versions.values() if v.state == ModelState.READY]
+            if not serving:
                 # Nothing keeps serving, so the model as a whole shows the failure.
                 record.reason = reason
                 if config is not None:
                     record.config = config
+            for version in serving:  # still READY (readiness holds), but the index says why
+                version.reason = STILL_SERVING + reason
 
     def _load_versions(
-        self, name: str, model_dir: Path, config: mc.ModelConfig, wanted: list[int]
+        self,
+        name: str,
+        model_dir: Path,
+        config: mc.ModelConfig,
+        wanted: list[int],
+        rebuild: Collection[int] | None = None,
     ) -> dict[int, str]:
         """Returns {version: reason} for versions whose (re)load failed."""
         with self._lock:
             record = self._models.setdefault(name, _Model(model_dir))
             record.model_dir, record.reason = model_dir, ""
+            todo = []
             for v in wanted:
                 current = record.versions.get(v)
                 if current is None or current.state != ModelState.READY:
                     record.versions[v] = _Version(ModelState.LOADING)
+                    todo.append(v)
+                elif rebuild is None or v in rebuild:
+                    todo.append(v)  # READY: keeps serving (version "" too) until the swap
         fresh: dict[int, Servable] = {}
         failed: dict[int, str] = {}
-        for v in wanted:
+        for v in todo:
             for attempt in range(self._load_retries + 1):
                 try:
                     path = model_file(model_dir, v, config)
@@ -273,16 +295,20 @@ class ModelRepository:
                         failed[v] = self._public(exc, model_dir)
         to_close: list[Servable] = []
         with self._lock:
-            for v in wanted:
+            if self._closed:  # the server shut down while this load ran: serve nothing new
+                to_close, todo, wanted = list(fresh.values()), [], list(record.versions)
+            for v in todo:
                 current = record.versions[v]
                 if v in fresh:
                     if current.servable is not None:
                         to_close.append(current.servable)
                     record.versions[v] = _Version(ModelState.READY, "", fresh[v])
                 elif current.state == ModelState.READY:
-                    current.reason = ""  # the previous instance keeps serving
+                    current.reason = STILL_SERVING + failed[v]  # the old instance serves on
                 else:
                     record.versions[v] = _Version(ModelState.UNAVAILABLE, failed[v])
+            # One critical section for the whole swap: version "" moves to the newest READY
+            # version at once, and a dropped version stops resolving before it is closed.
             dropped = [v for v in record.versions if v not in wanted]
             for v in dropped:
                 old = record.versions[v]
@@ -315,6 +341,7 @@ class ModelRepository:
     def close(self, timeout: float = 30.0) -> None:
         """Unload everything (server shutdown); callers drain traffic first."""
         with self._lock:
+            self._closed = True
             records = list(self._models.values())
             to_close = [s for r in records for s in self._begin_unload(r)]
         self._close_all(to_close, timeout)

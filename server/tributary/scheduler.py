@@ -57,13 +57,28 @@ from .batchrun import BatchContext, Instance, run_batch
 from .errors import Cancelled, InferenceError, Unavailable
 from .stats import ModelStats
 
-__all__ = ["BatchPolicy", "Callback", "Instance", "QueuePolicy", "Scheduler", "WorkItem"]
+__all__ = [
+    "BatchPolicy",
+    "Callback",
+    "Closed",
+    "Instance",
+    "QueuePolicy",
+    "Scheduler",
+    "WorkItem",
+]
 
 _log = logging.getLogger(__name__)
 
 _MAX_WAIT_S = 3600.0
 """The longest single wait on a lock or condition: longer deadlines are waited out in steps,
 so no client-supplied timeout can reach a platform limit (time_t) in a wait call."""
+
+
+class Closed(Unavailable):
+    """A request this scheduler refused, or dropped from its queue, because it is closing.
+
+    At shutdown that is the answer. When a reload or unload retired the scheduler, the
+    request had resolved its version just before the swap; the servicer routes it again."""
 
 
 def _latch() -> threading.Lock:
@@ -212,7 +227,7 @@ class Scheduler:
                 self._stats.pending(-len(leftovers))
             self._cv.notify_all()
         for e in leftovers:
-            e.fail(Unavailable("Server exiting"), "OTHER")
+            e.fail(Closed("Server exiting"), "OTHER")
         self._finish(leftovers)
         if self._executor is not None:
             self._executor.shutdown(wait=False)
@@ -221,7 +236,7 @@ class Scheduler:
 
     @staticmethod
     def _refuse(entry: Entry) -> InferenceError:
-        error = Unavailable("Server exiting")
+        error = Closed("Server exiting")
         entry.fail(error, "OTHER")
         return error
 

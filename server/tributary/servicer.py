@@ -40,11 +40,15 @@ from .errors import (
 )
 from .logs import RequestLog
 from .repository import ModelRepository
+from .scheduler import Closed
 from .shm import SharedMemory
 from .streams import Slot, Streams
 from .wire import infer_response_bytes, split_request
 
 log = logging.getLogger("tributary.servicer")
+
+REROUTES = 2
+"""Times a request whose version was retired under it (reload, unload) is routed again."""
 
 EXTENSIONS = (
     "classification",
@@ -219,16 +223,23 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def _infer(
         self, request: Any, raws: Sequence[bytes | memoryview], is_active: Callable[[], bool] | None
     ) -> tuple[Any, list[bytes | memoryview]]:
-        model, decoded, start = self._begin(request, raws, is_active)
-        try:
+        for attempt in range(REROUTES + 1):
+            model, decoded, start = self._begin(request, raws, is_active)
             try:
-                results = model.scheduler.infer(decoded.item)
-            except BaseException as exc:
-                self._failed(model, decoded, start, exc)
-                raise
-            return self._finish(request, model, decoded, start, results)
-        finally:
-            decoded.release()  # outputs in shared memory are written by now
+                try:
+                    results = model.scheduler.infer(decoded.item)
+                except Closed as exc:
+                    if attempt < REROUTES and not self.state.exiting:
+                        continue  # a reload retired the version it resolved: resolve again
+                    self._failed(model, decoded, start, exc)
+                    raise
+                except BaseException as exc:
+                    self._failed(model, decoded, start, exc)
+                    raise
+                return self._finish(request, model, decoded, start, results)
+            finally:
+                decoded.release()  # outputs in shared memory are written by now
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     def _begin(
         self, request: Any, raws: Sequence[bytes | memoryview], is_active: Callable[[], bool] | None
@@ -296,6 +307,23 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         request = None
         try:
             request, raws = split_request(data)
+        except InferenceError as exc:
+            slot.fail(exc, request)
+            return
+        except Exception as exc:
+            slot.fail(internal_error("ModelStreamInfer", exc, ""), request)
+            return
+        self._stream_start(request, raws, slot, is_active, 0)
+
+    def _stream_start(
+        self,
+        request: Any,
+        raws: Sequence[bytes | memoryview],
+        slot: Slot,
+        is_active: Callable[[], bool],
+        attempt: int,
+    ) -> None:
+        try:
             model, decoded, start = self._begin(request, raws, is_active)
         except InferenceError as exc:
             slot.fail(exc, request)
@@ -306,6 +334,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
         def done(results: Any, error: InferenceError | None) -> None:
             try:
+                if isinstance(error, Closed) and attempt < REROUTES and not self.state.exiting:
+                    # A reload retired the version it resolved: resolve again.
+                    self._stream_start(request, raws, slot, is_active, attempt + 1)
+                    return
                 if error is not None:
                     self._failed(model, decoded, start, error)
                     slot.fail(error, request)

@@ -129,7 +129,6 @@ def test_a_taken_port_fails_in_one_line_before_loading_models(server) -> None:
     ("flag", "why"),
     [
         ("--allow-grpc=false", "only front end"),
-        ("--model-control-mode=POLL", "--model-control-mode=explicit"),
         ("--model-namespacing=true", "distinct names"),
         ("--allow-sagemaker=true", "gRPC endpoint"),
         ("--allow-vertex-ai=true", "gRPC endpoint"),

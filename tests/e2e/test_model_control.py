@@ -323,14 +323,14 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     ("args", "mentions"),
     [
         (
-            ["--model-control-mode=poll"],
-            "polling is not implemented; use --model-control-mode=explicit",
+            ["--model-control-mode=poll", "--load-model=simple"],
+            "--load-model needs --model-control-mode=explicit",  # tritonserver refuses it too
         ),
         (["--load-model=simple"], "--load-model needs --model-control-mode=explicit"),
         (["--model-control-mode=none", "--load-model=simple"], "needs --model-control-mode"),
         ([EXPLICIT, "--load-model=*", "--load-model=simple"], "must be the only --load-model"),
     ],
-    ids=["poll", "load-model-default-mode", "load-model-none-mode", "star-and-name"],
+    ids=["load-model-poll-mode", "load-model-default", "load-model-none", "star-and-name"],
 )
 def test_control_command_lines_are_refused(args: list[str], mentions: str) -> None:
     proc = run_cli("--model-repository", str(MODEL_REPOSITORY), *args)

@@ -1,0 +1,90 @@
+"""A request that resolved a version just before a reload retired it is routed again, never
+failed (docs/model-config.md#model-control): the window between resolve and submit, made
+deterministic by handing the servicer the retired version on its first resolve."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tributary.errors import Unavailable
+from tributary.model import build_loader
+from tributary.repository import ModelRepository
+from tributary.scheduler import Closed
+from tributary.servicer import REROUTES, InferenceServicer, ServerState
+from tributary.streams import Slot
+from tributary.wire import split_request
+from tributary_client._proto import grpc_service_pb2 as pb
+
+BATCHING = "dynamic_batching { max_queue_delay_microseconds: 100 }\n"
+
+
+@pytest.fixture(params=["direct", "batching"])
+def repo(request: pytest.FixtureRequest, tmp_path: Path, bm) -> ModelRepository:
+    extra = BATCHING if request.param == "batching" else ""
+    bm.build_simple(tmp_path, "simple", config=bm.simple_config("simple") + extra)
+    repository = ModelRepository([tmp_path], build_loader(0, 1))
+    repository.load("simple")
+    return repository
+
+
+A = np.arange(16, dtype=np.int32).reshape(1, 16)
+
+
+def request_bytes() -> bytes:
+    request = pb.ModelInferRequest(model_name="simple")
+    for name in ("INPUT0", "INPUT1"):
+        request.inputs.add(name=name, datatype="INT32", shape=[1, 16])
+        request.raw_input_contents.append(A.tobytes())
+    return request.SerializeToString()
+
+
+def stale_first(repo: ModelRepository, retired: list[Any]) -> None:
+    """The next resolves return these retired servables first, then the live one."""
+    real = repo.resolve
+
+    def resolve(name: str, version: str) -> Any:
+        return retired.pop(0) if retired else real(name, version)
+
+    repo.resolve = resolve  # type: ignore[method-assign]
+
+
+def reload(repo: ModelRepository) -> Any:
+    old = repo.resolve("simple", "")
+    repo.load("simple")  # swap, then close the old scheduler
+    assert repo.resolve("simple", "") is not old
+    return old
+
+
+def test_unary_request_on_a_retired_version_is_routed_again(repo: ModelRepository) -> None:
+    servicer = InferenceServicer(repo, ServerState())
+    stale_first(repo, [reload(repo) for _ in range(REROUTES)])
+    request, raws = split_request(request_bytes())
+    head, outputs = servicer._infer(request, raws, None)
+    assert head.model_version == "1"
+    np.testing.assert_array_equal(np.frombuffer(outputs[0], np.int32).reshape(1, 16), A + A)
+
+
+def test_rerouting_is_bounded_and_off_at_shutdown(repo: ModelRepository) -> None:
+    state = ServerState()
+    servicer = InferenceServicer(repo, state)
+    stale_first(repo, [reload(repo) for _ in range(REROUTES + 1)])
+    request, raws = split_request(request_bytes())
+    with pytest.raises(Closed):
+        servicer._infer(request, raws, None)
+    state.exiting = True
+    with pytest.raises(Unavailable, match="Server exiting"):
+        servicer._infer(request, raws, None)
+
+
+def test_streamed_request_on_a_retired_version_is_routed_again(repo: ModelRepository) -> None:
+    servicer = InferenceServicer(repo, ServerState())
+    stale_first(repo, [reload(repo)])
+    slot = Slot()
+    servicer._stream_one(request_bytes(), slot, lambda: True)
+    reply = pb.ModelStreamInferResponse.FromString(slot.wait(30) or b"")
+    assert reply.error_message == ""
+    assert reply.infer_response.model_version == "1"
