@@ -22,7 +22,14 @@ from tributary_client._proto import model_config_pb2 as mc
 
 from .config import MAX_CONFIG_FILE_BYTES
 from .config_check import RefusedConfig
-from .errors import InvalidArgument, ModelLoadError, Unavailable, Unimplemented, shown
+from .errors import (
+    InferenceError,
+    InvalidArgument,
+    ModelLoadError,
+    Unavailable,
+    Unimplemented,
+    shown,
+)
 from .overrides import FILE_PREFIX, OverrideDirs, check_model_name, poll_failed
 from .repository import ModelRepository
 
@@ -112,6 +119,7 @@ class ModelControl:
         if not self._explicit:
             raise Unavailable(POLLING_ENABLED)
         name = request.model_name
+        reserved = 0  # live override bytes check() reserved; write() takes them over
         if files:
             check_model_name(name)  # it becomes a directory name
             if config is None:
@@ -122,8 +130,12 @@ class ModelControl:
                     extra={"model": shown(name)},
                 )
                 raise poll_failed(name, CONFIG_REQUIRED)
-            self.overrides.check(name, files)  # every limit and path, before writing
-        override = parse_override(name, config) if config is not None else None
+            reserved = self.overrides.check(name, files)  # every limit and path, first
+        try:
+            override = parse_override(name, config) if config is not None else None
+        except BaseException:
+            self.overrides.release(reserved)
+            raise
         if not files and name not in self._repo.model_names():
             log.error(
                 "failed to load model %r: no such directory in the model repository",
@@ -132,13 +144,18 @@ class ModelControl:
             )
             raise poll_failed(name)
         with self._name_lock(name):
-            model_dir = self.overrides.write(name, files) if files else None
+            model_dir = self.overrides.write(name, files, reserved) if files else None
+            before = self._serving(name)
             try:
                 self._repo.load(name, override=override, model_dir=model_dir)
             except ModelLoadError as exc:
-                if model_dir is not None and isinstance(exc, RefusedConfig):
+                # A version failed: its previous instance (and directory) keeps serving. The
+                # new directory stays only if some version now serves from it; otherwise it
+                # would hold its bytes against the live-bytes bound until the next unload.
+                if model_dir is not None and (
+                    isinstance(exc, RefusedConfig) or not self._serves_new(name, before)
+                ):
                     self.overrides.discard(name, model_dir)  # no version came from it
-                # else a version failed: its previous instance (and directory) keeps serving
                 raise
             except BaseException:
                 if model_dir is not None:
@@ -148,6 +165,20 @@ class ModelControl:
                 self.overrides.loaded(name, model_dir, in_use=False)
             finally:
                 self._on_change()  # even a failed reload can change readiness
+
+    def _serving(self, name: str) -> list[Any]:
+        """The READY instances of `name` (held, so their ids stay unique while compared)."""
+        try:
+            return list(self._repo.ready_versions(name))
+        except InferenceError:
+            return []
+
+    def _serves_new(self, name: str, before: list[Any]) -> bool:
+        """Whether a READY instance of `name` is not one of `before`: the load just made it.
+
+        Loads of one name run under its name lock, so nothing else made it."""
+        old = {id(s) for s in before}
+        return any(id(s) not in old for s in self._serving(name))
 
     def unload(self, request: Any) -> None:
         """Unload every version; returns once in-flight work on them has finished."""

@@ -1,4 +1,4 @@
-"""RepositoryModelLoad `file:<version>/<name>` overrides: a private model directory per load.
+"""RepositoryModelLoad `file:<path>` overrides: a private model directory per load.
 
 As in Triton, a load with `file:` parameters does not read the repository at all: the model
 is made of the override files alone (plus the `config` parameter, which is required), written
@@ -8,9 +8,10 @@ when the model is unloaded, when a later load of the same name replaces it, and 
 
 Everything a client sends is checked before a byte is written
 (docs/limits.md#model-file-overrides): the number of files, their total size, the bytes all
-live override directories hold together, and each path: `<version>/<name>[/<name>...]`,
-relative, `/`-separated, no empty, `.` or `..` component, no NUL, backslash or control
-character, components at most 255 bytes. Files are created with O_EXCL | O_NOFOLLOW inside a
+live override directories hold together, and each path: any relative path inside the model
+directory, as in Triton (`1/model.onnx`, `labels.txt`, `warmup/in0`), `/`-separated, no
+empty, `.` or `..` component, no NUL, backslash or control character, components at most
+255 bytes. Files are created with O_EXCL | O_NOFOLLOW inside a
 directory nothing else writes to, and `config_check.inside_model_dir` confirms each target.
 """
 
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 import tempfile
 import threading
@@ -36,7 +36,6 @@ MAX_FILE_BYTES = 1024 * 1024 * 1024  # all override files of one load together (
 MAX_LIVE_BYTES = 4 * MAX_FILE_BYTES  # every live override directory together (4 GiB)
 MAX_PATH_CHARS = 1024
 MAX_COMPONENT_BYTES = 255  # NAME_MAX
-_VERSION = re.compile(r"[1-9][0-9]{0,18}")
 
 
 def poll_failed(name: str, reason: str = "") -> Internal:
@@ -81,8 +80,6 @@ def check_path(key: str) -> str:
         )
     if any(len(p.encode()) > MAX_COMPONENT_BYTES for p in parts):
         return f"file override '{shown(key)}' has a path component longer than 255 bytes"
-    if len(parts) < 2 or not _VERSION.fullmatch(parts[0]):
-        return f"file override '{shown(key)}' must be '<version>/<file name>', version > 0"
     return ""
 
 
@@ -99,12 +96,22 @@ class OverrideDirs:
         self._lock = threading.Lock()
         self._root: Path | None = None
         self._dirs: dict[str, list[_Dir]] = {}
+        self._reserved = 0  # bytes of loads between check() and write()
 
     def _live_bytes(self) -> int:
-        return sum(d.size for dirs in self._dirs.values() for d in dirs)
+        return self._reserved + sum(d.size for dirs in self._dirs.values() for d in dirs)
 
-    def check(self, name: str, files: dict[str, bytes]) -> None:
-        """Every limit and path rule, before anything is written."""
+    def live_bytes(self) -> int:
+        """What the live-bytes bound counts: live directories plus reservations."""
+        with self._lock:
+            return self._live_bytes()
+
+    def check(self, name: str, files: dict[str, bytes]) -> int:
+        """Every limit and path rule, before anything is written.
+
+        Returns the bytes it reserved against the live-bytes bound, in the same critical
+        section as the check, so concurrent loads cannot all pass it and then overshoot it
+        together. `write` takes the reservation over; if no `write` follows, `release` it."""
         if len(files) > MAX_FILES:
             raise InvalidArgument(
                 f"load of model '{shown(name)}' has {len(files)} file overrides; at most "
@@ -123,15 +130,32 @@ class OverrideDirs:
                 raise poll_failed(name, reason)
         with self._lock:
             live = self._live_bytes()
-        if live + total > MAX_LIVE_BYTES:
-            raise ResourceExhausted(
-                f"file overrides for model '{shown(name)}' ({total} bytes) would take the "
-                f"server's override directories past {MAX_LIVE_BYTES} bytes ({live} in use); "
-                "unload models loaded from overrides first"
-            )
+            if live + total <= MAX_LIVE_BYTES:
+                self._reserved += total
+                return total
+        raise ResourceExhausted(
+            f"file overrides for model '{shown(name)}' ({total} bytes) would take the "
+            f"server's override directories past {MAX_LIVE_BYTES} bytes ({live} in use); "
+            "unload models loaded from overrides first"
+        )
 
-    def write(self, name: str, files: dict[str, bytes]) -> Path:
-        """A new private model directory holding `files`; removed again if writing fails."""
+    def release(self, reserved: int) -> None:
+        """Give back a reservation of `check` that no `write` took over."""
+        with self._lock:
+            self._reserved -= reserved
+
+    def write(self, name: str, files: dict[str, bytes], reserved: int) -> Path:
+        """A new private model directory holding `files`; removed again if writing fails.
+
+        `reserved`, what `check` returned, becomes the directory's size in the accounting, or
+        is released when writing fails."""
+        try:
+            return self._write(name, files, reserved)
+        except BaseException:
+            self.release(reserved)
+            raise
+
+    def _write(self, name: str, files: dict[str, bytes], reserved: int) -> Path:
         with self._lock:
             if self._root is None:
                 self._root = Path(tempfile.mkdtemp(prefix="tributary-overrides-"))
@@ -162,8 +186,8 @@ class OverrideDirs:
             log.error("failed to load model %r: writing file overrides: %s", name, exc)
             raise poll_failed(name, "could not write the file overrides") from exc
         with self._lock:
-            size = sum(len(d) for d in files.values())
-            self._dirs.setdefault(name, []).append(_Dir(model_dir, size))
+            self._reserved -= reserved
+            self._dirs.setdefault(name, []).append(_Dir(model_dir, reserved))
         return model_dir
 
     def loaded(self, name: str, model_dir: Path | None, *, in_use: bool) -> None:

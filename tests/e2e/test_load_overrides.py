@@ -113,8 +113,6 @@ def test_file_overrides_need_config_and_safe_paths(served) -> None:
     assert "Load parameter 'config' must be specified for model file override" in message
     for path in (
         "A" * 256,  # Triton's simple_grpc_model_control case: a component over NAME_MAX
-        "model.onnx",  # not under a version
-        "0/model.onnx",
         "1/../../../evil",
         "../1/model.onnx",
         "/etc/evil",
@@ -123,7 +121,8 @@ def test_file_overrides_need_config_and_safe_paths(served) -> None:
         "1\\..\\evil",
         "1/a\x00b",
         "1/a\nb",
-        "x1/model.onnx",
+        "../labels.txt",
+        "warmup/../../evil",
         "1/" + "a/" * 600 + "b",
     ):
         message = triton_error(
@@ -185,3 +184,63 @@ def test_override_limits_are_checked_before_writing(served) -> None:
         )
         assert text == "load of model 'simple' has 65 file overrides; at most 64 are allowed"
     assert overrides(tmp) == []
+
+
+FULL = {
+    "max_batch_size": 8,
+    "platform": "onnxruntime_onnx",
+    "input": [{"name": f"INPUT{i}", "data_type": "TYPE_INT32", "dims": [16]} for i in range(2)],
+    "output": [{"name": f"OUTPUT{i}", "data_type": "TYPE_INT32", "dims": [16]} for i in range(2)],
+}
+
+
+def test_failed_loads_leave_no_directory(served) -> None:
+    """A complete config gets past auto-complete, so the version load itself fails: the
+    directory it was written to must go (else failed loads fill the live-bytes bound)."""
+    server, client, repo, tmp = served
+    for _ in range(3):
+        with pytest.raises(Exception, match="load failed for model 'bad'"):
+            client.load_model(
+                "bad", config=json.dumps(FULL), files={"file:1/model.onnx": b"not onnx"}
+            )
+        assert overrides(tmp) == []
+    client.load_model("good", config=json.dumps(FULL), files={"file:1/model.onnx": ONNX})
+    [serving] = overrides(tmp)
+    for _ in range(3):  # a failed reload: the old instance and its directory serve on
+        with pytest.raises(Exception, match="load failed for model 'good'"):
+            client.load_model(
+                "good", config=json.dumps(FULL), files={"file:1/model.onnx": b"garbage"}
+            )
+        assert overrides(tmp) == [serving]
+    infer(client, "good")
+
+
+def test_labels_and_warmup_files_through_overrides(served) -> None:
+    """Triton takes any relative `file:` path inside the model directory, so a config's
+    label_filename and warmup files can come with the load."""
+    server, client, repo, tmp = served
+    config = json.loads(json.dumps(FULL))
+    config["output"][0]["label_filename"] = "labels.txt"
+    config["model_warmup"] = [
+        {
+            "name": "from_file",
+            "batch_size": 2,
+            "inputs": {
+                f"INPUT{i}": {"data_type": "TYPE_INT32", "dims": [16], "input_data_file": "in.bin"}
+                for i in range(2)
+            },
+        }
+    ]
+    files = {
+        "file:1/model.onnx": ONNX,
+        "file:labels.txt": "".join(f"l{i}\n" for i in range(16)).encode(),
+        "file:warmup/in.bin": np.arange(16, dtype="<i4").tobytes(),
+    }
+    client.load_model("labelled", config=json.dumps(config), files=files)
+    assert client.is_model_ready("labelled")
+    infer(client, "labelled")
+    shown = client.get_model_config("labelled").config
+    assert shown.output[0].label_filename == "labels.txt"
+    assert "warmup 'from_file' done" in server.log()
+    [model_dir] = overrides(tmp)
+    assert (model_dir / "labels.txt").is_file() and (model_dir / "warmup" / "in.bin").is_file()
