@@ -205,7 +205,7 @@ def start(options: ServerOptions) -> Server | None:
     try:
         repository = ModelRepository(
             options.model_repositories,
-            build_loader(gpus),
+            build_loader(gpus, max_tensor_bytes=options.max_tensor_bytes),
             auto_complete=options.auto_complete_config,
             default_max_batch_size=options.default_max_batch_size,
             gpu_count=gpus,

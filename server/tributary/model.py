@@ -21,14 +21,17 @@ from .backends.onnxruntime import OrtInstance, create_instances
 from .config import ModelSignature, signature
 from .config_check import inside_model_dir
 from .datatypes import from_config
-from .errors import ModelLoadError
+from .errors import InvalidArgument, ModelLoadError
 from .scheduler import BatchPolicy, QueuePolicy, Scheduler
 from .stats import ModelStats
+from .tensors import check_size_limit
 
 log = logging.getLogger("tributary.model")
 
 WARMUP_FOLDER = "warmup"  # Triton's: input_data_file names a file in <model>/warmup/
 MAX_WARMUP_FILE_BYTES = 64 * 1024 * 1024  # a BYTES sample file (numeric ones read their size)
+MAX_WARMUP_COUNT = 1000  # runs of one warmup sample (a client can set it by config override)
+DEFAULT_MAX_TENSOR_BYTES = 2**31 - 1  # --max-tensor-bytes' default
 
 
 def _queue_policy(p: Any) -> QueuePolicy:
@@ -138,8 +141,14 @@ def _bytes_elements(data: bytes, count: int, what: str) -> np.ndarray:
 
 
 def _warmup_inputs(
-    model: str, sample: Any, spec_batch: int, model_dir: Path | None = None
+    model: str,
+    sample: Any,
+    spec_batch: int,
+    model_dir: Path | None = None,
+    max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES,
 ) -> dict[str, np.ndarray]:
+    """The sample's inputs, each held to --max-tensor-bytes (like a request's) before any of
+    it is allocated or read."""
     arrays: dict[str, np.ndarray] = {}
     rng = np.random.default_rng(0)
     for name, inp in sample.inputs.items():
@@ -151,6 +160,10 @@ def _warmup_inputs(
                 f"'{name}'"
             )
         shape = (spec_batch, *dims) if spec_batch else dims
+        try:
+            check_size_limit(shape, dtype, max_tensor_bytes, name, model)
+        except InvalidArgument as exc:
+            raise ModelLoadError(exc.message) from None
         if inp.WhichOneof("input_data_type") == "input_data_file":
             if model_dir is None:
                 raise ModelLoadError("input_data_file needs the model directory")
@@ -179,13 +192,34 @@ def _warmup_inputs(
     return arrays
 
 
-def warm_up(model: Model, model_dir: Path | None = None) -> None:
+def _check_warmup(model: Model, sample: Any) -> None:
+    """Bounds a client's config override could otherwise push past memory or time."""
+    max_batch = model.signature.max_batch_size
+    if max_batch > 0 and sample.batch_size > max_batch:
+        raise ModelLoadError(
+            f"warmup setting batch_size {sample.batch_size} exceeds the model's max_batch_size "
+            f"{max_batch}"
+        )
+    if sample.count > MAX_WARMUP_COUNT:
+        raise ModelLoadError(
+            f"warmup setting count {sample.count} exceeds the server's limit of {MAX_WARMUP_COUNT}"
+        )
+
+
+def warm_up(
+    model: Model, model_dir: Path | None = None, max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES
+) -> None:
     """Run the config's model_warmup samples through every instance before READY; a sample
-    that fails (its file included) fails the load, naming the sample."""
+    that fails (its file included) fails the load, naming the sample. A sample with
+    batch_size 0 is skipped, as Triton does."""
     for sample in model.config.model_warmup:
-        batch = max(1, sample.batch_size) if model.signature.max_batch_size > 0 else 0
+        if sample.batch_size == 0:
+            log.debug("model '%s': skipping batch 0 warmup sample '%s'", model.name, sample.name)
+            continue
+        batch = sample.batch_size if model.signature.max_batch_size > 0 else 0
         try:
-            inputs = _warmup_inputs(model.name, sample, batch, model_dir)
+            _check_warmup(model, sample)
+            inputs = _warmup_inputs(model.name, sample, batch, model_dir, max_tensor_bytes)
         except ModelLoadError as exc:
             raise ModelLoadError(
                 f"model '{model.name}' warmup '{sample.name}' failed: {exc.message}"
@@ -214,9 +248,11 @@ def warm_up(model: Model, model_dir: Path | None = None) -> None:
 
 
 def build_loader(
-    gpus: int, cores: int | None = None
+    gpus: int, cores: int | None = None, max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES
 ) -> Callable[[str, int, Any, Path, Path], Model]:
-    """The repository's loader: config + files -> a READY `Model` (or an exception)."""
+    """The repository's loader: config + files -> a READY `Model` (or an exception).
+
+    `max_tensor_bytes` (--max-tensor-bytes) bounds each warmup input too."""
 
     def load(name: str, version: int, config: Any, model_path: Path, model_dir: Path) -> Model:
         start = time.monotonic()
@@ -228,7 +264,7 @@ def build_loader(
             name, version, config, sig, instances, scheduler, stats, time.monotonic() - start
         )
         try:
-            warm_up(model, model_dir)
+            warm_up(model, model_dir, max_tensor_bytes)
         except Exception:
             model.close(0)
             raise
