@@ -12,6 +12,7 @@ restricted: an unrestricted method's handler is the plain one
 from __future__ import annotations
 
 import argparse
+import hmac
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -76,12 +77,15 @@ class Restriction:
         return f"This protocol is restricted, expecting header '{self.header}'"
 
     def allows(self, context: Any) -> bool:
-        """True when the call's metadata carries the header with the value."""
-        header, value = self.header, self.value
-        for key, got in context.invocation_metadata() or ():
-            if key == header and got == value:
-                return True
-        return False
+        """True when the call's metadata carries the header exactly once, with the value.
+
+        Triton looks up one entry; a header sent twice is refused rather than passing when
+        any copy matches. The value is compared in constant time."""
+        header = self.header
+        values = [got for key, got in context.invocation_metadata() or () if key == header]
+        if len(values) != 1 or not isinstance(values[0], str):
+            return False
+        return hmac.compare_digest(values[0].encode(), self.value.encode())
 
 
 def parse_restriction(text: str) -> Restriction:

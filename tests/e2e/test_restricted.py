@@ -64,6 +64,18 @@ def health_check(url: str, headers: dict[str, str] | None) -> int:
         return stub.Check(health_pb2.HealthCheckRequest(), timeout=10, metadata=metadata).status
 
 
+def health_watch(url: str, headers: dict[str, str] | None) -> int:
+    """The first status a grpc.health.v1 Watch stream sends (the restriction covers it too)."""
+    with grpc.insecure_channel(url) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        metadata = tuple(headers.items()) if headers else None
+        stream = stub.Watch(health_pb2.HealthCheckRequest(), timeout=10, metadata=metadata)
+        try:
+            return next(iter(stream)).status
+        finally:
+            stream.cancel()
+
+
 # One call per category that must succeed (or fail for a reason other than the restriction).
 CALLS: dict[str, Callable[[grpcclient.InferenceServerClient, str, Any], Any]] = {
     "health": lambda c, url, h: (
@@ -71,6 +83,7 @@ CALLS: dict[str, Callable[[grpcclient.InferenceServerClient, str, Any], Any]] = 
         c.is_server_ready(headers=h),
         c.is_model_ready("simple", headers=h),
         health_check(url, h),
+        health_watch(url, h),
     ),
     "metadata": lambda c, url, h: (
         c.get_server_metadata(headers=h),

@@ -77,3 +77,23 @@ def test_options_carry_the_restrictions() -> None:
     restriction = options.grpc_restricted_protocols["model-repository"]
     assert restriction.header == "triton-grpc-protocol-admin"
     assert cli.parse_args(["--model-repository=."]).grpc_restricted_protocols == {}
+
+
+class Context:
+    def __init__(self, *metadata: tuple[str, str]) -> None:
+        self.metadata = metadata
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self.metadata
+
+
+def test_the_header_must_be_sent_once_with_the_value() -> None:
+    r = parse_restriction("health:admin=s3cret")
+    key = "triton-grpc-protocol-admin"
+    assert r.allows(Context((key, "s3cret"), ("other", "x")))
+    assert not r.allows(Context())
+    assert not r.allows(Context((key, "wrong")))
+    assert not r.allows(Context((key, "s3cret2")))
+    # Triton looks up one entry: a second copy is refused, whichever of them matches
+    assert not r.allows(Context((key, "wrong"), (key, "s3cret")))
+    assert not r.allows(Context((key, "s3cret"), (key, "s3cret")))
