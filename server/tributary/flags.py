@@ -893,6 +893,16 @@ FLAGS: tuple[Flag, ...] = (
         "answer UNIMPLEMENTED (tritonserver's default: false). CUDA regions are refused",
         **_bool_flag(False),
     ),
+    _ours(
+        "--client-shm-max-bytes",
+        SHM,
+        "total byte_size of the client shared memory regions mapped at once (registered, or "
+        "unregistered and still in use); a registration past it gets RESOURCE_EXHAUSTED "
+        "(default: 64 GiB)",
+        type=positive,
+        default=64 << 30,
+        metavar="BYTES",
+    ),
     # -- backends and repository agents ------------------------------------------------------
     _ignored(
         "--backend-directory",

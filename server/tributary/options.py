@@ -61,6 +61,7 @@ class ServerOptions:
     # --grpc-restricted-protocol: {category: the header it requires} (tributary.restrict)
     grpc_restricted_protocols: dict[str, Restriction] = field(default_factory=dict)
     allow_client_shm: bool = False
+    client_shm_max_bytes: int = 64 << 30
     # metrics
     allow_metrics: bool = True
     allow_cpu_metrics: bool = True
