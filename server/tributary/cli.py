@@ -193,6 +193,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerOptions:
         grpc_restricted_protocols=restricted,
         allow_client_shm=bool(a.allow_client_shm),
         client_shm_max_bytes=a.client_shm_max_bytes,
+        client_shm_key_prefix=a.client_shm_key_prefix,
         allow_metrics=a.allow_metrics,
         allow_cpu_metrics=a.allow_cpu_metrics,
         allow_gpu_metrics=a.allow_gpu_metrics,

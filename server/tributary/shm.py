@@ -4,6 +4,10 @@ A client on the same machine puts a tensor into a POSIX shared memory object, re
 window of it (name, key, offset, byte size) and then names the region in an inference request
 instead of sending the bytes (docs/protocol.md#shared-memory). Why it is shaped like this:
 
+- The server opens a key with its own rights: any client that reaches the gRPC port can read
+  and write every object the server's user can open, so the boundary is the port
+  (docs/limits.md#shared-memory). Objects owned by other users are not refused: clients in
+  another container or run by another user share /dev/shm that way, and the mode applies.
 - Off by default (`--allow-client-shm`): the register/unregister RPCs answer UNIMPLEMENTED, the
   status RPCs answer with nothing registered, as tritonserver does.
 - A key names a shared memory object, never a path: a plain name with an optional leading
@@ -11,6 +15,10 @@ instead of sending the bytes (docs/protocol.md#shared-memory). Why it is shaped 
   followed) and O_NONBLOCK (a FIFO cannot hang the handler), then required to be a regular
   file whose real size (fstat) covers the window. Only the window is mapped (from the page
   below its offset), read-write because outputs are written into it.
+- `--client-shm-key-prefix`: only objects whose name starts with it may be registered; others
+  are INVALID_ARGUMENT (the rule, not the object, refuses them: nothing is opened, so the
+  answer says nothing about which objects exist). Without it, any object the server's user
+  can open is reachable by any gRPC client (docs/limits.md#shared-memory).
 - At most `MAX_REGIONS` regions, and at most `max_bytes` bytes mapped at once
   (`--client-shm-max-bytes`, docs/limits.md): a sparse object can be ftruncate'd to terabytes
   without using memory, and without this bound a few dozen registrations of one exhaust the
@@ -164,11 +172,13 @@ class SharedMemory:
         *,
         max_regions: int = MAX_REGIONS,
         max_bytes: int = MAX_BYTES,
+        key_prefix: str | None = None,
         directory: str = SHM_DIR,
     ) -> None:
         self.enabled = enabled
         self.max_regions = max_regions
         self.max_bytes = max_bytes
+        self.key_prefix = key_prefix
         self.directory = directory
         self._lock = threading.Lock()
         self._regions: dict[str, Region] = {}
@@ -192,6 +202,12 @@ class SharedMemory:
             raise InvalidArgument(
                 f"failed to register shared memory region '{shown(name)}': byte_size must be "
                 "greater than 0"
+            )
+        object_name = key[1:] if key.startswith("/") else key
+        if self.key_prefix is not None and not object_name.startswith(self.key_prefix):
+            raise InvalidArgument(
+                f"failed to register shared memory region '{shown(name)}': key '{shown(key)}' "
+                f"does not start with '{self.key_prefix}' (--client-shm-key-prefix)"
             )
         fd = _open_object(self.directory, key)
         try:

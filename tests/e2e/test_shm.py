@@ -454,6 +454,49 @@ def test_mapped_bytes_cap(server_factory, regions, sparse) -> None:
     c.close()
 
 
+def test_key_prefix(server_factory, regions) -> None:
+    """--client-shm-key-prefix: another process's object outside the prefix cannot be
+    registered, so it can be neither read nor written through a model (shm_xtenant.py)."""
+    prefix = f"tributary_test_{os.getpid()}_ok"
+    srv = server_factory(
+        MODEL_REPOSITORY, "--allow-client-shm=true", f"--client-shm-key-prefix=/{prefix}"
+    )
+    c = grpcclient.InferenceServerClient(srv.url)
+    secret, handle = regions("secret", 64)  # exists, the server's user can open it
+    shm.set_shared_memory_region(handle, [np.frombuffer(b"SECRET".ljust(64, b"."), np.uint8)])
+    missing = _key("missing")
+    for key in (secret, secret[1:], missing, "/etc/passwd", "/" + prefix[:-1]):
+        text = triton_error(
+            grpc.StatusCode.INVALID_ARGUMENT, c.register_system_shared_memory, "x", key, 64
+        )
+        assert text == (
+            f"failed to register shared memory region 'x': key '{key}' does not start with "
+            f"'{prefix}' (--client-shm-key-prefix)"
+        ), text
+    assert c.get_system_shared_memory_status(as_json=True) == {}
+    # inside the prefix: as usual, with or without the leading "/"
+    ok, ok_handle = regions("ok", 128)
+    assert ok[1:].startswith(prefix)
+    c.register_system_shared_memory("in", ok, 128)
+    c.register_system_shared_memory("in2", ok[1:], 64)
+    inside_missing = f"/{prefix}_missing"
+    text = triton_error(
+        grpc.StatusCode.INTERNAL, c.register_system_shared_memory, "m", inside_missing, 64
+    )
+    assert text == f"Unable to open shared memory region: '{inside_missing}'"
+    a, b = _simple_inputs()
+    shm.set_shared_memory_region(ok_handle, [a, b])
+    inputs = [
+        grpcclient.InferInput("INPUT0", [1, 16], "INT32"),
+        grpcclient.InferInput("INPUT1", [1, 16], "INT32"),
+    ]
+    inputs[0].set_shared_memory("in", 64)
+    inputs[1].set_shared_memory("in", 64, offset=64)
+    np.testing.assert_array_equal(c.infer("simple", inputs).as_numpy("OUTPUT0"), a + b)
+    c.unregister_system_shared_memory()
+    c.close()
+
+
 # -- inference errors (raw stub: exact parameters) -------------------------------------------
 
 
