@@ -224,6 +224,8 @@ def start(options: ServerOptions) -> Server | None:
         max_streams=options.grpc_max_streams,
         stream_max_pending=options.grpc_stream_max_pending,
         allow_client_shm=options.allow_client_shm,
+        client_shm_max_bytes=options.client_shm_max_bytes,
+        client_shm_key_prefix=options.client_shm_key_prefix,
     )
     server = grpc.server(
         futures.ThreadPoolExecutor(

@@ -113,6 +113,16 @@ def setting(text: str) -> str:
     return text
 
 
+def shm_prefix(text: str) -> str:
+    """The start of a shared memory object's name (an optional leading "/" is dropped)."""
+    name = text[1:] if text.startswith("/") else text
+    if not name or "/" in name or "\0" in name or len(name.encode("utf-8", "surrogatepass")) > 255:
+        raise argparse.ArgumentTypeError(
+            f"expected the start of a shared memory object name (no other '/'), got '{text}'"
+        )
+    return name
+
+
 # -- the table ------------------------------------------------------------------------------
 
 
@@ -890,8 +900,30 @@ FLAGS: tuple[Flag, ...] = (
         SHM,
         "let clients register system shared memory regions (POSIX shm objects in /dev/shm) "
         "and send or receive tensors through them; false: the register/unregister RPCs "
-        "answer UNIMPLEMENTED (tritonserver's default: false). CUDA regions are refused",
+        "answer UNIMPLEMENTED (tritonserver's default: false). CUDA regions are refused. "
+        "When true, any client that reaches the gRPC port can read and write every shm object "
+        "the server's user can open (docs/limits.md#shared-memory)",
         **_bool_flag(False),
+    ),
+    _ours(
+        "--client-shm-max-bytes",
+        SHM,
+        "total byte_size of the client shared memory regions mapped at once (registered, or "
+        "unregistered and still in use); a registration past it gets RESOURCE_EXHAUSTED "
+        "(default: 64 GiB)",
+        type=positive,
+        default=64 << 30,
+        metavar="BYTES",
+    ),
+    _ours(
+        "--client-shm-key-prefix",
+        SHM,
+        "register only shared memory objects whose name starts with PREFIX (a leading '/' "
+        "does not count); others get INVALID_ARGUMENT before anything is opened "
+        "(default: any object the server's user can open)",
+        type=shm_prefix,
+        default=None,
+        metavar="PREFIX",
     ),
     # -- backends and repository agents ------------------------------------------------------
     _ignored(

@@ -61,6 +61,8 @@ class ServerOptions:
     # --grpc-restricted-protocol: {category: the header it requires} (tributary.restrict)
     grpc_restricted_protocols: dict[str, Restriction] = field(default_factory=dict)
     allow_client_shm: bool = False
+    client_shm_max_bytes: int = 64 << 30
+    client_shm_key_prefix: str | None = None  # an object name's start, without a leading "/"
     # metrics
     allow_metrics: bool = True
     allow_cpu_metrics: bool = True

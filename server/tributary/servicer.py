@@ -90,6 +90,8 @@ class ServerState:
     max_streams: int = 512
     stream_max_pending: int = 256
     allow_client_shm: bool = False
+    client_shm_max_bytes: int = 64 << 30
+    client_shm_key_prefix: str | None = None
     exiting: bool = False
     # called after a model is loaded or unloaded at run time (health follows readiness)
     listeners: list[Callable[[], None]] = field(default_factory=list)
@@ -128,7 +130,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.control = ModelControl(
             repository, explicit=state.model_control_mode == "explicit", on_change=self._changed
         )
-        self.shm = SharedMemory(state.allow_client_shm)
+        self.shm = SharedMemory(
+            state.allow_client_shm,
+            max_bytes=state.client_shm_max_bytes,
+            key_prefix=state.client_shm_key_prefix,
+        )
         self._extensions = EXTENSIONS + (SHM_EXTENSIONS if state.allow_client_shm else ())
         self.streams = Streams(
             max_streams=state.max_streams,

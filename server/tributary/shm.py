@@ -4,6 +4,10 @@ A client on the same machine puts a tensor into a POSIX shared memory object, re
 window of it (name, key, offset, byte size) and then names the region in an inference request
 instead of sending the bytes (docs/protocol.md#shared-memory). Why it is shaped like this:
 
+- The server opens a key with its own rights: any client that reaches the gRPC port can read
+  and write every object the server's user can open, so the boundary is the port
+  (docs/limits.md#shared-memory). Objects owned by other users are not refused: clients in
+  another container or run by another user share /dev/shm that way, and the mode applies.
 - Off by default (`--allow-client-shm`): the register/unregister RPCs answer UNIMPLEMENTED, the
   status RPCs answer with nothing registered, as tritonserver does.
 - A key names a shared memory object, never a path: a plain name with an optional leading
@@ -11,7 +15,15 @@ instead of sending the bytes (docs/protocol.md#shared-memory). Why it is shaped 
   followed) and O_NONBLOCK (a FIFO cannot hang the handler), then required to be a regular
   file whose real size (fstat) covers the window. Only the window is mapped (from the page
   below its offset), read-write because outputs are written into it.
-- At most `MAX_REGIONS` regions (docs/limits.md).
+- `--client-shm-key-prefix`: only objects whose name starts with it may be registered; others
+  are INVALID_ARGUMENT (the rule, not the object, refuses them: nothing is opened, so the
+  answer says nothing about which objects exist). Without it, any object the server's user
+  can open is reachable by any gRPC client (docs/limits.md#shared-memory).
+- At most `MAX_REGIONS` regions, and at most `max_bytes` bytes mapped at once
+  (`--client-shm-max-bytes`, docs/limits.md): a sparse object can be ftruncate'd to terabytes
+  without using memory, and without this bound a few dozen registrations of one exhaust the
+  process's address space, after which any allocation (a request's buffer) fails. Regions
+  that were unregistered but are still in use count until they are unmapped.
 - A request holds a lease on each region it names from validation until its reply is built.
   Unregistering removes the name at once (later requests get NOT_FOUND) but unmaps only when
   the last lease is released; numpy views of the mapping also keep it alive (Python refuses
@@ -45,6 +57,8 @@ log = logging.getLogger("tributary.shm")
 SHM_DIR = "/dev/shm"
 MAX_REGIONS = 1024
 """Registered system shared memory regions; one more is RESOURCE_EXHAUSTED."""
+MAX_BYTES = 64 << 30
+"""Bytes of client shared memory mapped at once (`--client-shm-max-bytes`); see docs/limits.md."""
 MAX_NAME = 256
 """Characters in a region name or key (a POSIX shm name is at most 255 bytes anyway)."""
 DISABLED = (
@@ -132,17 +146,43 @@ def _open_object(directory: str, key: str) -> int:
     return fd
 
 
+def _map(fd: int, key: str, offset: int, byte_size: int) -> tuple[mmap.mmap, int]:
+    """Map the window read-write from the page below `offset`; also where it starts in the map."""
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    try:
+        mapped = mmap.mmap(
+            fd,
+            offset - start + byte_size,
+            flags=mmap.MAP_SHARED,
+            prot=mmap.PROT_READ | mmap.PROT_WRITE,
+            offset=start,
+        )
+    except (OSError, ValueError, OverflowError) as exc:
+        log.info("cannot map shared memory key %r: %s", key, exc)
+        raise _open_error(key) from None
+    return mapped, offset - start
+
+
 class SharedMemory:
     """The registered system shared memory regions of one server (thread-safe)."""
 
     def __init__(
-        self, enabled: bool, *, max_regions: int = MAX_REGIONS, directory: str = SHM_DIR
+        self,
+        enabled: bool,
+        *,
+        max_regions: int = MAX_REGIONS,
+        max_bytes: int = MAX_BYTES,
+        key_prefix: str | None = None,
+        directory: str = SHM_DIR,
     ) -> None:
         self.enabled = enabled
         self.max_regions = max_regions
+        self.max_bytes = max_bytes
+        self.key_prefix = key_prefix
         self.directory = directory
         self._lock = threading.Lock()
         self._regions: dict[str, Region] = {}
+        self._mapped = 0  # byte_size of every region not yet unmapped (registered or in use)
 
     # -- RPCs ------------------------------------------------------------------------------
 
@@ -163,6 +203,12 @@ class SharedMemory:
                 f"failed to register shared memory region '{shown(name)}': byte_size must be "
                 "greater than 0"
             )
+        object_name = key[1:] if key.startswith("/") else key
+        if self.key_prefix is not None and not object_name.startswith(self.key_prefix):
+            raise InvalidArgument(
+                f"failed to register shared memory region '{shown(name)}': key '{shown(key)}' "
+                f"does not start with '{self.key_prefix}' (--client-shm-key-prefix)"
+            )
         fd = _open_object(self.directory, key)
         try:
             size = os.fstat(fd).st_size
@@ -171,29 +217,38 @@ class SharedMemory:
                     f"failed to register shared memory region '{shown(name)}': offset {offset} "
                     f"+ byte_size {byte_size} exceeds the {size} bytes of '{shown(key)}'"
                 )
-            start = offset - offset % mmap.ALLOCATIONGRANULARITY
+            self._reserve(name, byte_size)  # before mapping: the address space is what it guards
             try:
-                mapped = mmap.mmap(
-                    fd,
-                    offset - start + byte_size,
-                    flags=mmap.MAP_SHARED,
-                    prot=mmap.PROT_READ | mmap.PROT_WRITE,
-                    offset=start,
-                )
-            except (OSError, ValueError, OverflowError) as exc:
-                log.info("cannot map shared memory key %r: %s", key, exc)
-                raise _open_error(key) from None
+                mapped, base = _map(fd, key, offset, byte_size)
+            except BaseException:
+                self._unreserve(byte_size)
+                raise
         finally:
             os.close(fd)
-        region = Region(name, key, offset, byte_size, mapped, offset - start)
+        region = Region(name, key, offset, byte_size, mapped, base)
         with self._lock:
             try:
                 self._check_room(name)
             except BaseException:
+                self._mapped -= byte_size
                 region._unmap()
                 raise
             self._regions[name] = region
         log.debug("registered shared memory region '%s' (key %r, %d bytes)", name, key, byte_size)
+
+    def _reserve(self, name: str, byte_size: int) -> None:
+        with self._lock:
+            if self._mapped + byte_size > self.max_bytes:
+                raise ResourceExhausted(
+                    f"failed to register shared memory region '{shown(name)}': {byte_size} more "
+                    f"bytes would exceed the {self.max_bytes} bytes of shared memory the server "
+                    f"maps at once (--client-shm-max-bytes; {self._mapped} mapped now)"
+                )
+            self._mapped += byte_size
+
+    def _unreserve(self, byte_size: int) -> None:
+        with self._lock:
+            self._mapped -= byte_size
 
     def _check_room(self, name: str) -> None:
         if name in self._regions:
@@ -223,6 +278,7 @@ class SharedMemory:
                 region._gone = True
                 if region._leases == 0:
                     idle.append(region)
+                    self._mapped -= region.byte_size
         for region in idle:
             region._unmap()
         for region in gone:
@@ -276,5 +332,7 @@ class SharedMemory:
         with self._lock:
             region._leases -= 1
             unmap = region._gone and region._leases == 0
+            if unmap:
+                self._mapped -= region.byte_size
         if unmap:
             region._unmap()

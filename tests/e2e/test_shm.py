@@ -375,6 +375,128 @@ def test_region_cap(sclient, regions) -> None:
     sclient.register_system_shared_memory("x", key, 64)
 
 
+@pytest.fixture
+def sparse():
+    """Sparse shm objects of any size (ftruncate: no memory is used); removed afterwards."""
+    made: list[Path] = []
+
+    def make(tag: str, size: int) -> str:
+        key = _key(tag)
+        path = Path("/dev/shm") / key[1:]
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        made.append(path)
+        try:
+            os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
+        return key
+
+    yield make
+    for path in made:
+        path.unlink(missing_ok=True)
+
+
+def test_mapped_bytes_default_cap(sclient, sparse) -> None:
+    """A 64 TiB sparse object costs nothing to make; mapping a few dozen such windows used to
+    exhaust the server's address space (then any request's allocation failed and the server
+    stopped answering). By default at most 64 GiB are mapped at once."""
+    key = sparse("huge", 1 << 46)
+    for i in range(100):
+        text = triton_error(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            sclient.register_system_shared_memory,
+            f"huge{i}",
+            key,
+            1 << 46,
+        )
+    assert text == (
+        "failed to register shared memory region 'huge99': 70368744177664 more bytes would "
+        "exceed the 68719476736 bytes of shared memory the server maps at once "
+        "(--client-shm-max-bytes; 0 mapped now)"
+    )
+    assert sclient.get_system_shared_memory_status(as_json=True) == {}
+    assert sclient.is_server_live()
+
+
+def test_mapped_bytes_cap(server_factory, regions, sparse) -> None:
+    cap = 3 << 30
+    srv = server_factory(
+        MODEL_REPOSITORY, "--allow-client-shm=true", f"--client-shm-max-bytes={cap}"
+    )
+    c = grpcclient.InferenceServerClient(srv.url)
+    big = sparse("big", 1 << 46)
+    small, handle = regions("small", 128)
+    refused = grpc.StatusCode.RESOURCE_EXHAUSTED
+    text = triton_error(refused, c.register_system_shared_memory, "whole", big, 1 << 46)
+    assert f"exceed the {cap} bytes" in text and "(--client-shm-max-bytes" in text, text
+    c.register_system_shared_memory("a", big, 2 << 30)
+    c.register_system_shared_memory("b", big, 1 << 30, 2 << 30)  # exactly at the cap
+    text = triton_error(refused, c.register_system_shared_memory, "c", small, 128)
+    assert text.endswith(f"(--client-shm-max-bytes; {cap} mapped now)"), text
+    assert c.is_server_live()
+    # unregistering gives the bytes back; the server still serves requests in shared memory
+    c.unregister_system_shared_memory("b")
+    c.register_system_shared_memory("in", small, 128)
+    a, b = _simple_inputs()
+    shm.set_shared_memory_region(handle, [a, b])
+    inputs = [
+        grpcclient.InferInput("INPUT0", [1, 16], "INT32"),
+        grpcclient.InferInput("INPUT1", [1, 16], "INT32"),
+    ]
+    inputs[0].set_shared_memory("in", 64)
+    inputs[1].set_shared_memory("in", 64, offset=64)
+    result = c.infer("simple", inputs)
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), a + b)
+    c.unregister_system_shared_memory()
+    c.register_system_shared_memory("whole", big, cap)
+    assert c.is_server_live()
+    c.unregister_system_shared_memory()
+    c.close()
+
+
+def test_key_prefix(server_factory, regions) -> None:
+    """--client-shm-key-prefix: another process's object outside the prefix cannot be
+    registered, so it can be neither read nor written through a model (shm_xtenant.py)."""
+    prefix = f"tributary_test_{os.getpid()}_ok"
+    srv = server_factory(
+        MODEL_REPOSITORY, "--allow-client-shm=true", f"--client-shm-key-prefix=/{prefix}"
+    )
+    c = grpcclient.InferenceServerClient(srv.url)
+    secret, handle = regions("secret", 64)  # exists, the server's user can open it
+    shm.set_shared_memory_region(handle, [np.frombuffer(b"SECRET".ljust(64, b"."), np.uint8)])
+    missing = _key("missing")
+    for key in (secret, secret[1:], missing, "/etc/passwd", "/" + prefix[:-1]):
+        text = triton_error(
+            grpc.StatusCode.INVALID_ARGUMENT, c.register_system_shared_memory, "x", key, 64
+        )
+        assert text == (
+            f"failed to register shared memory region 'x': key '{key}' does not start with "
+            f"'{prefix}' (--client-shm-key-prefix)"
+        ), text
+    assert c.get_system_shared_memory_status(as_json=True) == {}
+    # inside the prefix: as usual, with or without the leading "/"
+    ok, ok_handle = regions("ok", 128)
+    assert ok[1:].startswith(prefix)
+    c.register_system_shared_memory("in", ok, 128)
+    c.register_system_shared_memory("in2", ok[1:], 64)
+    inside_missing = f"/{prefix}_missing"
+    text = triton_error(
+        grpc.StatusCode.INTERNAL, c.register_system_shared_memory, "m", inside_missing, 64
+    )
+    assert text == f"Unable to open shared memory region: '{inside_missing}'"
+    a, b = _simple_inputs()
+    shm.set_shared_memory_region(ok_handle, [a, b])
+    inputs = [
+        grpcclient.InferInput("INPUT0", [1, 16], "INT32"),
+        grpcclient.InferInput("INPUT1", [1, 16], "INT32"),
+    ]
+    inputs[0].set_shared_memory("in", 64)
+    inputs[1].set_shared_memory("in", 64, offset=64)
+    np.testing.assert_array_equal(c.infer("simple", inputs).as_numpy("OUTPUT0"), a + b)
+    c.unregister_system_shared_memory()
+    c.close()
+
+
 # -- inference errors (raw stub: exact parameters) -------------------------------------------
 
 
