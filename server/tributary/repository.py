@@ -193,10 +193,12 @@ class ModelRepository:
 
         `versions`: the READY versions to build again (None: all of them, as a load RPC does);
         a READY version not named keeps its instance. Versions the policy no longer selects
-        unload either way. `model_dir` replaces the repository's directory (a
-        RepositoryModelLoad with `file:` overrides, tributary.control). Raises Triton's
-        repository-load errors (docs/protocol.md). A version whose reload fails keeps serving
-        its previous instance, as Triton does, and shows why in RepositoryIndex.
+        unload once every version to (re)build is READY. `model_dir` replaces the repository's
+        directory (a RepositoryModelLoad with `file:` overrides, tributary.control). Raises Triton's
+        repository-load errors (docs/protocol.md). If any version fails, the load aborts as
+        Triton's does: what it built is closed, every version that served before serves on
+        (its previous instance; versions the policy dropped too), and RepositoryIndex shows
+        why on the failed versions and, as "reload failed, ...", on those still serving.
         """
         model_dir = model_dir or self._scan().get(name)
         if model_dir is None:
@@ -294,19 +296,23 @@ class ModelRepository:
                     if not retrying:
                         failed[v] = self._public(exc, model_dir)
         to_close: list[Servable] = []
+        aborted = False
         with self._lock:
             if self._closed:  # the server shut down while this load ran: serve nothing new
                 to_close, todo, wanted = list(fresh.values()), [], list(record.versions)
-            for v in todo:
+            elif failed:
+                # Triton aborts a load any version of which failed: what this load built is
+                # discarded and the versions that served before serve on, those the policy no
+                # longer selects included (else a half-copied new version would take the
+                # model down until the copy completes).
+                self._abort(record, todo, failed)
+                to_close, todo, wanted = list(fresh.values()), [], list(record.versions)
+                aborted = True
+            for v in todo:  # every one of them built: swap them in
                 current = record.versions[v]
-                if v in fresh:
-                    if current.servable is not None:
-                        to_close.append(current.servable)
-                    record.versions[v] = _Version(ModelState.READY, "", fresh[v])
-                elif current.state == ModelState.READY:
-                    current.reason = STILL_SERVING + failed[v]  # the old instance serves on
-                else:
-                    record.versions[v] = _Version(ModelState.UNAVAILABLE, failed[v])
+                if current.servable is not None:
+                    to_close.append(current.servable)
+                record.versions[v] = _Version(ModelState.READY, "", fresh[v])
             # One critical section for the whole swap: version "" moves to the newest READY
             # version at once, and a dropped version stops resolving before it is closed.
             dropped = [v for v in record.versions if v not in wanted]
@@ -315,13 +321,28 @@ class ModelRepository:
                 if old.servable is not None:
                     to_close.append(old.servable)
                     old.state, old.servable = ModelState.UNLOADING, None
-            if fresh or record.config is None:
+            if (fresh and not aborted) or record.config is None:
                 record.config = config
         self._close_all(to_close, RELOAD_DRAIN_TIMEOUT)
         with self._lock:
             for v in dropped:
                 record.versions[v] = _Version(ModelState.UNAVAILABLE, UNLOADED)
         return failed
+
+    @staticmethod
+    def _abort(record: _Model, todo: list[int], failed: dict[int, str]) -> None:
+        """Table changes of an aborted load (the lock held); the caller closes what it built."""
+        summary = "; ".join(
+            f"version {v} is at UNAVAILABLE state: {r}" for v, r in sorted(failed.items())
+        )
+        for v in todo:
+            current = record.versions[v]
+            if current.state == ModelState.READY:  # served before this load: serves on
+                current.reason = STILL_SERVING + failed.get(v, summary)
+            elif v in failed:
+                record.versions[v] = _Version(ModelState.UNAVAILABLE, failed[v])
+            else:  # built, then discarded with the load, as Triton unloads it
+                record.versions[v] = _Version(ModelState.UNAVAILABLE, UNLOADED)
 
     def unload(self, name: str, timeout: float = 30.0) -> None:
         """Unload every version; in-flight work is the servable's to finish within `timeout`."""
