@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -99,6 +100,33 @@ class _Model:
     versions: dict[int, _Version] = field(default_factory=dict)
 
 
+class KeyedLocks:
+    """One lock per key (a model name), kept in the table only while a caller holds or waits
+    for it: keys come from clients, so a table that only grew would grow without bound."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: dict[str, tuple[threading.Lock, list[int]]] = {}  # key -> (lock, [users])
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+    @contextmanager
+    def hold(self, key: str) -> Iterator[None]:
+        with self._lock:
+            lock, users = self._entries.setdefault(key, (threading.Lock(), [0]))
+            users[0] += 1
+        try:
+            with lock:
+                yield
+        finally:
+            with self._lock:
+                users[0] -= 1
+                if users[0] == 0:
+                    del self._entries[key]
+
+
 def _unknown(name: str) -> NotFound:
     return NotFound(f"Request for unknown model: '{shown_name(name)}' is not found")
 
@@ -128,7 +156,7 @@ class ModelRepository:
         self._graph_reader = graph_reader
         self._lock = threading.Lock()
         self._models: dict[str, _Model] = {}
-        self._op_locks: dict[str, threading.Lock] = {}
+        self._op_locks = KeyedLocks()
         self._closed = False  # after close(): a load that finishes late closes what it built
         if config_name:
             check_config_name(config_name)  # a start-up error rather than every load failing
@@ -202,11 +230,12 @@ class ModelRepository:
         """
         model_dir = model_dir or self._scan().get(name)
         if model_dir is None:
-            log.error("failed to load model '%s': no such directory", name, extra={"model": name})
+            shown = shown_name(name)  # a client's name, maybe a megabyte: cut for the log
+            log.error("failed to load model '%s': no such directory", shown, extra={"model": shown})
             raise Internal(
                 f"failed to load '{shown_name(name)}', failed to poll from model repository"
             )
-        with self._op_lock(name):
+        with self._op_locks.hold(name):
             seen: mc.ModelConfig | None = None  # the most complete config we got, for display
             try:
                 seen = load_config(model_dir, config_name=self._config_name, override=override)
@@ -346,14 +375,16 @@ class ModelRepository:
 
     def unload(self, name: str, timeout: float = 30.0) -> None:
         """Unload every version; in-flight work is the servable's to finish within `timeout`."""
-        with self._op_lock(name):
+        with self._lock:
+            known = name in self._models
+        if not known:  # refused before taking a lock, so unknown names leave nothing behind
+            if name in self._scan():
+                return  # in the repository but never loaded: nothing to do
+            raise InvalidArgument(f"failed to unload '{shown_name(name)}', model is not found")
+        with self._op_locks.hold(name):
             with self._lock:
-                record = self._models.get(name)
-                to_close = self._begin_unload(record) if record is not None else []
-            if record is None:
-                if name in self._scan():
-                    return  # in the repository but never loaded: nothing to do
-                raise InvalidArgument(f"failed to unload '{shown_name(name)}', model is not found")
+                record = self._models[name]
+                to_close = self._begin_unload(record)
             self._close_all(to_close, timeout)
             with self._lock:
                 self._finish_unload(record)
@@ -396,10 +427,6 @@ class ModelRepository:
 
         with ThreadPoolExecutor(len(servables), thread_name_prefix="model-close") as pool:
             list(pool.map(close, servables))
-
-    def _op_lock(self, name: str) -> threading.Lock:
-        with self._lock:
-            return self._op_locks.setdefault(name, threading.Lock())
 
     # -- queries ------------------------------------------------------------------------------
 

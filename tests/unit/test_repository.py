@@ -603,3 +603,58 @@ def test_duplicate_model_error_names_no_path(tmp_path: Path, root: Path, bm) -> 
 def test_bad_model_config_name_fails_at_startup(root: Path) -> None:
     with pytest.raises(ModelLoadError, match="model config name '../x' must be a plain file name"):
         ModelRepository([root], FakeLoader(), config_name="../x")
+
+
+def test_unknown_names_leave_no_lock_behind(repo: ModelRepository) -> None:
+    """RepositoryModelUnload of distinct made-up names grew the lock table without bound."""
+    for i in range(50):
+        with pytest.raises(InvalidArgument):
+            repo.unload(f"{i:04d}" + "x" * 100)
+        with pytest.raises(Internal):
+            repo.load(f"{i:04d}" + "y" * 100)
+    repo.load("simple_int8")
+    repo.unload("simple_int8")
+    repo.unload("simple_identity")  # in the repository, never loaded
+    assert len(repo._op_locks) == 0
+
+
+def test_keyed_locks_serialise_one_key_and_forget_it() -> None:
+    from tributary.repository import KeyedLocks
+
+    locks = KeyedLocks()
+    inside: list[str] = []
+    entered = threading.Event()
+    release = threading.Event()
+
+    def holder() -> None:
+        with locks.hold("a"):
+            entered.set()
+            release.wait(5)
+            inside.append("first")
+
+    t = threading.Thread(target=holder)
+    t.start()
+    assert entered.wait(5)
+    with locks.hold("b"):
+        assert len(locks) == 2
+    assert len(locks) == 1
+    release.set()
+    t.join(5)
+    with locks.hold("a"):
+        inside.append("second")
+    assert inside == ["first", "second"] and len(locks) == 0
+
+
+def test_model_control_unload_of_unknown_names_leaves_no_lock(repo: ModelRepository) -> None:
+    from tributary.control import ModelControl
+    from tributary_client._proto import grpc_service_pb2 as pb
+
+    control = ModelControl(repo, explicit=True, on_change=lambda: None)
+    try:
+        for i in range(20):
+            request = pb.RepositoryModelUnloadRequest(model_name=f"{i:04d}" + "x" * 100)
+            with pytest.raises(InvalidArgument):
+                control.unload(request)
+        assert len(control._name_locks) == 0 and len(repo._op_locks) == 0
+    finally:
+        control.close()
