@@ -12,7 +12,6 @@ only turns a request into a `load(name, override=...)` or `unload(name)` call.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -31,7 +30,7 @@ from .errors import (
     shown,
 )
 from .overrides import FILE_PREFIX, OverrideDirs, check_model_name, poll_failed
-from .repository import ModelRepository
+from .repository import KeyedLocks, ModelRepository
 
 log = logging.getLogger("tributary.control")
 
@@ -103,14 +102,10 @@ class ModelControl:
         self._explicit = explicit
         self._on_change = on_change
         self.overrides = OverrideDirs()
-        self._lock = threading.Lock()
-        self._name_locks: dict[str, threading.Lock] = {}
-
-    def _name_lock(self, name: str) -> threading.Lock:
-        """Loads of one model are serialised anyway (the repository's operation lock); this
-        one also covers the override directories' bookkeeping around them."""
-        with self._lock:
-            return self._name_locks.setdefault(name, threading.Lock())
+        # Loads of one model are serialised anyway (the repository's operation lock); these
+        # also cover the override directories' bookkeeping around them. An entry lives only
+        # while it is held, so clients' names (any number, up to megabytes) leave nothing.
+        self._name_locks = KeyedLocks()
 
     def load(self, request: Any) -> None:
         """Load, or reload when already loaded; blocks until done, like Triton."""
@@ -143,7 +138,7 @@ class ModelControl:
                 extra={"model": shown(name)},
             )
             raise poll_failed(name)
-        with self._name_lock(name):
+        with self._name_locks.hold(name):
             model_dir = self.overrides.write(name, files, reserved) if files else None
             before = self._serving(name)
             try:
@@ -194,7 +189,7 @@ class ModelControl:
         if not self._explicit:
             raise Unavailable(POLLING_ENABLED)
         try:
-            with self._name_lock(request.model_name):
+            with self._name_locks.hold(request.model_name):
                 self._repo.unload(request.model_name)
                 self.overrides.unloaded(request.model_name)
         finally:

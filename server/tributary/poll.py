@@ -7,7 +7,8 @@ The rules are in docs/model-config.md#model-control. Three parts, each testable 
   directory. Small files are hashed on every scan (an edit that keeps size and mtime is still
   seen); large ones are hashed again only when their size or mtime changes, or while their
   mtime is too recent to trust; above `HASH_LIMIT` a file is known by size and mtime alone.
-  The walk is bounded (`MAX_FILES` per model, `MAX_DEPTH`).
+  The walk is bounded (`MAX_FILES` per model, `MAX_DEPTH`); only regular files are read (a
+  FIFO, a device or a link to one is known by its type, so none can stall the poller).
 - `plan` compares two scans and says what to do: load a new model, reload a model whose
   shared files changed (every version), load/reload/unload single versions, unload a model
   whose directory went away. Pure, no I/O.
@@ -144,6 +145,8 @@ class Scanner:
     ) -> str:
         if stat.S_ISDIR(st.st_mode):
             return "dir"
+        if not stat.S_ISREG(st.st_mode):  # FIFO, device, socket: never opened (a FIFO blocks
+            return _kind(st)  # open, /dev/zero never ends); its type stands for it
         if st.st_size > HASH_LIMIT:
             return f"stat:{st.st_size}:{st.st_mtime_ns}"
         key = str(path)
@@ -156,15 +159,28 @@ class Scanner:
         ):
             seen_now[key] = old
             return old.digest
-        h = hashlib.blake2b(digest_size=16)
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
+        # Non-blocking, and checked again once open: the entry may have been replaced by a
+        # FIFO or a link to a device since the walk stat'ed it. At most HASH_LIMIT is read.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with open(fd, "rb", buffering=0) as f:
+            now = os.fstat(fd)
+            if not stat.S_ISREG(now.st_mode):
+                return _kind(now)
+            h = hashlib.blake2b(digest_size=16)
+            left = HASH_LIMIT
+            while left > 0 and (chunk := f.read(min(left, 1 << 20))):
                 h.update(chunk)
+                left -= len(chunk)
         digest = h.hexdigest()
         seen_now[key] = _Seen(
             st.st_size, st.st_mtime_ns, digest, racy=now_ns - st.st_mtime_ns < RACY_NS
         )
         return digest
+
+
+def _kind(st: os.stat_result) -> str:
+    """The digest of an entry that is not a directory or a regular file: its type alone."""
+    return f"type:{stat.S_IFMT(st.st_mode):o}"
 
 
 def _is_version(name: str) -> bool:

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -99,6 +100,33 @@ class _Model:
     versions: dict[int, _Version] = field(default_factory=dict)
 
 
+class KeyedLocks:
+    """One lock per key (a model name), kept in the table only while a caller holds or waits
+    for it: keys come from clients, so a table that only grew would grow without bound."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: dict[str, tuple[threading.Lock, list[int]]] = {}  # key -> (lock, [users])
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+    @contextmanager
+    def hold(self, key: str) -> Iterator[None]:
+        with self._lock:
+            lock, users = self._entries.setdefault(key, (threading.Lock(), [0]))
+            users[0] += 1
+        try:
+            with lock:
+                yield
+        finally:
+            with self._lock:
+                users[0] -= 1
+                if users[0] == 0:
+                    del self._entries[key]
+
+
 def _unknown(name: str) -> NotFound:
     return NotFound(f"Request for unknown model: '{shown_name(name)}' is not found")
 
@@ -128,7 +156,7 @@ class ModelRepository:
         self._graph_reader = graph_reader
         self._lock = threading.Lock()
         self._models: dict[str, _Model] = {}
-        self._op_locks: dict[str, threading.Lock] = {}
+        self._op_locks = KeyedLocks()
         self._closed = False  # after close(): a load that finishes late closes what it built
         if config_name:
             check_config_name(config_name)  # a start-up error rather than every load failing
@@ -193,18 +221,21 @@ class ModelRepository:
 
         `versions`: the READY versions to build again (None: all of them, as a load RPC does);
         a READY version not named keeps its instance. Versions the policy no longer selects
-        unload either way. `model_dir` replaces the repository's directory (a
-        RepositoryModelLoad with `file:` overrides, tributary.control). Raises Triton's
-        repository-load errors (docs/protocol.md). A version whose reload fails keeps serving
-        its previous instance, as Triton does, and shows why in RepositoryIndex.
+        unload once every version to (re)build is READY. `model_dir` replaces the repository's
+        directory (a RepositoryModelLoad with `file:` overrides, tributary.control). Raises Triton's
+        repository-load errors (docs/protocol.md). If any version fails, the load aborts as
+        Triton's does: what it built is closed, every version that served before serves on
+        (its previous instance; versions the policy dropped too), and RepositoryIndex shows
+        why on the failed versions and, as "reload failed, ...", on those still serving.
         """
         model_dir = model_dir or self._scan().get(name)
         if model_dir is None:
-            log.error("failed to load model '%s': no such directory", name, extra={"model": name})
+            shown = shown_name(name)  # a client's name, maybe a megabyte: cut for the log
+            log.error("failed to load model '%s': no such directory", shown, extra={"model": shown})
             raise Internal(
                 f"failed to load '{shown_name(name)}', failed to poll from model repository"
             )
-        with self._op_lock(name):
+        with self._op_locks.hold(name):
             seen: mc.ModelConfig | None = None  # the most complete config we got, for display
             try:
                 seen = load_config(model_dir, config_name=self._config_name, override=override)
@@ -294,19 +325,23 @@ class ModelRepository:
                     if not retrying:
                         failed[v] = self._public(exc, model_dir)
         to_close: list[Servable] = []
+        aborted = False
         with self._lock:
             if self._closed:  # the server shut down while this load ran: serve nothing new
                 to_close, todo, wanted = list(fresh.values()), [], list(record.versions)
-            for v in todo:
+            elif failed:
+                # Triton aborts a load any version of which failed: what this load built is
+                # discarded and the versions that served before serve on, those the policy no
+                # longer selects included (else a half-copied new version would take the
+                # model down until the copy completes).
+                self._abort(record, todo, failed)
+                to_close, todo, wanted = list(fresh.values()), [], list(record.versions)
+                aborted = True
+            for v in todo:  # every one of them built: swap them in
                 current = record.versions[v]
-                if v in fresh:
-                    if current.servable is not None:
-                        to_close.append(current.servable)
-                    record.versions[v] = _Version(ModelState.READY, "", fresh[v])
-                elif current.state == ModelState.READY:
-                    current.reason = STILL_SERVING + failed[v]  # the old instance serves on
-                else:
-                    record.versions[v] = _Version(ModelState.UNAVAILABLE, failed[v])
+                if current.servable is not None:
+                    to_close.append(current.servable)
+                record.versions[v] = _Version(ModelState.READY, "", fresh[v])
             # One critical section for the whole swap: version "" moves to the newest READY
             # version at once, and a dropped version stops resolving before it is closed.
             dropped = [v for v in record.versions if v not in wanted]
@@ -315,7 +350,7 @@ class ModelRepository:
                 if old.servable is not None:
                     to_close.append(old.servable)
                     old.state, old.servable = ModelState.UNLOADING, None
-            if fresh or record.config is None:
+            if (fresh and not aborted) or record.config is None:
                 record.config = config
         self._close_all(to_close, RELOAD_DRAIN_TIMEOUT)
         with self._lock:
@@ -323,16 +358,33 @@ class ModelRepository:
                 record.versions[v] = _Version(ModelState.UNAVAILABLE, UNLOADED)
         return failed
 
+    @staticmethod
+    def _abort(record: _Model, todo: list[int], failed: dict[int, str]) -> None:
+        """Table changes of an aborted load (the lock held); the caller closes what it built."""
+        summary = "; ".join(
+            f"version {v} is at UNAVAILABLE state: {r}" for v, r in sorted(failed.items())
+        )
+        for v in todo:
+            current = record.versions[v]
+            if current.state == ModelState.READY:  # served before this load: serves on
+                current.reason = STILL_SERVING + failed.get(v, summary)
+            elif v in failed:
+                record.versions[v] = _Version(ModelState.UNAVAILABLE, failed[v])
+            else:  # built, then discarded with the load, as Triton unloads it
+                record.versions[v] = _Version(ModelState.UNAVAILABLE, UNLOADED)
+
     def unload(self, name: str, timeout: float = 30.0) -> None:
         """Unload every version; in-flight work is the servable's to finish within `timeout`."""
-        with self._op_lock(name):
+        with self._lock:
+            known = name in self._models
+        if not known:  # refused before taking a lock, so unknown names leave nothing behind
+            if name in self._scan():
+                return  # in the repository but never loaded: nothing to do
+            raise InvalidArgument(f"failed to unload '{shown_name(name)}', model is not found")
+        with self._op_locks.hold(name):
             with self._lock:
-                record = self._models.get(name)
-                to_close = self._begin_unload(record) if record is not None else []
-            if record is None:
-                if name in self._scan():
-                    return  # in the repository but never loaded: nothing to do
-                raise InvalidArgument(f"failed to unload '{shown_name(name)}', model is not found")
+                record = self._models[name]
+                to_close = self._begin_unload(record)
             self._close_all(to_close, timeout)
             with self._lock:
                 self._finish_unload(record)
@@ -375,10 +427,6 @@ class ModelRepository:
 
         with ThreadPoolExecutor(len(servables), thread_name_prefix="model-close") as pool:
             list(pool.map(close, servables))
-
-    def _op_lock(self, name: str) -> threading.Lock:
-        with self._lock:
-            return self._op_locks.setdefault(name, threading.Lock())
 
     # -- queries ------------------------------------------------------------------------------
 

@@ -246,3 +246,45 @@ def test_poll_secs_zero_never_scans(server_factory, repo: Path) -> None:
         assert triton_error(grpc.StatusCode.UNAVAILABLE, client.load_model, "simple") == POLLING
     assert "never re-scanned" in server.log()
     assert server.terminate() == 0
+
+
+# -- a version that fails to load: the load aborts, what served before serves on ---------------
+
+
+def test_explicit_broken_new_version_keeps_the_old_one(server_factory, repo: Path) -> None:
+    """latest 1 and a truncated version 2: version 1 serves on (it used to be unloaded)."""
+    server = server_factory(repo, "--model-control-mode=explicit", "--load-model=simple")
+    with grpcclient.InferenceServerClient(server.url) as client, Traffic(server.url) as traffic:
+        (repo / "simple" / "2").mkdir()
+        (repo / "simple" / "2" / "model.onnx").write_bytes(b"truncated")
+        with pytest.raises(Exception, match="version 2 is at UNAVAILABLE state"):
+            client.load_model("simple")
+        assert client.is_model_ready("simple")
+        assert states(client, "simple") == {"1": "READY", "2": "UNAVAILABLE"}
+        reason = {v: r for n, v, _, r in index(client) if n == "simple"}["2"]
+        assert "model.onnx" in reason
+        seen = traffic.ok
+        until(lambda: traffic.ok > seen + 20, "traffic after the failed load")
+    assert traffic.errors == [], traffic.errors[:5]
+    assert traffic.versions == {"1"}
+    assert server.terminate() == 0
+
+
+def test_poll_half_written_version_loses_nothing(poll_server, repo: Path) -> None:
+    """A version directory whose model.onnx is caught half-copied fails to load; version 1
+    serves on, and the completed file loads on a later scan."""
+    server, client = poll_server
+    data = (repo / "simple" / "1" / "model.onnx").read_bytes()
+    with Traffic(server.url) as traffic:
+        (repo / "simple" / "2").mkdir()
+        with open(repo / "simple" / "2" / "model.onnx", "wb") as f:
+            f.write(data[: len(data) // 2])
+            f.flush()
+            until(lambda: states(client, "simple").get("2") == "UNAVAILABLE", "the failed load")
+            assert states(client, "simple")["1"] == "READY"
+            f.write(data[len(data) // 2 :])
+        until(lambda: states(client, "simple") == {"1": "UNAVAILABLE", "2": "READY"}, "v2")
+        seen = traffic.ok
+        until(lambda: traffic.ok > seen + 20, "traffic after the swap")
+    assert traffic.errors == [], traffic.errors[:5]
+    assert traffic.versions == {"1", "2"}

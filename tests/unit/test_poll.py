@@ -245,3 +245,38 @@ def test_a_load_that_ends_after_close_serves_nothing(
     poller.poll_once()
     assert repo.servables() == []
     assert all(s.closed_with is not None for s in loader.created)
+
+
+def test_fifo_and_device_link_do_not_stall_the_poller(
+    root: Path, repo: ModelRepository, loader: FakeLoader, bm
+) -> None:
+    """A FIFO used to block open() and a link to /dev/zero to hash forever: the scan must end
+    promptly, a new model must still load, and stop must stay prompt."""
+    os.mkfifo(root / "simple" / "pipe")
+    (root / "simple" / "zeros").symlink_to("/dev/zero")
+    (root / "simple" / "2" / "zeros").symlink_to("/dev/zero")
+    poller = RepositoryPoller(repo, 0.05)
+    poller.baseline()  # a scan: must return at all
+    assert repo.load_models() == {}
+    poller.start()
+    try:
+        bm.build_identity(root, "simple_identity")
+        deadline = time.monotonic() + 10
+        while not repo.is_model_ready("simple_identity"):
+            assert time.monotonic() < deadline, "the poller stalled"
+            time.sleep(0.02)
+        assert repo.resolve("simple", "").version == 2
+    finally:
+        start = time.monotonic()
+        poller.stop()
+        assert time.monotonic() - start < 2.0
+
+
+def test_non_regular_entries_digest_by_type(root: Path) -> None:
+    s = scanner(root)
+    os.mkfifo(root / "simple" / "pipe")
+    before = s.scan()
+    (root / "simple" / "pipe").unlink()
+    (root / "simple" / "pipe").symlink_to("/dev/zero")
+    assert s.scan() != before, "a FIFO replaced by a device is a change"
+    assert s.scan() == s.scan()

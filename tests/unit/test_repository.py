@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -230,12 +231,29 @@ def test_load_models_subset_and_index(repo: ModelRepository) -> None:
 # -- resolution ----------------------------------------------------------------------------------
 
 
-def test_resolve_picks_highest_ready(repo: ModelRepository, loader: FakeLoader) -> None:
-    loader.fail[("simple", 3)] = ValueError("bad v3")
+def test_resolve_picks_highest_ready(root: Path, repo: ModelRepository, loader: FakeLoader) -> None:
     repo.load_models(["simple"])
-    assert repo.resolve("simple", "").version == 2
+    shutil.copytree(root / "simple" / "3", root / "simple" / "4")
+    loader.fail[("simple", 4)] = ValueError("bad v4")
+    repo.load_models(["simple"])  # aborted: 1..3 serve on, 4 is UNAVAILABLE
+    assert repo.resolve("simple", "").version == 3
     assert repo.resolve("simple", "1").version == 1
-    assert [s.version for s in repo.ready_versions("simple")] == [1, 2]
+    assert [s.version for s in repo.ready_versions("simple")] == [1, 2, 3]
+
+
+def test_a_failing_version_fails_the_first_load_whole(
+    repo: ModelRepository, loader: FakeLoader
+) -> None:
+    """As Triton: the versions that did load are unloaded again (nothing served before)."""
+    loader.fail[("simple", 3)] = ValueError("bad v3")
+    assert repo.load_models(["simple"]) == {"simple": "version 3 is at UNAVAILABLE state: bad v3"}
+    assert repo.ready_versions("simple") == []
+    assert all(s.closed_with is not None for s in loader.created)
+    assert [(e.version, e.state, e.reason) for e in repo.index() if e.name == "simple"] == [
+        ("1", "UNAVAILABLE", "unloaded"),
+        ("2", "UNAVAILABLE", "unloaded"),
+        ("3", "UNAVAILABLE", "bad v3"),
+    ]
 
 
 @pytest.mark.parametrize(
@@ -318,6 +336,67 @@ def test_failed_reload_keeps_old_version_serving(repo: ModelRepository, loader) 
         "load failed for model 'simple_int8': version 1 is at UNAVAILABLE state: disk on fire"
     )
     assert repo.resolve("simple_int8", "") is old and old.closed_with is None
+
+
+def test_failed_new_version_keeps_the_old_one_serving(
+    root: Path, repo: ModelRepository, loader: FakeLoader
+) -> None:
+    """latest 1: a broken version 2 must not unload version 1 (Triton aborts the load)."""
+    repo.load_models(["simple_int8"])
+    v1 = repo.resolve("simple_int8", "")
+    (root / "simple_int8" / "2").mkdir()
+    (root / "simple_int8" / "2" / "model.onnx").write_bytes(b"half a model")
+    with pytest.raises(ModelLoadError) as err:
+        repo.load("simple_int8")
+    assert "version 2 is at UNAVAILABLE state" in err.value.message
+    assert repo.resolve("simple_int8", "") is v1 and v1.closed_with is None
+    index = {e.version: e for e in repo.index() if e.name == "simple_int8"}
+    assert (index["1"].state, index["1"].reason) == ("READY", "")
+    assert index["2"].state == "UNAVAILABLE" and index["2"].reason
+    assert repo.is_model_ready("simple_int8", "")
+    shutil.copy(root / "simple_int8" / "1" / "model.onnx", root / "simple_int8" / "2")
+    repo.load("simple_int8")  # the copy completed: now version 2 replaces version 1
+    assert repo.resolve("simple_int8", "").version == 2
+    assert v1.closed_with is not None
+
+
+def test_partial_failure_aborts_the_whole_load(
+    root: Path, repo: ModelRepository, loader: FakeLoader, bm
+) -> None:
+    """latest 2 over 1..2, then a version 3 that fails: versions built by the load are closed,
+    the instances that served before serve on (version 1 too, which latest 2 drops)."""
+    (root / "simple" / "config.pbtxt").write_text(
+        bm.simple_config("simple") + "version_policy { latest { num_versions: 2 } }\n"
+    )
+    shutil.rmtree(root / "simple" / "3")
+    repo.load_models(["simple"])
+    before = repo.ready_versions("simple")
+    assert [s.version for s in before] == [1, 2]
+    shutil.copytree(root / "simple" / "2", root / "simple" / "3")
+    loader.fail[("simple", 3)] = RuntimeError("out of memory")
+    loader.events.clear()
+    with pytest.raises(ModelLoadError) as err:
+        repo.load("simple")
+    assert err.value.message == (
+        "load failed for model 'simple': version 3 is at UNAVAILABLE state: out of memory"
+    )
+    assert repo.ready_versions("simple") == before
+    assert all(s.closed_with is None for s in before)
+    rebuilt = [s for s in loader.created if s not in before]
+    assert [s.version for s in rebuilt] == [2] and rebuilt[0].closed_with is not None
+    index = {e.version: e for e in repo.index() if e.name == "simple"}
+    assert (index["1"].state, index["1"].reason) == ("READY", "")
+    assert index["2"].state == "READY"
+    assert index["2"].reason == (
+        "reload failed, the previous load keeps serving: "
+        "version 3 is at UNAVAILABLE state: out of memory"
+    )
+    assert (index["3"].state, index["3"].reason) == ("UNAVAILABLE", "out of memory")
+    assert repo.resolve("simple", "").version == 2
+    del loader.fail[("simple", 3)]
+    repo.load("simple")
+    assert [s.version for s in repo.ready_versions("simple")] == [2, 3]
+    assert all(s.closed_with is not None for s in before)
 
 
 def test_first_load_failure_error(repo: ModelRepository, loader: FakeLoader) -> None:
@@ -524,3 +603,58 @@ def test_duplicate_model_error_names_no_path(tmp_path: Path, root: Path, bm) -> 
 def test_bad_model_config_name_fails_at_startup(root: Path) -> None:
     with pytest.raises(ModelLoadError, match="model config name '../x' must be a plain file name"):
         ModelRepository([root], FakeLoader(), config_name="../x")
+
+
+def test_unknown_names_leave_no_lock_behind(repo: ModelRepository) -> None:
+    """RepositoryModelUnload of distinct made-up names grew the lock table without bound."""
+    for i in range(50):
+        with pytest.raises(InvalidArgument):
+            repo.unload(f"{i:04d}" + "x" * 100)
+        with pytest.raises(Internal):
+            repo.load(f"{i:04d}" + "y" * 100)
+    repo.load("simple_int8")
+    repo.unload("simple_int8")
+    repo.unload("simple_identity")  # in the repository, never loaded
+    assert len(repo._op_locks) == 0
+
+
+def test_keyed_locks_serialise_one_key_and_forget_it() -> None:
+    from tributary.repository import KeyedLocks
+
+    locks = KeyedLocks()
+    inside: list[str] = []
+    entered = threading.Event()
+    release = threading.Event()
+
+    def holder() -> None:
+        with locks.hold("a"):
+            entered.set()
+            release.wait(5)
+            inside.append("first")
+
+    t = threading.Thread(target=holder)
+    t.start()
+    assert entered.wait(5)
+    with locks.hold("b"):
+        assert len(locks) == 2
+    assert len(locks) == 1
+    release.set()
+    t.join(5)
+    with locks.hold("a"):
+        inside.append("second")
+    assert inside == ["first", "second"] and len(locks) == 0
+
+
+def test_model_control_unload_of_unknown_names_leaves_no_lock(repo: ModelRepository) -> None:
+    from tributary.control import ModelControl
+    from tributary_client._proto import grpc_service_pb2 as pb
+
+    control = ModelControl(repo, explicit=True, on_change=lambda: None)
+    try:
+        for i in range(20):
+            request = pb.RepositoryModelUnloadRequest(model_name=f"{i:04d}" + "x" * 100)
+            with pytest.raises(InvalidArgument):
+                control.unload(request)
+        assert len(control._name_locks) == 0 and len(repo._op_locks) == 0
+    finally:
+        control.close()

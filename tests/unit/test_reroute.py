@@ -80,6 +80,73 @@ def test_rerouting_is_bounded_and_off_at_shutdown(repo: ModelRepository) -> None
         servicer._infer(request, raws, None)
 
 
+class ExitsOnSubmit:
+    """A retired version's scheduler that flips the server to exiting as the request reaches
+    it: `_begin` has passed, so only the reroute sites' own `exiting` check can stop a
+    reroute (with it gone, the second `_begin` answers "Server exiting" instead of Closed)."""
+
+    def __init__(self, inner: Any, state: ServerState) -> None:
+        self.inner, self.state = inner, state
+
+    def infer(self, item: Any) -> Any:
+        self.state.exiting = True
+        return self.inner.infer(item)
+
+    def submit(self, item: Any, done: Any) -> None:
+        self.state.exiting = True
+        self.inner.submit(item, done)
+
+
+def retired_exiting(
+    repo: ModelRepository, state: ServerState, monkeypatch: pytest.MonkeyPatch
+) -> list[str]:
+    """One retired version whose scheduler starts shutdown; returns the resolve log."""
+    old = reload(repo)
+    monkeypatch.setattr(old, "scheduler", ExitsOnSubmit(old.scheduler, state))
+    stale_first(repo, [old])
+    calls: list[str] = []
+    stale = repo.resolve
+
+    def resolve(name: str, version: str) -> Any:
+        calls.append(name)
+        return stale(name, version)
+
+    repo.resolve = resolve  # type: ignore[method-assign]
+    return calls
+
+
+def test_no_reroute_once_shutdown_began_unary(
+    repo: ModelRepository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = ServerState()
+    servicer = InferenceServicer(repo, state)
+    calls = retired_exiting(repo, state, monkeypatch)
+    request, raws = split_request(request_bytes())
+    with pytest.raises(Closed):
+        servicer._infer(request, raws, None)
+    assert calls == ["simple"], "resolved once: no second attempt at shutdown"
+
+
+def test_no_reroute_once_shutdown_began_streamed(
+    repo: ModelRepository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = ServerState()
+    servicer = InferenceServicer(repo, state)
+    calls = retired_exiting(repo, state, monkeypatch)
+    begin = servicer._begin
+
+    def counted(*args: Any) -> Any:
+        calls.append("begin")  # a reroute's _begin fails before it resolves
+        return begin(*args)
+
+    monkeypatch.setattr(servicer, "_begin", counted)
+    slot = Slot()
+    servicer._stream_one(request_bytes(), slot, lambda: True)
+    reply = pb.ModelStreamInferResponse.FromString(slot.wait(30) or b"")
+    assert reply.error_message == "Server exiting"  # the Closed of the retired scheduler
+    assert calls == ["begin", "simple"], "one attempt: no reroute at shutdown"
+
+
 def test_streamed_request_on_a_retired_version_is_routed_again(repo: ModelRepository) -> None:
     servicer = InferenceServicer(repo, ServerState())
     stale_first(repo, [reload(repo)])
