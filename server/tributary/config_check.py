@@ -19,6 +19,7 @@ from tributary import errors
 from tributary.backends.graph import GraphInfo, GraphTensor
 from tributary.datatypes import BY_CONFIG
 from tributary.errors import ModelLoadError
+from tributary.text import printable
 from tributary_client._proto import model_config_pb2 as mc
 
 _Control = mc.ModelSequenceBatching.Control
@@ -219,8 +220,7 @@ class RefusedConfig(ModelLoadError):
 def shown(value: str) -> str:
     """A config value as an error message may repeat it: cut like every echoed name
     (`errors.shown`, first, since the value may be a client's megabyte), then printable."""
-    text = errors.shown(value, _SHOWN_CHARS)
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return printable(errors.shown(value, _SHOWN_CHARS))
 
 
 def inside_model_dir(

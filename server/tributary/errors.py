@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import grpc
 
+from .text import clipped
+
 
 class InferenceError(Exception):
     """Base of all errors that reach a client. `code` is the gRPC status to answer with."""
@@ -77,9 +79,7 @@ this keeps any message under ~6 KB there: well inside the default metadata limit
 
 def shown(name: str, limit: int = MAX_SHOWN_NAME) -> str:
     """`name` as it may appear in an error message: cut, with the cut said out loud."""
-    if len(name) <= limit:
-        return name
-    return f"{name[:limit]}...({len(name) - limit} more characters)"
+    return clipped(name, limit)
 
 
 def clip_message(message: str) -> str:

@@ -23,6 +23,8 @@ from typing import Any
 
 from pythonjsonlogger.json import JsonFormatter
 
+from .text import clipped, printable
+
 _LETTER = {
     logging.DEBUG: "I",  # tritonserver prints its verbose lines as info
     logging.INFO: "I",
@@ -44,21 +46,11 @@ def grpc_core_verbosity(verbose: int) -> None:
     os.environ.setdefault("GRPC_VERBOSITY", level)
 
 
-def clip_message(text: str) -> str:
-    if len(text) <= MAX_MESSAGE_CHARS:
-        return text
-    return f"{text[:MAX_MESSAGE_CHARS]}...({len(text) - MAX_MESSAGE_CHARS} more characters)"
-
-
 def one_line(text: str) -> str:
-    """`text` clipped to MAX_MESSAGE_CHARS, with every non-printable character escaped as
-    Python writes it in a repr (\\n, \\x1b, \\u2028, ...): a client-sent name can neither
-    start a line that looks like ours (newlines, and the separators str.splitlines() also
-    honours) nor send escape sequences to an operator's terminal."""
-    text = clip_message(text)
-    if text.isprintable():  # the common case: one C-level scan
-        return text
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    """`text` cut to MAX_MESSAGE_CHARS and escaped to one printable line (`text.printable`):
+    a client-sent name can neither start a line that looks like ours nor send escape
+    sequences to an operator's terminal."""
+    return printable(clipped(text, MAX_MESSAGE_CHARS))
 
 
 def _message(record: logging.LogRecord, formatter: logging.Formatter) -> str:
@@ -127,7 +119,7 @@ class JsonLinesFormatter(JsonFormatter):
         super().add_fields(log_data, record, message_dict)
         message = log_data.get("message")
         if isinstance(message, str) and len(message) > MAX_MESSAGE_CHARS:
-            log_data["message"] = clip_message(message)  # escaping is JSON's job
+            log_data["message"] = clipped(message, MAX_MESSAGE_CHARS)  # JSON does the escaping
 
 
 class LevelSwitch(logging.Filter):
