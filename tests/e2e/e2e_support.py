@@ -145,6 +145,18 @@ def simple_request(batch: int = 1, **kwargs: Any) -> tuple[Any, np.ndarray, np.n
     return request, a, b
 
 
+def triton_simple_inputs(a: np.ndarray, b: np.ndarray | None = None) -> list[Any]:
+    """tritonclient inputs for the `simple` model: INPUT0 = a, INPUT1 = b (default a)."""
+    import tritonclient.grpc as grpcclient
+
+    inputs = []
+    for name, value in (("INPUT0", a), ("INPUT1", a if b is None else b)):
+        tensor = grpcclient.InferInput(name, list(value.shape), "INT32")
+        tensor.set_data_from_numpy(value)
+        inputs.append(tensor)
+    return inputs
+
+
 def output_arrays(response: Any) -> dict[str, np.ndarray]:
     """Decode every output of a response from `raw_output_contents` (positionally)."""
     assert len(response.outputs) == len(response.raw_output_contents)

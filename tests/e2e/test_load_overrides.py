@@ -15,7 +15,7 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from e2e_support import MODEL_REPOSITORY, rpc_error, triton_error
+from e2e_support import MODEL_REPOSITORY, rpc_error, triton_error, triton_simple_inputs
 
 from tributary_client._proto import grpc_service_pb2 as pb
 from tributary_client._proto import grpc_service_pb2_grpc as pb_grpc
@@ -31,12 +31,7 @@ def poll_failed(name: str) -> str:
 
 def infer(client: grpcclient.InferenceServerClient, model: str) -> None:
     a = np.arange(16, dtype=np.int32).reshape(1, 16)
-    inputs = [
-        grpcclient.InferInput("INPUT0", [1, 16], "INT32"),
-        grpcclient.InferInput("INPUT1", [1, 16], "INT32"),
-    ]
-    inputs[0].set_data_from_numpy(a)
-    inputs[1].set_data_from_numpy(a)
+    inputs = triton_simple_inputs(a)
     result = client.infer(model, inputs)
     np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), a + a)
 

@@ -17,7 +17,7 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from e2e_support import triton_error, wait_for
+from e2e_support import triton_error, triton_simple_inputs, wait_for
 from test_model_control import POLLING
 
 POLL = ("--model-control-mode=poll", "--repository-poll-secs=1")
@@ -47,12 +47,7 @@ def states(client: grpcclient.InferenceServerClient, name: str) -> dict[str, str
 
 def infer(client: grpcclient.InferenceServerClient, version: str = "") -> str:
     a = np.arange(16, dtype=np.int32).reshape(1, 16)
-    inputs = [
-        grpcclient.InferInput("INPUT0", [1, 16], "INT32"),
-        grpcclient.InferInput("INPUT1", [1, 16], "INT32"),
-    ]
-    inputs[0].set_data_from_numpy(a)
-    inputs[1].set_data_from_numpy(a)
+    inputs = triton_simple_inputs(a)
     result = client.infer("simple", inputs, model_version=version)
     np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), a + a)
     return str(result.get_response().model_version)
@@ -121,12 +116,7 @@ class Traffic:
                 done.notify()
 
         a = np.arange(16, dtype=np.int32).reshape(1, 16)
-        inputs = [
-            grpcclient.InferInput("INPUT0", [1, 16], "INT32"),
-            grpcclient.InferInput("INPUT1", [1, 16], "INT32"),
-        ]
-        inputs[0].set_data_from_numpy(a)
-        inputs[1].set_data_from_numpy(a)
+        inputs = triton_simple_inputs(a)
         with grpcclient.InferenceServerClient(self.url) as client:
             client.start_stream(callback)
             try:

@@ -123,6 +123,17 @@ def _simple_inputs() -> tuple[np.ndarray, np.ndarray]:
 # -- off by default --------------------------------------------------------------------------
 
 
+def region_inputs(region: str, nbytes: int) -> list[grpcclient.InferInput]:
+    """`simple`'s INPUT0 and INPUT1 from one registered region, back to back."""
+    inputs = [
+        grpcclient.InferInput("INPUT0", [1, 16], "INT32"),
+        grpcclient.InferInput("INPUT1", [1, 16], "INT32"),
+    ]
+    inputs[0].set_shared_memory(region, nbytes)
+    inputs[1].set_shared_memory(region, nbytes, offset=nbytes)
+    return inputs
+
+
 def test_off_by_default(client, stub) -> None:
     for call, args in [
         (client.register_system_shared_memory, ("r", "/k", 64)),
@@ -159,12 +170,7 @@ def test_simple_shm_client_sequence(sclient, regions) -> None:
     shm.set_shared_memory_region(in_handle, [b], offset=nbytes)
     sclient.register_system_shared_memory("input_data", in_key, nbytes * 2)
 
-    inputs = [
-        grpcclient.InferInput("INPUT0", [1, 16], "INT32"),
-        grpcclient.InferInput("INPUT1", [1, 16], "INT32"),
-    ]
-    inputs[0].set_shared_memory("input_data", nbytes)
-    inputs[1].set_shared_memory("input_data", nbytes, offset=nbytes)
+    inputs = region_inputs("input_data", nbytes)
     outputs = [
         grpcclient.InferRequestedOutput("OUTPUT0"),
         grpcclient.InferRequestedOutput("OUTPUT1"),
@@ -251,12 +257,9 @@ def test_reuse_infer_objects_sequence(sclient, regions) -> None:
     sclient.register_system_shared_memory("in", in_key, nbytes * 2)
     out_key, out_handle = regions("r_out", nbytes * 2)
     sclient.register_system_shared_memory("out", out_key, nbytes * 2)
-    i0 = grpcclient.InferInput("INPUT0", [1, 16], "INT32")
-    i1 = grpcclient.InferInput("INPUT1", [1, 16], "INT32")
+    i0, i1 = region_inputs("in", nbytes)
     o0 = grpcclient.InferRequestedOutput("OUTPUT0")
     o1 = grpcclient.InferRequestedOutput("OUTPUT1")
-    i0.set_shared_memory("in", nbytes)
-    i1.set_shared_memory("in", nbytes, offset=nbytes)
     o0.set_shared_memory("out", nbytes)
     o1.set_shared_memory("out", nbytes, offset=nbytes)
     sclient.infer("simple", [i0, i1], outputs=[o0, o1])
@@ -439,12 +442,7 @@ def test_mapped_bytes_cap(server_factory, regions, sparse) -> None:
     c.register_system_shared_memory("in", small, 128)
     a, b = _simple_inputs()
     shm.set_shared_memory_region(handle, [a, b])
-    inputs = [
-        grpcclient.InferInput("INPUT0", [1, 16], "INT32"),
-        grpcclient.InferInput("INPUT1", [1, 16], "INT32"),
-    ]
-    inputs[0].set_shared_memory("in", 64)
-    inputs[1].set_shared_memory("in", 64, offset=64)
+    inputs = region_inputs("in", 64)
     result = c.infer("simple", inputs)
     np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), a + b)
     c.unregister_system_shared_memory()
@@ -486,12 +484,7 @@ def test_key_prefix(server_factory, regions) -> None:
     assert text == f"Unable to open shared memory region: '{inside_missing}'"
     a, b = _simple_inputs()
     shm.set_shared_memory_region(ok_handle, [a, b])
-    inputs = [
-        grpcclient.InferInput("INPUT0", [1, 16], "INT32"),
-        grpcclient.InferInput("INPUT1", [1, 16], "INT32"),
-    ]
-    inputs[0].set_shared_memory("in", 64)
-    inputs[1].set_shared_memory("in", 64, offset=64)
+    inputs = region_inputs("in", 64)
     np.testing.assert_array_equal(c.infer("simple", inputs).as_numpy("OUTPUT0"), a + b)
     c.unregister_system_shared_memory()
     c.close()
@@ -616,10 +609,7 @@ def test_stream_infer_with_shm(sclient, regions) -> None:
         if len(results) == 3:
             done.set()
 
-    i0 = grpcclient.InferInput("INPUT0", [1, 16], "INT32")
-    i1 = grpcclient.InferInput("INPUT1", [1, 16], "INT32")
-    i0.set_shared_memory("st", 64)
-    i1.set_shared_memory("st", 64, offset=64)
+    i0, i1 = region_inputs("st", 64)
     sclient.start_stream(callback)
     try:
         for n in range(3):
