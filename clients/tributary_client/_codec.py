@@ -147,6 +147,26 @@ def input_datatypes(metadata: ModelMetadata) -> dict[str, str]:
     return {t.name: t.datatype for t in metadata.inputs}
 
 
+class InputTypes:
+    """`cast=True`'s memory, shared by the sync and asyncio clients: each (model, version)'s
+    input datatypes, from one ModelMetadata, kept until this client loads or unloads the
+    model (which may change them)."""
+
+    def __init__(self) -> None:
+        self._types: dict[tuple[str, str], dict[str, str]] = {}
+
+    def get(self, model: str, version: str) -> dict[str, str] | None:
+        return self._types.get((model, version))
+
+    def remember(self, model: str, version: str, metadata: ModelMetadata) -> dict[str, str]:
+        types = self._types[(model, version)] = input_datatypes(metadata)
+        return types
+
+    def forget(self, model: str) -> None:
+        for key in [k for k in self._types if k[0] == model]:
+            self._types.pop(key, None)
+
+
 def cast_inputs(
     inputs: Mapping[str, Any], datatypes: Mapping[str, str], model: str
 ) -> dict[str, np.ndarray]:

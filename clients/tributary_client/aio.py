@@ -93,7 +93,7 @@ class AsyncClient:
         self._retry = retry
         self._headers = normalize_metadata(headers)
         self._wait_for_ready = wait_for_ready
-        self._input_types: dict[tuple[str, str], dict[str, str]] = {}
+        self._input_types = _codec.InputTypes()
 
     # -- plumbing ------------------------------------------------------------------------
 
@@ -262,7 +262,7 @@ class AsyncClient:
     ) -> None:
         """See `Client.load_model`."""
         request = _codec.load_request(name, config=config, files=files)
-        self._forget_inputs(name)
+        self._input_types.forget(name)
         try:
             await self._call(
                 "RepositoryModelLoad",
@@ -272,7 +272,7 @@ class AsyncClient:
                 end=self._end(timeout),
             )
         finally:
-            self._forget_inputs(name)
+            self._input_types.forget(name)
 
     async def unload_model(
         self,
@@ -293,13 +293,9 @@ class AsyncClient:
                 end=self._end(timeout),
             )
         finally:
-            self._forget_inputs(name)
+            self._input_types.forget(name)
 
     # -- inference -----------------------------------------------------------------------
-
-    def _forget_inputs(self, model: str) -> None:
-        for key in [k for k in self._input_types if k[0] == model]:
-            self._input_types.pop(key, None)
 
     async def _inputs_for(
         self,
@@ -312,13 +308,12 @@ class AsyncClient:
     ) -> Mapping[str, Any]:
         if not cast:
             return inputs
-        key = (model, version)
-        datatypes = self._input_types.get(key)
+        datatypes = self._input_types.get(model, version)
         if datatypes is None:
             request = pb.ModelMetadataRequest(name=model, version=version)
             response = await self._call("ModelMetadata", request, headers=headers, end=end)
             meta = _codec.model_metadata(response)
-            datatypes = self._input_types[key] = _codec.input_datatypes(meta)
+            datatypes = self._input_types.remember(model, version, meta)
         return _codec.cast_inputs(inputs, datatypes, model)
 
     async def infer(

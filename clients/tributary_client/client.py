@@ -140,7 +140,7 @@ class Client:
         self._retry = retry
         self._headers = normalize_metadata(headers)
         self._wait_for_ready = wait_for_ready
-        self._input_types: dict[tuple[str, str], dict[str, str]] = {}
+        self._input_types = _codec.InputTypes()
 
     # -- plumbing ------------------------------------------------------------------------
 
@@ -378,7 +378,7 @@ class Client:
         Returns when the server has finished loading; a failed load raises.
         """
         request = _codec.load_request(name, config=config, files=files)
-        self._forget_inputs(name)
+        self._input_types.forget(name)
         try:
             self._call(
                 "RepositoryModelLoad",
@@ -388,7 +388,7 @@ class Client:
                 end=self._end(timeout),
             )
         finally:
-            self._forget_inputs(name)
+            self._input_types.forget(name)
 
     def unload_model(
         self,
@@ -409,13 +409,9 @@ class Client:
                 end=self._end(timeout),
             )
         finally:
-            self._forget_inputs(name)
+            self._input_types.forget(name)
 
     # -- inference -----------------------------------------------------------------------
-
-    def _forget_inputs(self, model: str) -> None:
-        for key in [k for k in self._input_types if k[0] == model]:
-            self._input_types.pop(key, None)
 
     def _inputs_for(
         self,
@@ -431,13 +427,12 @@ class Client:
         fetch counts against the inference call's own deadline `end`."""
         if not cast:
             return inputs
-        key = (model, version)
-        datatypes = self._input_types.get(key)
+        datatypes = self._input_types.get(model, version)
         if datatypes is None:
             request = pb.ModelMetadataRequest(name=model, version=version)
             response = self._call("ModelMetadata", request, headers=headers, end=end)
             meta = _codec.model_metadata(response)
-            datatypes = self._input_types[key] = _codec.input_datatypes(meta)
+            datatypes = self._input_types.remember(model, version, meta)
         return _codec.cast_inputs(inputs, datatypes, model)
 
     def infer(
