@@ -4,10 +4,10 @@ Nothing here starts a thread, sleeps or reads a clock: every method takes `now_n
 rules (which request runs next, with whom, and whether it is worth waiting for more) are unit
 tested with plain integers. `tributary.scheduler` drives this under its lock.
 
-Queue policy (docs/model-config.md#batching).
-Requests go to priority level 1..`priority_levels` (1 is the
-highest); priority 0 or beyond the last level means `default_priority_level`, Triton's rule (a
-default outside 1..levels falls back to the lowest level). Each level has its own `QueuePolicy`:
+Queue policy (docs/model-config.md#batching). Requests go to priority level
+1..`priority_levels` (1 is the highest); priority 0 or beyond the last level means
+`default_priority_level`, Triton's rule (a default outside 1..levels falls back to the lowest
+level). Each level has its own `QueuePolicy`:
 
 - `max_queue_size` (0 = unbounded) counts queued requests of that level; full → `Unavailable`
   "Exceeds maximum queue size", immediately.

@@ -3,8 +3,7 @@
 This is where a request meets a model's signature: unknown/missing/duplicate inputs, datatype,
 shape against `dims` (with -1) and `max_batch_size`, raw/typed mixing, byte sizes, requested
 outputs and their parameters. Every rejection names the model, the tensor and what was
-expected, in Triton's wording where clients assert on it (docs/protocol.md).
-After this the
+expected, in Triton's wording where clients assert on it (docs/protocol.md). After this the
 scheduler and backend can trust the arrays they get.
 """
 
