@@ -27,6 +27,8 @@ from . import __version__
 from .options import INT32_MAX
 from .restrict import parse_restriction
 
+INT64_MAX = 2**63 - 1
+
 IMPLEMENTED = "implemented"
 IGNORED = "ignored"
 REFUSED = "refused"
@@ -61,18 +63,29 @@ def number(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
 
 
-def nonneg(text: str) -> int:
+def _bounded(text: str, low: int, high: int) -> int:
     value = integer(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a value >= 0, got {value}")
+    if value < low:
+        raise argparse.ArgumentTypeError(f"expected a value >= {low}, got {value}")
+    if value > high:
+        raise argparse.ArgumentTypeError(f"expected a value <= {high}, got {value}")
     return value
+
+
+def nonneg(text: str) -> int:
+    """A count, seconds or milliseconds: at most 2^31-1, as tritonserver parses them (int32).
+    More would also overflow gRPC's C int channel options and Python's timed waits, each a
+    traceback well after the flags were accepted."""
+    return _bounded(text, 0, INT32_MAX)
 
 
 def positive(text: str) -> int:
-    value = nonneg(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("expected a value >= 1, got 0")
-    return value
+    return _bounded(text, 1, INT32_MAX)
+
+
+def byte_count(text: str) -> int:
+    """A size in bytes, which may pass 2^31-1 (shared memory is not bound by gRPC's limit)."""
+    return _bounded(text, 1, INT64_MAX)
 
 
 def port(text: str) -> int:
@@ -277,7 +290,7 @@ FLAGS: tuple[Flag, ...] = (
         SERVER,
         "refuse an input tensor whose shape implies more bytes than this, before allocating "
         "(default: 2^31-1)",
-        type=positive,
+        type=byte_count,
         default=INT32_MAX,
         metavar="BYTES",
     ),
@@ -911,7 +924,7 @@ FLAGS: tuple[Flag, ...] = (
         "total byte_size of the client shared memory regions mapped at once (registered, or "
         "unregistered and still in use); a registration past it gets RESOURCE_EXHAUSTED "
         "(default: 64 GiB)",
-        type=positive,
+        type=byte_count,
         default=64 << 30,
         metavar="BYTES",
     ),

@@ -291,3 +291,37 @@ def test_tls_files_and_port_file_are_checked_before_anything_loads(tmp_path: Pat
         assert proc.returncode == 2, (args, proc.stderr)
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and flag in lines[0] and why in lines[0], (args, proc.stderr)
+
+
+@pytest.mark.parametrize(
+    "flag",
+    [
+        "--repository-poll-secs=99999999999999",
+        "--exit-timeout-secs=99999999999999",
+        "--metrics-interval-ms=99999999999999",
+        "--grpc-keepalive-time=2147483648",
+        "--grpc-max-connection-age=99999999999999",
+        "--grpc-http2-max-ping-strikes=2147483648",
+        "--grpc-max-message-size=2147483648",
+        "--max-tensor-bytes=9223372036854775808",
+        "--client-shm-max-bytes=9223372036854775808",
+    ],
+)
+def test_numbers_past_their_range_are_refused_in_one_line(flag: str) -> None:
+    """Counts and times past int32 (sizes past int64) used to be accepted, then overflowed
+    gRPC's C int options at start-up or a timed wait later: a traceback, sometimes after
+    serving had begun. They are refused with the flags."""
+    proc = run_cli("--model-repository", str(MODEL_REPOSITORY), flag)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "expected a value <=" in lines[0], proc.stderr
+
+
+def test_sizes_may_pass_int32() -> None:
+    """Shared memory is not bound by gRPC's message limit, so byte sizes take int64."""
+    from tributary.cli import parse_args
+
+    options = parse_args(
+        ["--model-repository", str(MODEL_REPOSITORY), "--max-tensor-bytes=4294967296"]
+    )
+    assert options.max_tensor_bytes == 4294967296
