@@ -1,0 +1,382 @@
+"""Request tracing: which requests to trace, and their spans (or Triton's JSON trace file).
+
+Cost first. Tracing is off by default, and then the data plane pays one attribute check per
+request (`Tracer.enabled`). When it is on, a request is sampled at its start
+(`tributary.tracesettings`); an untraced request pays that decision only. A traced one is
+written when it is answered, from timestamps taken anyway: the data plane's start and end,
+and the scheduler's `WorkItem` (queue and compute starts and durations, on the monotonic
+clock, converted once to wall-clock time). No span is open while the request crosses threads,
+and none of this runs on a model instance thread.
+
+Spans (mode opentelemetry), with Triton's names where it has them:
+- `InferRequest` (kind SERVER): the whole request in the data plane; its parent is the
+  client's W3C `traceparent` (and `tracestate`) when one was sent. Attributes
+  `triton.model_name`, `triton.model_version`, `triton.request_id`, `tributary.rpc`,
+  `tributary.status` (OK or the error's status name); error status with its message.
+- `<model name>`: the request inside the model's scheduler, from joining the queue to the end
+  of its execution (`tributary.rows`: the request's rows);
+  - `queue`: joining the queue to the start of its execution;
+  - `compute`: the execution (`tributary.batch_rows`: rows of the whole batch it ran in),
+    with events `COMPUTE_INPUT_END` and `COMPUTE_OUTPUT_START` (Triton's timestamp names).
+At level TENSORS the model span also carries `tributary.inputs` / `tributary.outputs`: one
+"name datatype [shape]" string per tensor, never tensor data.
+
+Spans go to an OTLP/gRPC receiver through the OpenTelemetry SDK's batch span processor;
+`shutdown` flushes it, bounded in time even when the receiver is gone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tributary_client._proto import grpc_service_pb2 as pb
+
+from .batchqueue import WorkItem
+from .errors import InferenceError
+from .text import clipped
+from .traceconfig import OPENTELEMETRY, TENSORS, TRITON, TraceConfig
+from .tracesettings import Setting, TraceSettings
+
+if TYPE_CHECKING:
+    from opentelemetry.context import Context
+    from opentelemetry.sdk.trace.export import SpanExporter
+
+log = logging.getLogger("tributary.tracing")
+
+MAX_NAME_CHARS = 256
+"""Client-sent names (model, request id, tensors) are cut to this in attributes."""
+MAX_TENSORS = 64
+"""At most this many tensors are listed per request at level TENSORS."""
+SHUTDOWN_TIMEOUT_S = 5.0
+EXPORT_TIMEOUT_S = 5.0
+MAX_BUFFERED_TRACES = 10_000
+"""Mode triton: traces held in memory before they are written to an indexed file anyway."""
+
+
+class Trace:
+    """One sampled request, between `Tracer.start` and `Tracer.finish`."""
+
+    __slots__ = ("setting", "model", "request_id", "rpc", "start_ns", "parent", "inputs")
+
+    def __init__(
+        self, setting: Setting, model: str, request_id: str, rpc: str, parent: Context | None
+    ) -> None:
+        self.setting = setting
+        self.model = model
+        self.request_id = request_id
+        self.rpc = rpc
+        self.parent = parent
+        self.inputs: list[str] = []
+        self.start_ns = time.monotonic_ns()
+
+
+def tensor_line(name: str, datatype: str, shape: Sequence[int]) -> str:
+    return f"{clipped(name, MAX_NAME_CHARS)} {datatype[:16]} [{','.join(map(str, shape[:32]))}]"
+
+
+class Tracer:
+    """Asked by the data plane at each request's start (`start`, None: not traced) and end
+    (`finish`). Settings change at run time through `settings` (the TraceSetting RPC)."""
+
+    def __init__(self, config: TraceConfig, *, exporter: SpanExporter | None = None) -> None:
+        self.config = config
+        self._settings = TraceSettings(config)
+        self._otel: _Otel | None = None
+        self._file: _TritonFile | None = None
+        if config.mode == OPENTELEMETRY:
+            self._otel = _Otel(config, exporter)
+        elif config.file:
+            self._file = _TritonFile(Path(config.file))
+        self.enabled = False
+        self._refresh()
+
+    def _refresh(self) -> None:
+        self.enabled = self._settings.active
+
+    # -- per request ---------------------------------------------------------------------
+
+    def start(
+        self,
+        model: str,
+        request_id: str,
+        carrier: Mapping[str, str] | None,
+        rpc: str,
+        request: pb.ModelInferRequest | None = None,
+    ) -> Trace | None:
+        """Sample this request: a `Trace` to `finish` when it is answered, or None."""
+        setting = self._settings.get(model)
+        if not setting.level:
+            return None
+        parent = None
+        if carrier and self._otel is not None:
+            parent = self._otel.extract(carrier)
+        if not setting.sample(parent is not None):
+            return None
+        trace = Trace(
+            setting,
+            clipped(model, MAX_NAME_CHARS),
+            clipped(request_id, MAX_NAME_CHARS),
+            rpc,
+            parent,
+        )
+        if TENSORS in setting.level and request is not None:
+            trace.inputs = [
+                tensor_line(t.name, t.datatype, t.shape) for t in request.inputs[:MAX_TENSORS]
+            ]
+        return trace
+
+    def finish(
+        self,
+        trace: Trace,
+        *,
+        version: str = "",
+        item: WorkItem | None = None,
+        error: BaseException | None = None,
+        response: pb.ModelInferResponse | None = None,
+    ) -> None:
+        """Write `trace` now that its request is answered. Never raises: a tracing fault must
+        not fail a request that succeeded (it is logged once per occurrence instead)."""
+        end_ns = time.monotonic_ns()
+        outputs = []
+        if response is not None and TENSORS in trace.setting.level:
+            outputs = [
+                tensor_line(t.name, t.datatype, t.shape) for t in response.outputs[:MAX_TENSORS]
+            ]
+        try:
+            if self._otel is not None:
+                self._otel.emit(trace, version, item, error, end_ns, outputs)
+            elif self._file is not None:
+                self._file.add(trace, version, item, end_ns, trace.setting)
+        except Exception:
+            log.exception("could not record the trace of a %s request", trace.rpc)
+
+    # -- settings and lifetime -----------------------------------------------------------
+
+    def settings(
+        self, model: str, update: Mapping[str, Sequence[str] | None] | None
+    ) -> dict[str, list[str]]:
+        """TraceSetting: apply `update` (None or empty: read only) to `model`'s setting ("" =
+        global) and answer the settings now in force. The caller checks that `model` is
+        ready. Raises InvalidArgument / Unimplemented with Triton's texts."""
+        if update:
+            self._settings.update(model, update)
+            self._refresh()
+        return self._settings.response(model)
+
+    def shutdown(self, timeout_s: float = SHUTDOWN_TIMEOUT_S) -> None:
+        """Flush what is buffered (spans to the receiver, traces to the file), waiting at most
+        `timeout_s`: a receiver that is gone costs that, never a hang."""
+        if self._file is not None:
+            self._file.close()
+        if self._otel is not None:
+            self._otel.shutdown(timeout_s)
+
+
+# -- OpenTelemetry ------------------------------------------------------------------------------
+
+
+class _Otel:
+    """A private TracerProvider (never the global one) with one batch span processor and the
+    OTLP/gRPC exporter. The SDK is imported only in this mode."""
+
+    def __init__(self, config: TraceConfig, exporter: SpanExporter | None) -> None:
+        from opentelemetry import trace as api
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+        from opentelemetry.sdk.trace.sampling import ALWAYS_ON
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+        from opentelemetry.trace.status import Status, StatusCode
+
+        if exporter is None:
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+            url = config.url
+            exporter = OTLPSpanExporter(
+                endpoint=url, insecure=not url.startswith("https://"), timeout=EXPORT_TIMEOUT_S
+            )
+            if url.endswith("/v1/traces"):
+                log.warning(
+                    "--trace-config opentelemetry,url=%s looks like an OTLP/HTTP address; "
+                    "Tributary exports OTLP over gRPC (host:port, usually port 4317)",
+                    url,
+                )
+        attributes: dict[str, str] = {"service.name": "tributary"}
+        attributes.update(dict(config.resource))
+        self._provider = TracerProvider(resource=Resource.create(attributes), sampler=ALWAYS_ON)
+        self._provider.add_span_processor(
+            BatchSpanProcessor(
+                exporter,
+                max_queue_size=config.bsp_max_queue_size,
+                schedule_delay_millis=config.bsp_schedule_delay,
+                max_export_batch_size=config.bsp_max_export_batch_size,
+            )
+        )
+        self._tracer = self._provider.get_tracer("tributary")
+        self._api = api
+        self._propagator = TraceContextTextMapPropagator()
+        self._server = api.SpanKind.SERVER
+        self._status = Status
+        self._error_code = StatusCode.ERROR
+
+    def extract(self, carrier: Mapping[str, str]) -> Context | None:
+        """The client's span context, when it sent a valid traceparent."""
+        ctx = self._propagator.extract(carrier)
+        if not self._api.get_current_span(ctx).get_span_context().is_valid:
+            return None
+        return ctx
+
+    def emit(
+        self,
+        trace: Trace,
+        version: str,
+        item: WorkItem | None,
+        error: BaseException | None,
+        end_ns: int,
+        outputs: list[str],
+    ) -> None:
+        offset = time.time_ns() - time.monotonic_ns()
+        tracer, api = self._tracer, self._api
+        names: dict[str, Any] = {
+            "triton.model_name": trace.model,
+            "triton.model_version": version,
+        }
+        if trace.request_id:
+            names["triton.request_id"] = trace.request_id
+        status = error.code.name if isinstance(error, InferenceError) else "OK"
+        if error is not None and not isinstance(error, InferenceError):
+            status = "INTERNAL"
+        root = tracer.start_span(
+            "InferRequest",
+            context=trace.parent,
+            kind=self._server,
+            start_time=trace.start_ns + offset,
+            attributes={**names, "tributary.rpc": trace.rpc, "tributary.status": status},
+        )
+        if error is not None:
+            root.set_status(self._status(self._error_code, clipped(str(error), 1024)))
+        queued = item.queue_start_ns if item is not None else 0
+        if item is not None and queued:
+            inside = api.set_span_in_context(root)
+            computed = item.compute_start_ns
+            done = (
+                computed + item.compute_input_ns + item.compute_infer_ns + item.compute_output_ns
+                if computed
+                else end_ns
+            )
+            attributes = {**names, "tributary.rows": item.rows}
+            if trace.inputs:
+                attributes["tributary.inputs"] = trace.inputs
+            if outputs:
+                attributes["tributary.outputs"] = outputs
+            model = tracer.start_span(
+                trace.model, context=inside, start_time=queued + offset, attributes=attributes
+            )
+            if error is not None:
+                model.set_status(self._status(self._error_code, clipped(str(error), 1024)))
+            below = api.set_span_in_context(model)
+            queue = tracer.start_span("queue", context=below, start_time=queued + offset)
+            queue.end(end_time=(computed or end_ns) + offset)
+            if computed:
+                compute = tracer.start_span(
+                    "compute",
+                    context=below,
+                    start_time=computed + offset,
+                    attributes={"tributary.batch_rows": item.batch_rows},
+                )
+                at = computed + offset + item.compute_input_ns
+                compute.add_event("COMPUTE_INPUT_END", timestamp=at)
+                compute.add_event("COMPUTE_OUTPUT_START", timestamp=at + item.compute_infer_ns)
+                compute.end(end_time=done + offset)
+            model.end(end_time=done + offset)
+        root.end(end_time=end_ns + offset)
+
+    def shutdown(self, timeout_s: float) -> None:
+        """The SDK's shutdown waits for the last export; run it on a daemon thread so a
+        receiver that does not answer costs at most `timeout_s` (the exporter's own timeout
+        ends that export soon after)."""
+        worker = threading.Thread(target=self._provider.shutdown, name="trace-flush", daemon=True)
+        worker.start()
+        worker.join(timeout_s)
+        if worker.is_alive():
+            log.warning("trace export did not finish within %.0fs; spans may be lost", timeout_s)
+
+
+# -- mode triton: Triton's JSON trace file --------------------------------------------------
+
+
+class _TritonFile:
+    """Triton's JSON trace output: a JSON array of objects, per trace one with the model and
+    ids, then one per timestamp (`{"id": N, "timestamps": [{"name": ..., "ns": ...}]}`,
+    monotonic nanoseconds as Triton's steady clock). With log_frequency N, every N traces go
+    to `<file>.<index>`; what is left goes to `<file>` at shutdown. At most
+    MAX_BUFFERED_TRACES are held: more are written to an indexed file early."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._entries: list[dict[str, Any]] = []
+        self._traces = 0
+        self._next_id = 1
+        self._index = 0
+
+    def add(
+        self, trace: Trace, version: str, item: WorkItem | None, end_ns: int, setting: Setting
+    ) -> None:
+        stamps = [("REQUEST_START", trace.start_ns)]
+        if item is not None and item.queue_start_ns:
+            stamps.append(("QUEUE_START", item.queue_start_ns))
+            if item.compute_start_ns:
+                t = item.compute_start_ns
+                stamps += [
+                    ("COMPUTE_START", t),
+                    ("COMPUTE_INPUT_END", t + item.compute_input_ns),
+                    ("COMPUTE_OUTPUT_START", t + item.compute_input_ns + item.compute_infer_ns),
+                    (
+                        "COMPUTE_END",
+                        t + item.compute_input_ns + item.compute_infer_ns + item.compute_output_ns,
+                    ),
+                ]
+        stamps.append(("REQUEST_END", end_ns))
+        with self._lock:
+            tid = self._next_id
+            self._next_id += 1
+            head: dict[str, Any] = {"id": tid, "model_name": trace.model}
+            head["model_version"] = int(version) if version.isdigit() else -1
+            if trace.request_id:
+                head["request_id"] = trace.request_id
+            self._entries.append(head)
+            self._entries += [
+                {"id": tid, "timestamps": [{"name": name, "ns": ns}]} for name, ns in stamps
+            ]
+            self._traces += 1
+            frequency = setting.log_frequency
+            if (frequency and self._traces >= frequency) or self._traces >= MAX_BUFFERED_TRACES:
+                entries, self._entries, self._traces = self._entries, [], 0
+                name = self.path.with_name(f"{self.path.name}.{self._index}")
+                self._index += 1
+            else:
+                return
+        _write(name, entries)
+
+    def close(self) -> None:
+        with self._lock:
+            entries, self._entries, self._traces = self._entries, [], 0
+        if entries:
+            _write(self.path, entries)
+
+
+def _write(path: Path, entries: list[dict[str, Any]]) -> None:
+    try:
+        path.write_text(json.dumps(entries))
+    except OSError as exc:
+        log.error("could not write trace file %s: %s", path, exc.strerror or exc)
+
+
+__all__ = ["TRITON", "OPENTELEMETRY", "Trace", "TraceConfig", "Tracer"]
