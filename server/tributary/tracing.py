@@ -29,11 +29,12 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from tributary_client._proto import grpc_service_pb2 as pb
 
@@ -62,7 +63,17 @@ MAX_BUFFERED_TRACES = 10_000
 class Trace:
     """One sampled request, between `Tracer.start` and `Tracer.finish`."""
 
-    __slots__ = ("setting", "model", "request_id", "rpc", "start_ns", "parent", "inputs")
+    __slots__ = (
+        "setting",
+        "model",
+        "request_id",
+        "rpc",
+        "start_ns",
+        "parent",
+        "inputs",
+        "version",
+        "item",
+    )
 
     def __init__(
         self, setting: Setting, model: str, request_id: str, rpc: str, parent: Context | None
@@ -74,6 +85,37 @@ class Trace:
         self.parent = parent
         self.inputs: list[str] = []
         self.start_ns = time.monotonic_ns()
+        # set by the data plane once the model version resolved and the request decoded
+        self.version = ""
+        self.item: WorkItem | None = None
+
+
+class Record(NamedTuple):
+    """What a finished trace needs, copied off the request (the WorkItem holds its tensors,
+    which must not live on while the record waits for the span thread)."""
+
+    trace: Trace
+    end_ns: int
+    version: str
+    timings: tuple[int, int, int, int, int, int, int] | None  # see `_timings`
+    error: BaseException | None
+    outputs: list[str]
+
+
+def _timings(item: WorkItem | None) -> tuple[int, int, int, int, int, int, int] | None:
+    """(queue start, compute start, input, infer, output, rows, batch rows), or None when the
+    request never reached the scheduler's queue."""
+    if item is None or not item.queue_start_ns:
+        return None
+    return (
+        item.queue_start_ns,
+        item.compute_start_ns,
+        item.compute_input_ns,
+        item.compute_infer_ns,
+        item.compute_output_ns,
+        item.rows,
+        item.batch_rows,
+    )
 
 
 def tensor_line(name: str, datatype: str, shape: Sequence[int]) -> str:
@@ -94,6 +136,10 @@ class Tracer:
         elif config.file:
             self._file = _TritonFile(Path(config.file))
         self.enabled = False
+        self.dropped = 0
+        self._records: queue.Queue[Record | None] = queue.Queue(config.bsp_max_queue_size)
+        self._writer = threading.Thread(target=self._write, name="trace-spans", daemon=True)
+        self._writer.start()
         self._refresh()
 
     def _refresh(self) -> None:
@@ -135,26 +181,36 @@ class Tracer:
         self,
         trace: Trace,
         *,
-        version: str = "",
-        item: WorkItem | None = None,
         error: BaseException | None = None,
         response: pb.ModelInferResponse | None = None,
     ) -> None:
-        """Write `trace` now that its request is answered. Never raises: a tracing fault must
-        not fail a request that succeeded (it is logged once per occurrence instead)."""
-        end_ns = time.monotonic_ns()
+        """`trace`'s request is answered: copy what its spans need and hand it to the span
+        thread (the request's thread only pays the copy). Never raises; when the span thread
+        is `bsp_max_queue_size` traces behind, the trace is dropped, as the SDK drops spans."""
         outputs = []
         if response is not None and TENSORS in trace.setting.level:
             outputs = [
                 tensor_line(t.name, t.datatype, t.shape) for t in response.outputs[:MAX_TENSORS]
             ]
+        record = Record(
+            trace, time.monotonic_ns(), trace.version, _timings(trace.item), error, outputs
+        )
+        trace.item = None
         try:
-            if self._otel is not None:
-                self._otel.emit(trace, version, item, error, end_ns, outputs)
-            elif self._file is not None:
-                self._file.add(trace, version, item, end_ns, trace.setting)
-        except Exception:
-            log.exception("could not record the trace of a %s request", trace.rpc)
+            self._records.put_nowait(record)
+        except queue.Full:
+            self.dropped += 1
+
+    def _write(self) -> None:
+        """The span thread: builds spans (or file entries) from finished traces."""
+        while (record := self._records.get()) is not None:
+            try:
+                if self._otel is not None:
+                    self._otel.emit(record)
+                elif self._file is not None:
+                    self._file.add(record)
+            except Exception:
+                log.exception("could not record the trace of a %s request", record.trace.rpc)
 
     # -- settings and lifetime -----------------------------------------------------------
 
@@ -172,6 +228,10 @@ class Tracer:
     def shutdown(self, timeout_s: float = SHUTDOWN_TIMEOUT_S) -> None:
         """Flush what is buffered (spans to the receiver, traces to the file), waiting at most
         `timeout_s`: a receiver that is gone costs that, never a hang."""
+        deadline = time.monotonic() + timeout_s
+        self._records.put(None)  # after every record already queued
+        self._writer.join(timeout_s)
+        timeout_s = max(0.0, deadline - time.monotonic())
         if self._file is not None:
             self._file.close()
         if self._otel is not None:
@@ -209,7 +269,9 @@ class _Otel:
                 )
         attributes: dict[str, str] = {"service.name": "tributary"}
         attributes.update(dict(config.resource))
-        self._provider = TracerProvider(resource=Resource.create(attributes), sampler=ALWAYS_ON)
+        self._provider = TracerProvider(
+            resource=Resource.create(attributes), sampler=ALWAYS_ON, shutdown_on_exit=False
+        )
         self._provider.add_span_processor(
             BatchSpanProcessor(
                 exporter,
@@ -232,15 +294,8 @@ class _Otel:
             return None
         return ctx
 
-    def emit(
-        self,
-        trace: Trace,
-        version: str,
-        item: WorkItem | None,
-        error: BaseException | None,
-        end_ns: int,
-        outputs: list[str],
-    ) -> None:
+    def emit(self, record: Record) -> None:
+        trace, end_ns, version, timings, error, outputs = record
         offset = time.time_ns() - time.monotonic_ns()
         tracer, api = self._tracer, self._api
         names: dict[str, Any] = {
@@ -261,16 +316,11 @@ class _Otel:
         )
         if error is not None:
             root.set_status(self._status(self._error_code, clipped(str(error), 1024)))
-        queued = item.queue_start_ns if item is not None else 0
-        if item is not None and queued:
+        if timings is not None:
+            queued, computed, t_input, t_infer, t_output, rows, batch_rows = timings
             inside = api.set_span_in_context(root)
-            computed = item.compute_start_ns
-            done = (
-                computed + item.compute_input_ns + item.compute_infer_ns + item.compute_output_ns
-                if computed
-                else end_ns
-            )
-            attributes = {**names, "tributary.rows": item.rows}
+            done = computed + t_input + t_infer + t_output if computed else end_ns
+            attributes = {**names, "tributary.rows": rows}
             if trace.inputs:
                 attributes["tributary.inputs"] = trace.inputs
             if outputs:
@@ -288,11 +338,11 @@ class _Otel:
                     "compute",
                     context=below,
                     start_time=computed + offset,
-                    attributes={"tributary.batch_rows": item.batch_rows},
+                    attributes={"tributary.batch_rows": batch_rows},
                 )
-                at = computed + offset + item.compute_input_ns
+                at = computed + offset + t_input
                 compute.add_event("COMPUTE_INPUT_END", timestamp=at)
-                compute.add_event("COMPUTE_OUTPUT_START", timestamp=at + item.compute_infer_ns)
+                compute.add_event("COMPUTE_OUTPUT_START", timestamp=at + t_infer)
                 compute.end(end_time=done + offset)
             model.end(end_time=done + offset)
         root.end(end_time=end_ns + offset)
@@ -326,22 +376,23 @@ class _TritonFile:
         self._next_id = 1
         self._index = 0
 
-    def add(
-        self, trace: Trace, version: str, item: WorkItem | None, end_ns: int, setting: Setting
-    ) -> None:
+    def add(self, record: Record) -> None:
+        trace, end_ns, version, timings = (
+            record.trace,
+            record.end_ns,
+            record.version,
+            record.timings,
+        )
         stamps = [("REQUEST_START", trace.start_ns)]
-        if item is not None and item.queue_start_ns:
-            stamps.append(("QUEUE_START", item.queue_start_ns))
-            if item.compute_start_ns:
-                t = item.compute_start_ns
+        if timings is not None:
+            queued, t, t_input, t_infer, t_output = timings[:5]
+            stamps.append(("QUEUE_START", queued))
+            if t:
                 stamps += [
                     ("COMPUTE_START", t),
-                    ("COMPUTE_INPUT_END", t + item.compute_input_ns),
-                    ("COMPUTE_OUTPUT_START", t + item.compute_input_ns + item.compute_infer_ns),
-                    (
-                        "COMPUTE_END",
-                        t + item.compute_input_ns + item.compute_infer_ns + item.compute_output_ns,
-                    ),
+                    ("COMPUTE_INPUT_END", t + t_input),
+                    ("COMPUTE_OUTPUT_START", t + t_input + t_infer),
+                    ("COMPUTE_END", t + t_input + t_infer + t_output),
                 ]
         stamps.append(("REQUEST_END", end_ns))
         with self._lock:
@@ -356,7 +407,7 @@ class _TritonFile:
                 {"id": tid, "timestamps": [{"name": name, "ns": ns}]} for name, ns in stamps
             ]
             self._traces += 1
-            frequency = setting.log_frequency
+            frequency = trace.setting.log_frequency
             if (frequency and self._traces >= frequency) or self._traces >= MAX_BUFFERED_TRACES:
                 entries, self._entries, self._traces = self._entries, [], 0
                 name = self.path.with_name(f"{self.path.name}.{self._index}")

@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -18,7 +19,7 @@ from tributary.batchqueue import WorkItem
 from tributary.errors import InvalidArgument, Unavailable, Unimplemented
 from tributary.traceconfig import TraceConfig, parse_config
 from tributary.tracesettings import TraceSettings
-from tributary.tracing import Tracer
+from tributary.tracing import Trace, Tracer
 from tributary_client._proto import grpc_service_pb2 as pb
 
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
@@ -213,6 +214,14 @@ def traced_item(rows: int = 2) -> WorkItem:
     return item
 
 
+def finish(
+    tracer: Tracer, trace: Trace, version: str = "1", item: WorkItem | None = None, **kw: Any
+) -> None:
+    """What the data plane does: note the version and work item, then finish."""
+    trace.version, trace.item = version, item
+    tracer.finish(trace, **kw)
+
+
 def make_tracer(receiver: OtlpReceiver, *entries: str) -> Tracer:
     config = parse_config(
         [
@@ -234,7 +243,7 @@ def test_spans_parentage_timing_and_attributes(receiver: OtlpReceiver) -> None:
     trace = tracer.start("simple", "req-7", {"traceparent": TRACEPARENT}, "ModelInfer")
     assert trace is not None
     trace.start_ns -= 1_000_000  # as if it had started before the item's queue start
-    tracer.finish(trace, version="1", item=traced_item())
+    finish(tracer, trace, item=traced_item())
     spans = receiver.wait_for(lambda s: len(s) >= 4)
     root = receiver.roots(spans)[0]
     assert (root.trace_id, root.parent_id, root.kind) == (TRACE_ID, PARENT_ID, SERVER_KIND)
@@ -265,12 +274,12 @@ def test_failure_before_scheduling_and_tensors_level(receiver: OtlpReceiver) -> 
     request.inputs.add(name="INPUT0", datatype="INT32", shape=[1, 16])
     trace = tracer.start("simple", "", None, "ModelStreamInfer", request)
     assert trace is not None
-    tracer.finish(trace, error=Unavailable("Exceeds maximum queue size"))
+    finish(tracer, trace, "", error=Unavailable("Exceeds maximum queue size"))
     trace = tracer.start("simple", "t", None, "ModelInfer", request)
     assert trace is not None
     response = pb.ModelInferResponse()
     response.outputs.add(name="OUTPUT0", datatype="INT32", shape=[1, 16])
-    tracer.finish(trace, version="1", item=traced_item(1), response=response)
+    finish(tracer, trace, item=traced_item(1), response=response)
     spans = receiver.wait_for(lambda s: len(s) >= 5)
     failed = [
         r for r in receiver.roots(spans) if r.attributes["tributary.rpc"] == "ModelStreamInfer"
@@ -312,7 +321,7 @@ def test_shutdown_flushes_and_is_bounded_without_receiver(receiver: OtlpReceiver
     tracer = Tracer(config)
     trace = tracer.start("simple", "flush-me", None, "ModelInfer")
     assert trace is not None
-    tracer.finish(trace, version="1")
+    finish(tracer, trace)
     tracer.shutdown(timeout_s=10)
     assert receiver.roots()[0].attributes["triton.request_id"] == "flush-me"
 
@@ -321,7 +330,7 @@ def test_shutdown_flushes_and_is_bounded_without_receiver(receiver: OtlpReceiver
     gone = Tracer(replace(config, url=f"127.0.0.1:{port}"))
     trace = gone.start("simple", "lost", None, "ModelInfer")
     assert trace is not None
-    gone.finish(trace, version="1")
+    finish(gone, trace)
     started = time.monotonic()
     gone.shutdown(timeout_s=2)
     assert time.monotonic() - started < 3
@@ -336,8 +345,13 @@ def test_triton_mode_writes_tritons_json_file(tmp_path: Path) -> None:
     for i in range(3):
         trace = tracer.start("simple", f"r{i}", {"traceparent": TRACEPARENT}, "ModelInfer")
         assert trace is not None
-        tracer.finish(trace, version="1", item=traced_item())
-    indexed = json.loads((tmp_path / "trace.json.0").read_text())
+        finish(tracer, trace, item=traced_item())
+    first = tmp_path / "trace.json.0"
+    deadline = time.monotonic() + 30
+    while not first.exists():  # written by the span thread once two traces are in
+        assert time.monotonic() < deadline, "no indexed trace file"
+        time.sleep(0.01)
+    indexed = json.loads(first.read_text())
     assert indexed[0] == {"id": 1, "model_name": "simple", "model_version": 1, "request_id": "r0"}
     names = [e["timestamps"][0]["name"] for e in indexed if e["id"] == 1 and "timestamps" in e]
     assert names == [
