@@ -259,7 +259,7 @@ def start(options: ServerOptions, logs: LogControl | None = None) -> Server | No
             else ()
         ),
         max_streams=options.grpc_max_streams,
-        request_log=request_log,
+        request_log=dataplane,  # looked up per call: LogSettings switches it live
         restricted=options.grpc_restricted_protocols,
     )
     # Bound now, served only once the start-up models are loaded (Triton's order): a port
