@@ -122,6 +122,20 @@ def _failure_reason(exc: BaseException) -> str:
     return "OTHER"
 
 
+def _log_line(
+    request_log: RequestLog,
+    rpc: str,
+    request: pb.ModelInferRequest,
+    version: str,
+    status: str,
+    start: int,
+) -> None:
+    """The --log-verbose line of an answered request (the version it ran on, if it ran)."""
+    request_log(
+        rpc, request.model_name, version or request.model_version, request.id, status, start
+    )
+
+
 class _Call:
     """One inference request on its way through: the model it resolved, the decoded request
     and when it started (statistics count from resolve to encoded reply)."""
@@ -308,14 +322,7 @@ class DataPlane:
             raise
         finally:
             if request_log is not None:
-                request_log(
-                    rpc,
-                    request.model_name,
-                    version or request.model_version,
-                    request.id,
-                    status,
-                    start,
-                )
+                _log_line(request_log, rpc, request, version, status, start)
             if trace is not None:
                 tracer.finish(
                     trace, error=error, response=result.response if result is not None else None
@@ -372,14 +379,7 @@ class DataPlane:
             finally:
                 status = "OK" if error is None else error.code.name
                 version = result.response.model_version if result is not None else ""
-                request_log(
-                    rpc,
-                    request.model_name,
-                    version or request.model_version,
-                    request.id,
-                    status,
-                    start,
-                )
+                _log_line(request_log, rpc, request, version, status, start)
 
         return logged
 

@@ -22,7 +22,7 @@ from .config import ModelSignature, signature
 from .config_check import inside_model_dir
 from .datatypes import from_config
 from .errors import InvalidArgument, ModelLoadError
-from .scheduler import BatchPolicy, QueuePolicy, Scheduler
+from .scheduler import BatchPolicy, QueuePolicy, Scheduler, make_scheduler
 from .stats import ModelStats
 from .tensors import check_size_limit
 
@@ -259,7 +259,7 @@ def build_loader(
         sig = signature(config, model_dir)
         instances = create_instances(config, model_path, gpus, cores)
         stats = ModelStats(name, version)
-        scheduler = Scheduler(name, instances, batch_policy(config), stats)
+        scheduler = make_scheduler(name, instances, batch_policy(config), stats)
         model = Model(
             name, version, config, sig, instances, scheduler, stats, time.monotonic() - start
         )

@@ -38,8 +38,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from tributary_client._proto import grpc_service_pb2 as pb
 
-from .batchqueue import WorkItem
 from .errors import InferenceError
+from .scheduler.batchqueue import WorkItem
 from .text import clipped
 from .traceconfig import OPENTELEMETRY, TENSORS, TRITON, TraceConfig
 from .tracesettings import Setting, TraceSettings

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from otlp_receiver import SERVER_KIND, STATUS_ERROR, OtlpReceiver, tree
 
-from tributary.batchqueue import WorkItem
 from tributary.errors import InvalidArgument, Unavailable, Unimplemented
+from tributary.scheduler.batchqueue import WorkItem
 from tributary.traceconfig import TraceConfig, parse_config
 from tributary.tracesettings import TraceSettings
 from tributary.tracing import Trace, Tracer
