@@ -1,24 +1,25 @@
 """Request tracing: which requests to trace, and their spans (or Triton's JSON trace file).
 
 Cost first. Tracing is off by default, and then the data plane pays one attribute check per
-request (`Tracer.enabled`). When it is on, a request is sampled at its start
-(`tributary.tracesettings`); an untraced request pays that decision only. A traced one is
-written when it is answered, from timestamps taken anyway: the data plane's start and end,
-and the scheduler's `WorkItem` (queue and compute starts and durations, on the monotonic
-clock, converted once to wall-clock time). No span is open while the request crosses threads,
-and none of this runs on a model instance thread.
+request (`Tracer.enabled`, folded into the data plane's own). When it is on, a request is
+sampled at its start (`tributary.tracesettings`); an untraced request pays that decision
+only. A traced one is recorded when it is answered, from timestamps taken anyway: the
+tracer's start and end, and the scheduler's `WorkItem` (queue and compute starts and
+durations, on the monotonic clock, the scheduler's default, converted once to wall-clock
+time). `finish` only copies those numbers onto a bounded queue; the tracer's own thread
+builds the spans. No span is open while the request crosses threads, and no span is built
+on a request's or a model instance's thread.
 
 Spans (mode opentelemetry), with Triton's names where it has them:
 - `InferRequest` (kind SERVER): the whole request in the data plane; its parent is the
   client's W3C `traceparent` (and `tracestate`) when one was sent. Attributes
   `triton.model_name`, `triton.model_version`, `triton.request_id`, `tributary.rpc`,
-  `tributary.status` (OK or the error's status name); error status with its message.
-- `<model name>`: the request inside the model's scheduler, from joining the queue to the end
-  of its execution (`tributary.rows`: the request's rows);
-  - `queue`: joining the queue to the start of its execution;
+  `tributary.status` (OK or the error's status name), `tributary.rows` (the request's rows);
+  error status with its message.
+  - `queue`: joining the model's queue to the start of its execution;
   - `compute`: the execution (`tributary.batch_rows`: rows of the whole batch it ran in),
     with events `COMPUTE_INPUT_END` and `COMPUTE_OUTPUT_START` (Triton's timestamp names).
-At level TENSORS the model span also carries `tributary.inputs` / `tributary.outputs`: one
+At level TENSORS the request span also carries `tributary.inputs` / `tributary.outputs`: one
 "name datatype [shape]" string per tensor, never tensor data.
 
 Spans go to an OTLP/gRPC receiver through the OpenTelemetry SDK's batch span processor;
@@ -295,56 +296,54 @@ class _Otel:
         return ctx
 
     def emit(self, record: Record) -> None:
+        """Three spans at most: the request, and under it queue and compute. (Each span costs
+        tens of microseconds of SDK and exporter work, so there is no span per model.)"""
         trace, end_ns, version, timings, error, outputs = record
         offset = time.time_ns() - time.monotonic_ns()
-        tracer, api = self._tracer, self._api
-        names: dict[str, Any] = {
+        tracer = self._tracer
+        attributes: dict[str, Any] = {
             "triton.model_name": trace.model,
             "triton.model_version": version,
+            "tributary.rpc": trace.rpc,
         }
         if trace.request_id:
-            names["triton.request_id"] = trace.request_id
-        status = error.code.name if isinstance(error, InferenceError) else "OK"
-        if error is not None and not isinstance(error, InferenceError):
-            status = "INTERNAL"
+            attributes["triton.request_id"] = trace.request_id
+        if error is None:
+            attributes["tributary.status"] = "OK"
+        else:
+            code = error.code.name if isinstance(error, InferenceError) else "INTERNAL"
+            attributes["tributary.status"] = code
+        if timings is not None:
+            attributes["tributary.rows"] = timings[5]
+        if trace.inputs:
+            attributes["tributary.inputs"] = trace.inputs
+        if outputs:
+            attributes["tributary.outputs"] = outputs
         root = tracer.start_span(
             "InferRequest",
             context=trace.parent,
             kind=self._server,
             start_time=trace.start_ns + offset,
-            attributes={**names, "tributary.rpc": trace.rpc, "tributary.status": status},
+            attributes=attributes,
         )
         if error is not None:
             root.set_status(self._status(self._error_code, clipped(str(error), 1024)))
         if timings is not None:
-            queued, computed, t_input, t_infer, t_output, rows, batch_rows = timings
-            inside = api.set_span_in_context(root)
-            done = computed + t_input + t_infer + t_output if computed else end_ns
-            attributes = {**names, "tributary.rows": rows}
-            if trace.inputs:
-                attributes["tributary.inputs"] = trace.inputs
-            if outputs:
-                attributes["tributary.outputs"] = outputs
-            model = tracer.start_span(
-                trace.model, context=inside, start_time=queued + offset, attributes=attributes
-            )
-            if error is not None:
-                model.set_status(self._status(self._error_code, clipped(str(error), 1024)))
-            below = api.set_span_in_context(model)
-            queue = tracer.start_span("queue", context=below, start_time=queued + offset)
+            queued, computed, t_input, t_infer, t_output, _, batch_rows = timings
+            inside = self._api.set_span_in_context(root)
+            queue = tracer.start_span("queue", context=inside, start_time=queued + offset)
             queue.end(end_time=(computed or end_ns) + offset)
             if computed:
                 compute = tracer.start_span(
                     "compute",
-                    context=below,
+                    context=inside,
                     start_time=computed + offset,
                     attributes={"tributary.batch_rows": batch_rows},
                 )
                 at = computed + offset + t_input
                 compute.add_event("COMPUTE_INPUT_END", timestamp=at)
                 compute.add_event("COMPUTE_OUTPUT_START", timestamp=at + t_infer)
-                compute.end(end_time=done + offset)
-            model.end(end_time=done + offset)
+                compute.end(end_time=computed + t_input + t_infer + t_output + offset)
         root.end(end_time=end_ns + offset)
 
     def shutdown(self, timeout_s: float) -> None:

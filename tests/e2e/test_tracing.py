@@ -72,7 +72,7 @@ def root_of(receiver: OtlpReceiver, request_id: str) -> tuple[Span, dict[str, Sp
             s for s in receiver.roots(spans) if s.attributes.get("triton.request_id") == request_id
         ]
         return bool(roots) and len(tree(spans, roots[0])) >= (
-            4 if roots[0].attributes["tributary.status"] == "OK" else 1
+            3 if roots[0].attributes["tributary.status"] == "OK" else 1
         )
 
     spans = receiver.wait_for(found)
@@ -83,23 +83,21 @@ def root_of(receiver: OtlpReceiver, request_id: str) -> tuple[Span, dict[str, Sp
 
 
 def check_request_tree(root: Span, spans: dict[str, Span]) -> None:
-    model, queue_span, compute = spans["simple"], spans["queue"], spans["compute"]
+    queue_span, compute = spans["queue"], spans["compute"]
+    assert set(spans) == {"InferRequest", "queue", "compute"}
     assert root.kind == SERVER_KIND
     assert root.attributes["triton.model_name"] == "simple"
     assert root.attributes["triton.model_version"] == "1"
     assert root.attributes["tributary.status"] == "OK"
+    assert root.attributes["tributary.rows"] == 1
     assert root.resource["service.name"] == "e2e"
-    assert model.parent_id == root.span_id
-    assert queue_span.parent_id == compute.parent_id == model.span_id
-    assert model.attributes["tributary.rows"] == 1
+    assert queue_span.parent_id == compute.parent_id == root.span_id
     assert compute.attributes["tributary.batch_rows"] >= 1
-    # timing order: the request contains the model span, which contains queue then compute
-    assert root.start_ns <= model.start_ns == queue_span.start_ns
-    assert queue_span.end_ns == compute.start_ns
+    # timing order: the request contains queue, then compute
+    assert root.start_ns <= queue_span.start_ns <= queue_span.end_ns == compute.start_ns
     assert compute.start_ns <= compute.events["COMPUTE_INPUT_END"]
     assert compute.events["COMPUTE_INPUT_END"] <= compute.events["COMPUTE_OUTPUT_START"]
-    assert compute.events["COMPUTE_OUTPUT_START"] <= compute.end_ns == model.end_ns
-    assert model.end_ns <= root.end_ns
+    assert compute.events["COMPUTE_OUTPUT_START"] <= compute.end_ns <= root.end_ns
     assert root.end_ns - root.start_ns < 60 * 10**9
 
 
