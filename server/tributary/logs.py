@@ -26,6 +26,7 @@ from typing import Any
 
 from pythonjsonlogger.json import JsonFormatter
 
+from .constants import SHOWN_NAME_CHARS
 from .text import clipped, printable
 
 _LETTER = {
@@ -266,7 +267,7 @@ class LogControl:
             return dict(self.values)
 
 
-def _clip(text: str, limit: int = 256) -> str:
+def _clip(text: str, limit: int = SHOWN_NAME_CHARS) -> str:
     return text if len(text) <= limit else f"{text[:limit]}...({len(text) - limit} more)"
 
 
