@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+from .constants import INT32_MAX
+
 TIMESTAMPS = "TIMESTAMPS"
 TENSORS = "TENSORS"
 LEVELS = (TIMESTAMPS, TENSORS)
@@ -17,7 +19,6 @@ TRITON = "triton"
 OPENTELEMETRY = "opentelemetry"
 MODES = (TRITON, OPENTELEMETRY)
 UINT32_MAX = 2**32 - 1
-INT32_MAX = 2**31 - 1
 MIN_COUNT = -1
 DEFAULT_URL = "localhost:4317"
 DEFAULT_SERVICE_NAME = "tributary"

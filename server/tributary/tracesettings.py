@@ -25,9 +25,9 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from .constants import INT32_MAX
 from .errors import InvalidArgument, Unimplemented
 from .traceconfig import (
-    INT32_MAX,
     LEVELS,
     MIN_COUNT,
     OPENTELEMETRY,

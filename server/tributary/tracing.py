@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from tributary_client._proto import grpc_service_pb2 as pb
 
+from .constants import SHOWN_NAME_CHARS
 from .errors import InferenceError
 from .scheduler.batchqueue import WorkItem
 from .text import clipped
@@ -51,7 +52,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tributary.tracing")
 
-MAX_NAME_CHARS = 256
+MAX_NAME_CHARS = SHOWN_NAME_CHARS
 """Client-sent names (model, request id, tensors) are cut to this in attributes."""
 MAX_TENSORS = 64
 """At most this many tensors are listed per request at level TENSORS."""
