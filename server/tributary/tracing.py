@@ -140,12 +140,15 @@ class Tracer:
         self.enabled = False
         self.dropped = 0
         self._records: queue.Queue[Record | None] = queue.Queue(config.bsp_max_queue_size)
-        self._writer = threading.Thread(target=self._write, name="trace-spans", daemon=True)
-        self._writer.start()
+        # Only a server that can trace has the thread: mode triton without a file never can.
+        self._writer: threading.Thread | None = None
+        if self._otel is not None or self._file is not None:
+            self._writer = threading.Thread(target=self._write, name="trace-spans", daemon=True)
+            self._writer.start()
         self._refresh()
 
     def _refresh(self) -> None:
-        self.enabled = self._settings.active
+        self.enabled = self._writer is not None and self._settings.active
 
     # -- per request ---------------------------------------------------------------------
 
@@ -230,9 +233,15 @@ class Tracer:
     def shutdown(self, timeout_s: float = SHUTDOWN_TIMEOUT_S) -> None:
         """Flush what is buffered (spans to the receiver, traces to the file), waiting at most
         `timeout_s`: a receiver that is gone costs that, never a hang."""
+        if self._writer is None:
+            return
         deadline = time.monotonic() + timeout_s
-        self._records.put(None)  # after every record already queued
-        self._writer.join(timeout_s)
+        try:
+            self._records.put(None, timeout=timeout_s)  # after every record already queued
+        except queue.Full:
+            log.warning("trace queue still full at shutdown; traces may be lost")
+            return
+        self._writer.join(max(0.0, deadline - time.monotonic()))
         timeout_s = max(0.0, deadline - time.monotonic())
         if self._file is not None:
             self._file.close()
