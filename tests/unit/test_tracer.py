@@ -332,7 +332,7 @@ def test_shutdown_flushes_and_is_bounded_without_receiver(receiver: OtlpReceiver
     finish(gone, trace)
     started = time.monotonic()
     gone.shutdown(timeout_s=2)
-    assert time.monotonic() - started < 3
+    assert time.monotonic() - started < 6  # the SDK alone would wait 30 s
 
 
 def test_triton_mode_writes_tritons_json_file(tmp_path: Path) -> None:
