@@ -205,6 +205,12 @@ class Tracer:
             self._records.put_nowait(record)
         except queue.Full:
             self.dropped += 1
+            if self.dropped % 10_000 == 1:  # the first, then one line per 10,000
+                log.warning(
+                    "tracing falls behind: %d trace(s) dropped so far (queue of %d full)",
+                    self.dropped,
+                    self.config.bsp_max_queue_size,
+                )
 
     def _write(self) -> None:
         """The span thread: builds spans (or file entries) from finished traces."""
