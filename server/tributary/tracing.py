@@ -28,7 +28,6 @@ Spans go to an OTLP/gRPC receiver through the OpenTelemetry SDK's batch span pro
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import threading
@@ -44,6 +43,7 @@ from .errors import InferenceError
 from .scheduler.batchqueue import WorkItem
 from .text import clipped
 from .traceconfig import OPENTELEMETRY, TENSORS, TRITON, TraceConfig
+from .tracefile import TritonFile
 from .tracesettings import Setting, TraceSettings
 
 if TYPE_CHECKING:
@@ -58,8 +58,6 @@ MAX_TENSORS = 64
 """At most this many tensors are listed per request at level TENSORS."""
 SHUTDOWN_TIMEOUT_S = 5.0
 EXPORT_TIMEOUT_S = 5.0
-MAX_BUFFERED_TRACES = 10_000
-"""Mode triton: traces held in memory before they are written to an indexed file anyway."""
 
 
 class Trace:
@@ -132,11 +130,11 @@ class Tracer:
         self.config = config
         self._settings = TraceSettings(config)
         self._otel: _Otel | None = None
-        self._file: _TritonFile | None = None
+        self._file: TritonFile | None = None
         if config.mode == OPENTELEMETRY:
             self._otel = _Otel(config, exporter)
         elif config.file:
-            self._file = _TritonFile(Path(config.file))
+            self._file = TritonFile(Path(config.file))
         self.enabled = False
         self.dropped = 0
         self._records: queue.Queue[Record | None] = queue.Queue(config.bsp_max_queue_size)
@@ -371,78 +369,6 @@ class _Otel:
         worker.join(timeout_s)
         if worker.is_alive():
             log.warning("trace export did not finish within %.0fs; spans may be lost", timeout_s)
-
-
-# -- mode triton: Triton's JSON trace file --------------------------------------------------
-
-
-class _TritonFile:
-    """Triton's JSON trace output: a JSON array of objects, per trace one with the model and
-    ids, then one per timestamp (`{"id": N, "timestamps": [{"name": ..., "ns": ...}]}`,
-    monotonic nanoseconds as Triton's steady clock). With log_frequency N, every N traces go
-    to `<file>.<index>`; what is left goes to `<file>` at shutdown. At most
-    MAX_BUFFERED_TRACES are held: more are written to an indexed file early."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._lock = threading.Lock()
-        self._entries: list[dict[str, Any]] = []
-        self._traces = 0
-        self._next_id = 1
-        self._index = 0
-
-    def add(self, record: Record) -> None:
-        trace, end_ns, version, timings = (
-            record.trace,
-            record.end_ns,
-            record.version,
-            record.timings,
-        )
-        stamps = [("REQUEST_START", trace.start_ns)]
-        if timings is not None:
-            queued, t, t_input, t_infer, t_output = timings[:5]
-            stamps.append(("QUEUE_START", queued))
-            if t:
-                stamps += [
-                    ("COMPUTE_START", t),
-                    ("COMPUTE_INPUT_END", t + t_input),
-                    ("COMPUTE_OUTPUT_START", t + t_input + t_infer),
-                    ("COMPUTE_END", t + t_input + t_infer + t_output),
-                ]
-        stamps.append(("REQUEST_END", end_ns))
-        with self._lock:
-            tid = self._next_id
-            self._next_id += 1
-            head: dict[str, Any] = {"id": tid, "model_name": trace.model}
-            head["model_version"] = int(version) if version.isdigit() else -1
-            if trace.request_id:
-                head["request_id"] = trace.request_id
-            self._entries.append(head)
-            self._entries += [
-                {"id": tid, "timestamps": [{"name": name, "ns": ns}]} for name, ns in stamps
-            ]
-            self._traces += 1
-            frequency = trace.setting.log_frequency
-            if (frequency and self._traces >= frequency) or self._traces >= MAX_BUFFERED_TRACES:
-                entries, self._entries, self._traces = self._entries, [], 0
-                name = self.path.with_name(f"{self.path.name}.{self._index}")
-                self._index += 1
-            else:
-                return
-        _write(name, entries)
-
-    def close(self) -> None:
-        with self._lock:
-            entries, self._entries, self._traces = self._entries, [], 0
-        if entries:
-            _write(self.path, entries)
-
-
-def _write(path: Path, entries: list[dict[str, Any]]) -> None:
-    try:
-        path.write_text(json.dumps(entries))
-    except OSError as exc:
-        log.error("could not write trace file %s: %s", path, exc.strerror or exc)
 
 
 __all__ = ["TRITON", "OPENTELEMETRY", "Trace", "TraceConfig", "Tracer"]
