@@ -30,6 +30,7 @@ from tributary_client._proto import health_pb2 as _health_in_pool  # noqa: F401 
 from tributary_client._proto._pool import POOL
 
 from .backends.onnxruntime import cpu_count, gpu_count
+from .dataplane import DataPlane, ServerState, server_ready
 from .errors import InferenceError
 from .logs import RequestLog, configure
 from .model import build_loader
@@ -37,7 +38,7 @@ from .options import ServerOptions
 from .poll import RepositoryPoller
 from .repository import ModelRepository
 from .rpcs import Front, HealthService, register
-from .servicer import InferenceServicer, ServerState, server_ready
+from .servicer import InferenceServicer
 
 log = logging.getLogger("tributary")
 
@@ -174,8 +175,7 @@ class Server:
             self.front.shutdown()
         self.repository.close(max(0.0, deadline - time.monotonic()))
         if self.front is not None:
-            self.front.servicer.control.close()  # file-override directories
-            self.front.servicer.shm.close()  # regions still in use unmap with their last user
+            self.front.servicer.dp.close()  # file-override directories, shm regions
         if self.metrics is not None:
             self.metrics.stop()
         log.info("stopped")
@@ -239,7 +239,8 @@ def start(options: ServerOptions) -> Server | None:
         ),
     )
     request_log = RequestLog() if options.log_verbose >= 1 else None
-    servicer = InferenceServicer(repository, state, request_log=request_log)
+    dataplane = DataPlane(repository, state, request_log=request_log)
+    servicer = InferenceServicer(dataplane)
     health_servicer = HealthService()
     _register_descriptors()
     front = register(

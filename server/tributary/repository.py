@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from tributary.backends.graph import read_graph
 from tributary.config import (
@@ -47,6 +47,10 @@ from tributary.errors import (
 from tributary.errors import shown as shown_name
 from tributary_client._proto import model_config_pb2 as mc
 
+if TYPE_CHECKING:
+    from tributary.scheduler import Scheduler
+    from tributary.stats import ModelStats
+
 log = logging.getLogger(__name__)
 
 UNLOADED = "unloaded"
@@ -68,6 +72,8 @@ class Servable(Protocol):
     version: int
     config: mc.ModelConfig
     signature: ModelSignature
+    scheduler: Scheduler
+    stats: ModelStats
 
     def close(self, timeout: float) -> None: ...
 

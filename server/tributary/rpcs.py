@@ -33,6 +33,7 @@ from grpc_reflection.v1alpha import reflection
 from tributary_client._proto import grpc_service_pb2_grpc as pb_grpc
 from tributary_client._proto._pool import POOL
 
+from .dataplane import internal_error
 from .errors import (
     InferenceError,
     InvalidArgument,
@@ -42,7 +43,7 @@ from .errors import (
 )
 from .logs import RequestLog
 from .restrict import Restriction, for_method
-from .servicer import InferenceServicer, internal_error
+from .servicer import InferenceServicer
 
 log = logging.getLogger("tributary.rpcs")
 

@@ -52,7 +52,9 @@ def to_proto(s: StatsSnapshot) -> Any:
     return out
 
 
-def statistics_response(repo: ModelRepository, name: str, version: str) -> Any:
+def statistics_response(
+    repo: ModelRepository, name: str, version: str
+) -> pb.ModelStatisticsResponse:
     if not name:
         models = repo.servables()
     else:
@@ -73,6 +75,4 @@ def statistics_response(repo: ModelRepository, name: str, version: str) -> Any:
         elif not models:
             raise InvalidArgument(f"requested model '{shown(name)}' is not available")
     models = sorted(models, key=lambda m: (m.name, m.version))
-    return pb.ModelStatisticsResponse(
-        model_stats=[to_proto(m.stats.snapshot()) for m in models]  # type: ignore[attr-defined]
-    )
+    return pb.ModelStatisticsResponse(model_stats=[to_proto(m.stats.snapshot()) for m in models])

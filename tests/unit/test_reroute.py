@@ -1,6 +1,6 @@
 """A request that resolved a version just before a reload retired it is routed again, never
 failed (docs/model-config.md#model-control): the window between resolve and submit, made
-deterministic by handing the servicer the retired version on its first resolve."""
+deterministic by handing the data plane the retired version on its first resolve."""
 
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ from typing import Any
 import numpy as np
 import pytest
 
+from tributary.dataplane import REROUTES, DataPlane, ServerState
 from tributary.errors import Unavailable
 from tributary.model import build_loader
 from tributary.repository import ModelRepository
 from tributary.scheduler import Closed
-from tributary.servicer import REROUTES, InferenceServicer, ServerState
+from tributary.servicer import InferenceServicer
 from tributary.streams import Slot
 from tributary.wire import split_request
 from tributary_client._proto import grpc_service_pb2 as pb
@@ -60,24 +61,24 @@ def reload(repo: ModelRepository) -> Any:
 
 
 def test_unary_request_on_a_retired_version_is_routed_again(repo: ModelRepository) -> None:
-    servicer = InferenceServicer(repo, ServerState())
+    dp = DataPlane(repo, ServerState())
     stale_first(repo, [reload(repo) for _ in range(REROUTES)])
     request, raws = split_request(request_bytes())
-    head, outputs = servicer._infer(request, raws, None)
+    head, outputs = dp.infer(request, raws)
     assert head.model_version == "1"
     np.testing.assert_array_equal(np.frombuffer(outputs[0], np.int32).reshape(1, 16), A + A)
 
 
 def test_rerouting_is_bounded_and_off_at_shutdown(repo: ModelRepository) -> None:
     state = ServerState()
-    servicer = InferenceServicer(repo, state)
+    dp = DataPlane(repo, state)
     stale_first(repo, [reload(repo) for _ in range(REROUTES + 1)])
     request, raws = split_request(request_bytes())
     with pytest.raises(Closed):
-        servicer._infer(request, raws, None)
+        dp.infer(request, raws)
     state.exiting = True
     with pytest.raises(Unavailable, match="Server exiting"):
-        servicer._infer(request, raws, None)
+        dp.infer(request, raws)
 
 
 class ExitsOnSubmit:
@@ -119,11 +120,11 @@ def test_no_reroute_once_shutdown_began_unary(
     repo: ModelRepository, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     state = ServerState()
-    servicer = InferenceServicer(repo, state)
+    dp = DataPlane(repo, state)
     calls = retired_exiting(repo, state, monkeypatch)
     request, raws = split_request(request_bytes())
     with pytest.raises(Closed):
-        servicer._infer(request, raws, None)
+        dp.infer(request, raws)
     assert calls == ["simple"], "resolved once: no second attempt at shutdown"
 
 
@@ -131,27 +132,27 @@ def test_no_reroute_once_shutdown_began_streamed(
     repo: ModelRepository, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     state = ServerState()
-    servicer = InferenceServicer(repo, state)
+    dp = DataPlane(repo, state)
     calls = retired_exiting(repo, state, monkeypatch)
-    begin = servicer._begin
+    begin = dp._begin
 
     def counted(*args: Any) -> Any:
         calls.append("begin")  # a reroute's _begin fails before it resolves
         return begin(*args)
 
-    monkeypatch.setattr(servicer, "_begin", counted)
+    monkeypatch.setattr(dp, "_begin", counted)
     slot = Slot()
-    servicer._stream_one(request_bytes(), slot, lambda: True)
+    InferenceServicer(dp)._stream_one(request_bytes(), slot, lambda: True)
     reply = pb.ModelStreamInferResponse.FromString(slot.wait(30) or b"")
     assert reply.error_message == "Server exiting"  # the Closed of the retired scheduler
     assert calls == ["begin", "simple"], "one attempt: no reroute at shutdown"
 
 
 def test_streamed_request_on_a_retired_version_is_routed_again(repo: ModelRepository) -> None:
-    servicer = InferenceServicer(repo, ServerState())
+    dp = DataPlane(repo, ServerState())
     stale_first(repo, [reload(repo)])
     slot = Slot()
-    servicer._stream_one(request_bytes(), slot, lambda: True)
+    InferenceServicer(dp)._stream_one(request_bytes(), slot, lambda: True)
     reply = pb.ModelStreamInferResponse.FromString(slot.wait(30) or b"")
     assert reply.error_message == ""
     assert reply.infer_response.model_version == "1"
