@@ -20,9 +20,10 @@ import numpy as np
 from .backends.onnxruntime import OrtInstance, create_instances
 from .config import ModelSignature, signature
 from .config_check import inside_model_dir
+from .constants import DEFAULT_MAX_TENSOR_BYTES
 from .datatypes import from_config
 from .errors import InvalidArgument, ModelLoadError
-from .scheduler import BatchPolicy, QueuePolicy, Scheduler
+from .scheduler import BatchPolicy, QueuePolicy, Scheduler, make_scheduler
 from .stats import ModelStats
 from .tensors import check_size_limit
 
@@ -31,7 +32,6 @@ log = logging.getLogger("tributary.model")
 WARMUP_FOLDER = "warmup"  # Triton's: input_data_file names a file in <model>/warmup/
 MAX_WARMUP_FILE_BYTES = 64 * 1024 * 1024  # a BYTES sample file (numeric ones read their size)
 MAX_WARMUP_COUNT = 1000  # runs of one warmup sample (a client can set it by config override)
-DEFAULT_MAX_TENSOR_BYTES = 2**31 - 1  # --max-tensor-bytes' default
 
 
 def _queue_policy(p: Any) -> QueuePolicy:
@@ -259,7 +259,7 @@ def build_loader(
         sig = signature(config, model_dir)
         instances = create_instances(config, model_path, gpus, cores)
         stats = ModelStats(name, version)
-        scheduler = Scheduler(name, instances, batch_policy(config), stats)
+        scheduler = make_scheduler(name, instances, batch_policy(config), stats)
         model = Model(
             name, version, config, sig, instances, scheduler, stats, time.monotonic() - start
         )
