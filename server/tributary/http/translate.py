@@ -196,6 +196,7 @@ class InferPlan:
 
     binary_default: bool
     binary: dict[str, bool]
+    in_shm: frozenset[str] = frozenset()  # outputs written into client shared memory
 
     def wants_binary(self, output: str) -> bool:
         return self.binary.get(output, self.binary_default)
@@ -244,6 +245,7 @@ def infer_request(
         )
 
     binary: dict[str, bool] = {}
+    in_shm: set[str] = set()
     outputs = head.get("outputs", [])
     if not isinstance(outputs, list):
         raise InvalidArgument("inference request header: 'outputs' must be a list")
@@ -258,7 +260,9 @@ def infer_request(
                 raise InvalidArgument(f"output '{shown(name)}': '{BINARY_DATA}' must be a boolean")
             binary[name] = out_params[BINARY_DATA]
         _copy_parameters(out.parameters, out_params, f"output '{shown(name)}'")
-    return request, raws, InferPlan(binary_default, binary)
+        if "shared_memory_region" in out_params:
+            in_shm.add(name)
+    return request, raws, InferPlan(binary_default, binary, frozenset(in_shm))
 
 
 def _input(
@@ -361,7 +365,7 @@ def infer_response(
             "shape": list(out.shape),
         }
         params = {k: _param_json(v) for k, v in out.parameters.items()}
-        in_shm = "shared_memory_region" in out.parameters
+        in_shm = out.name in plan.in_shm or "shared_memory_region" in out.parameters
         raw: bytes | memoryview | None = None
         if aligned:
             raw = None if in_shm else raws[i]
