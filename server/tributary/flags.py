@@ -510,8 +510,8 @@ FLAGS: tuple[Flag, ...] = (
         **_bool_flag(True),
         rule=Rule(
             REFUSED,
-            "gRPC is Tributary's only front end, so a server without it could serve nothing; "
-            "leave it on",
+            "the gRPC port also carries the health probes, reflection and streaming inference "
+            "that deployments rely on; leave it on (HTTP/REST is served beside it)",
             values="false",
             applies=lambda v: v is False,
         ),

@@ -134,7 +134,7 @@ def test_a_taken_port_fails_in_one_line_before_loading_models(server) -> None:
 @pytest.mark.parametrize(
     ("flag", "why"),
     [
-        ("--allow-grpc=false", "only front end"),
+        ("--allow-grpc=false", "the gRPC port also carries the health probes"),
         ("--model-namespacing=true", "distinct names"),
         ("--allow-sagemaker=true", "gRPC endpoint"),
         ("--allow-vertex-ai=true", "gRPC endpoint"),

@@ -1,5 +1,5 @@
 """HTTP/REST v2 end to end: tritonclient.http (sync, async, aio), raw requests and hostile ones
-against a real server on loopback (docs/protocol.md#http-rest).
+against a real server on loopback (docs/protocol.md#httprest).
 
 Every answer that has a gRPC twin is compared with what the gRPC front end gives for the same
 request, so the two front ends cannot drift apart.

@@ -4,7 +4,7 @@ One error boundary (`Routes.handle`): an `InferenceError` becomes `{"error": mes
 Triton's HTTP status (`translate.http_status`); anything else is our bug, logged once with a
 reference (`dataplane.internal_error`) and answered 500. Bodies are read here with their
 bounds (`--http-max-input-size` from Content-Length before reading, and while decompressing),
-so a hostile size costs nothing (docs/limits.md#http-rest).
+so a hostile size costs nothing (docs/limits.md#httprest).
 
 Inference goes through `DataPlane.submit`: the request is parsed on the event loop, runs on
 the scheduler's threads, and its completion is handed back to the loop with

@@ -30,6 +30,9 @@ from .routes import Routes
 log = logging.getLogger("tributary.http")
 
 BACKLOG = 1024  # tritonserver's listen backlog
+KEEPALIVE_S = 75.0
+"""An idle keep-alive connection is closed after this long (aiohttp's default is an hour, which
+lets idle clients hold sockets and buffers long after they are gone)."""
 
 
 class HttpServer:
@@ -93,7 +96,12 @@ class HttpServer:
         asyncio.set_event_loop(loop)
 
         async def open_site() -> web.ServerRunner:
-            server = web.Server(self.routes.handle, auto_decompress=False, access_log=None)
+            server = web.Server(
+                self.routes.handle,
+                auto_decompress=False,
+                access_log=None,
+                keepalive_timeout=KEEPALIVE_S,
+            )
             runner = web.ServerRunner(
                 server, handle_signals=False, shutdown_timeout=self.drain_timeout
             )

@@ -3,7 +3,7 @@
 Nothing here does I/O or keeps state: `tributary.http.routes` hands in bodies and gets back
 messages (to the data plane) or JSON-ready values and bytes (to the client). Each function
 raises `InvalidArgument` with a message that names the offending field, so a malformed body
-is a 400 with a reason, never a 500 (docs/protocol.md#http-rest).
+is a 400 with a reason, never a 500 (docs/protocol.md#httprest).
 
 The infer body follows Triton's binary tensor data extension: the first
 `Inference-Header-Content-Length` bytes are the JSON head, the rest is the inputs'
