@@ -167,8 +167,10 @@ def json_data_to_raw(data: Any, datatype: str, shape: Sequence[int], name: str) 
         )
     try:
         arr = np.asarray(data)
-        if arr.dtype.kind not in "biuf" or (arr.dtype.kind == "f" and dtype.numpy.kind in "biu"):
+        if arr.dtype.kind not in "biuf":
             raise TypeError(f"expected {datatype} numbers, got {_kind(arr)}")
+        if arr.dtype.kind == "f" and dtype.numpy.kind in "iu":
+            raise TypeError(f"expected integers for {datatype}, got numbers with fractions")
         if dtype.numpy.kind == "b" and arr.dtype.kind != "b":
             raise TypeError(f"expected true/false, got {_kind(arr)}")
         converted = arr.astype(dtype.numpy, casting="unsafe")
