@@ -458,6 +458,42 @@ def test_oversize_content_length_is_refused_before_the_body_is_read(served) -> N
     assert "--http-max-input-size" in message
 
 
+def test_expect_100_continue_is_answered_after_the_size_check(served) -> None:
+    """curl sends `Expect: 100-continue` before a large body and waits for the interim reply;
+    an oversize one is refused instead, so its body is never sent."""
+    import socket
+
+    body = json.dumps(
+        {
+            "inputs": [
+                {"name": n, "shape": [1, 16], "datatype": "INT32", "data": [2] * 16}
+                for n in ("INPUT0", "INPUT1")
+            ]
+        }
+    ).encode()
+
+    def head(length: int) -> bytes:
+        return (
+            f"POST /v2/models/simple/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n"
+            "Expect: 100-continue\r\nConnection: close\r\n\r\n"
+        ).encode()
+
+    with socket.create_connection(("127.0.0.1", served.http_port), timeout=30) as sock:
+        sock.sendall(head(len(body)))
+        assert sock.recv(64).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        sock.sendall(body)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 200 OK") and b'"data":[4,4,4' in reply
+    with socket.create_connection(("127.0.0.1", served.http_port), timeout=30) as sock:
+        sock.sendall(head(LIMIT + 1))
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 400") and b"100 Continue" not in reply
+
+
 def test_chunked_body_past_the_limit_is_refused(served) -> None:
     def chunks():
         for _ in range(40):
