@@ -11,6 +11,7 @@ import asyncio
 import gzip
 import http.client
 import json
+import os
 import zlib
 from typing import Any
 
@@ -631,3 +632,36 @@ def test_int_data_out_of_range_is_refused(served) -> None:
     ).encode()
     status, message = error_of(post(served, "/v2/models/simple/infer", body))
     assert status == 400 and "out of range for INT32" in message, message
+
+
+def test_shutdown_drains_http_requests_in_flight(server_factory, tmp_path) -> None:
+    """SIGTERM while an HTTP request is inside ONNX Runtime: the request still gets its 200,
+    then the port closes and the server exits 0."""
+    import threading
+
+    from e2e_support import wait_for
+    from test_hardening import _slow_model_repository
+
+    server = server_factory(_slow_model_repository(tmp_path / "models", matmuls=40, n=1024))
+    body = json.dumps({"inputs": [{"name": "X", "datatype": "FP32", "shape": [1], "data": [1]}]})
+    answers: list[tuple[int, bytes]] = []
+
+    def call() -> None:
+        status, _, data = post(server, "/v2/models/slow/infer", body.encode())
+        answers.append((status, data))
+
+    def cpu_seconds() -> float:
+        fields = open(f"/proc/{server.proc.pid}/stat").read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    idle = cpu_seconds()
+    caller = threading.Thread(target=call)
+    caller.start()
+    # the model computes for seconds: its CPU time shows the request is inside ONNX Runtime
+    wait_for(lambda: cpu_seconds() - idle > 0.3, what="the slow model to start computing")
+    assert server.terminate(timeout=60) == 0
+    caller.join(30)
+    assert answers and answers[0][0] == 200, answers
+    assert "outputs" in json.loads(answers[0][1])
+    with pytest.raises(ConnectionRefusedError):
+        post(server, "/v2/health/live", method="GET")
