@@ -104,21 +104,19 @@ class Routes:
                 {post: ("model-repository", self.unload)},
             ),
         ]
-        for kind in ("systemsharedmemory", "cudasharedmemory"):
+        for kind, (status, register, unregister) in {
+            "systemsharedmemory": (self.shm_status, self.shm_register, self.shm_unregister),
+            "cudasharedmemory": (self.cuda_status, self.cuda_register, self.cuda_unregister),
+        }.items():
             region = rf"/v2/{kind}(?:/region/{_SEG})?"
-            register = self.shm_register if kind[0] == "s" else self.cuda_register
             table += [
-                (rf"{region}/status", ("region",), {get: ("shared-memory", self.shm_status)}),
+                (rf"{region}/status", ("region",), {get: ("shared-memory", status)}),
                 (
                     rf"/v2/{kind}/region/{_SEG}/register",
                     ("region",),
                     {post: ("shared-memory", register)},
                 ),
-                (
-                    rf"{region}/unregister",
-                    ("region",),
-                    {post: ("shared-memory", self.shm_unregister)},
-                ),
+                (rf"{region}/unregister", ("region",), {post: ("shared-memory", unregister)}),
             ]
         self._table = [(re.compile(p), names, methods) for p, names, methods in table]
 
@@ -243,9 +241,6 @@ class Routes:
 
     # ---- shared memory ---------------------------------------------------------------------
     async def shm_status(self, call: Call) -> web.StreamResponse:
-        if "/cudasharedmemory" in call.request.raw_path:
-            self.dp.shm.cuda_status(call.region)
-            return json_response([])
         return json_response(
             [
                 {"name": r.name, "key": r.key, "offset": r.offset, "byte_size": r.byte_size}
@@ -258,16 +253,21 @@ class Routes:
         await _off_loop(self.dp.shm.register, call.region, key, offset, size)
         return _empty()
 
+    async def shm_unregister(self, call: Call) -> web.StreamResponse:
+        await _off_loop(self.dp.shm.unregister, call.region)
+        return _empty()
+
+    async def cuda_status(self, call: Call) -> web.StreamResponse:
+        self.dp.shm.cuda_status(call.region)  # raises NotFound for a named region
+        return json_response([])
+
     async def cuda_register(self, call: Call) -> web.StreamResponse:
         await self.json_body(call)  # read (and bound) it; the registration is refused anyway
         self.dp.shm.cuda_register(call.region)
         return _empty()
 
-    async def shm_unregister(self, call: Call) -> web.StreamResponse:
-        if "/cudasharedmemory" in call.request.raw_path:
-            self.dp.shm.cuda_unregister(call.region)
-        else:
-            await _off_loop(self.dp.shm.unregister, call.region)
+    async def cuda_unregister(self, call: Call) -> web.StreamResponse:
+        self.dp.shm.cuda_unregister(call.region)
         return _empty()
 
     # ---- settings --------------------------------------------------------------------------
