@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .traceconfig import TraceConfig
+
 if TYPE_CHECKING:
     from .restrict import Restriction
 
@@ -86,6 +88,8 @@ class ServerOptions:
     metrics_address: str = "0.0.0.0"
     metrics_port: int = 8002
     metrics_interval_ms: int = 2000
+    # tracing (--trace-config and the deprecated --trace-* flags; tributary.tracing)
+    trace: TraceConfig = field(default_factory=TraceConfig)
     # where to announce bound ports (tests and scripts read it; "-" = stdout)
     port_file: Path | None = None
     # one line each, logged at start-up: flags accepted and ignored (tributary.flags)

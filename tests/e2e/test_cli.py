@@ -229,8 +229,6 @@ def test_ignored_flags_warn_once_per_reason(server_factory, tmp_path) -> None:
     build_models.build_simple(tmp_path)
     server = server_factory(
         tmp_path,
-        "--trace-config=rate=100",
-        "--trace-level=TIMESTAMPS",
         "--cache-config=local,size=1048576",
         "--response-cache-byte-size=1048576",
         "--pinned-memory-pool-byte-size=0",
@@ -246,7 +244,6 @@ def test_ignored_flags_warn_once_per_reason(server_factory, tmp_path) -> None:
     warnings = [line for line in server.log().splitlines() if line.startswith("W")]
     assert server.terminate() == 0
     expected = [
-        "--trace-config=rate=100, --trace-level=TIMESTAMPS: request tracing",
         "--cache-config=local,size=1048576, --response-cache-byte-size=1048576: there is no "
         "response cache",
         "--pinned-memory-pool-byte-size=0: ONNX Runtime allocates",
