@@ -567,17 +567,46 @@ def test_huge_binary_shape_is_refused(served) -> None:
 # -- settings, restriction ------------------------------------------------------------------------
 
 
-def test_trace_and_log_settings_route_to_the_data_plane(served, gc) -> None:
-    """Until tracing lands the data plane refuses both; HTTP says so as Triton's UNSUPPORTED
-    (501), gRPC as UNIMPLEMENTED, with the same message."""
-    for path in ("/v2/trace/setting", "/v2/models/simple/trace/setting", "/v2/logging"):
-        status, headers, body = post(served, path, method="GET")
-        if status == 200:  # the tracing work has landed: a JSON object of settings
-            assert isinstance(json.loads(body), dict)
-            continue
-        assert status == 501 and "not implemented" in json.loads(body)["error"]
+def test_trace_and_log_settings_match_grpc(served, gc) -> None:
+    """/v2/trace/setting and /v2/logging are the TraceSetting and LogSettings RPCs in
+    Triton's HTTP JSON: trace_level a list, every other trace setting one string."""
+    status, _, body = post(served, "/v2/trace/setting", method="GET")
+    assert status == 200, body
+    settings = json.loads(body)
+    twin = gc.get_trace_settings(as_json=True)["settings"]
+    assert isinstance(settings["trace_level"], list)
+    assert settings["trace_level"] == twin["trace_level"]["value"]
+    assert settings["trace_rate"] == twin["trace_rate"]["value"][0]
+
+    update = json.dumps({"trace_rate": "7"}).encode()
+    status, _, body = post(served, "/v2/models/simple/trace/setting", update)
+    assert status == 200 and json.loads(body)["trace_rate"] == "7", body
+    assert gc.get_trace_settings("simple", as_json=True)["settings"]["trace_rate"]["value"] == ["7"]
+    cleared = json.dumps({"trace_rate": None}).encode()
+    status, _, body = post(served, "/v2/models/simple/trace/setting", cleared)
+    assert status == 200 and json.loads(body)["trace_rate"] == settings["trace_rate"], body
+
+    status, message = error_of(
+        post(served, "/v2/trace/setting", json.dumps({"trace_file": "/tmp/x"}).encode())
+    )
+    assert status == 501 and "can not be updated through network protocol" in message
+    status, message = error_of(
+        post(served, "/v2/trace/setting", json.dumps({"trace_rate": "abc"}).encode())
+    )
+    assert status == 400 and "Unable to parse 'trace_rate'" in message
+
+    status, _, body = post(served, "/v2/logging", method="GET")
+    assert status == 200, body
+    logging = json.loads(body)
+    assert logging["log_verbose_level"] == 0 and logging["log_info"] is True
+    status, _, body = post(served, "/v2/logging", b'{"log_verbose_level": 1}')
+    assert status == 200 and json.loads(body)["log_verbose_level"] == 1, body
+    assert gc.get_log_settings(as_json=True)["settings"]["log_verbose_level"]["uint32_param"] == 1
+    assert post(served, "/v2/logging", b'{"log_verbose_level": 0}')[0] == 200
     status, message = error_of(post(served, "/v2/logging", b'{"log_info": [1]}'))
     assert status == 400 and "log setting 'log_info'" in message
+    status, message = error_of(post(served, "/v2/logging", b'{"log_info": 3}'))
+    assert status == 400 and "expect boolean for 'log_info'" in message
 
 
 def test_restricted_api_needs_its_header(server_factory) -> None:
