@@ -946,8 +946,8 @@ FLAGS: tuple[Flag, ...] = (
         "let clients register system shared memory regions (POSIX shm objects in /dev/shm) "
         "and send or receive tensors through them; false: the register/unregister RPCs "
         "answer UNIMPLEMENTED (tritonserver's default: false). CUDA regions are refused. "
-        "When true, any client that reaches the gRPC port can read and write every shm object "
-        "the server's user can open (docs/limits.md#shared-memory)",
+        "When true, any client that reaches the gRPC or HTTP port can read and write every shm "
+        "object the server's user can open (docs/limits.md#shared-memory)",
         **_bool_flag(False),
     ),
     _ours(
