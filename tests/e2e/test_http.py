@@ -694,3 +694,24 @@ def test_shutdown_drains_http_requests_in_flight(server_factory, tmp_path) -> No
     assert "outputs" in json.loads(answers[0][1])
     with pytest.raises(ConnectionRefusedError):
         post(server, "/v2/health/live", method="GET")
+
+
+def test_several_event_loops_share_the_port(server_factory) -> None:
+    """--http-thread-count=3: the three loops start on one socket, concurrent clients are all
+    served, and shutdown stops every loop (exit status 0, no thread left holding the exit)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    server = server_factory(MODEL_REPOSITORY, "--http-thread-count=3")
+    body = json.dumps(
+        {
+            "inputs": [
+                {"name": n, "shape": [1, 16], "datatype": "INT32", "data": [5] * 16}
+                for n in ("INPUT0", "INPUT1")
+            ]
+        }
+    ).encode()
+    with ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(lambda _: post(server, "/v2/models/simple/infer", body), range(48)))
+    assert [status for status, _, _ in answers] == [200] * 48
+    assert all(json.loads(data)["outputs"][0]["data"] == [10] * 16 for _, _, data in answers)
+    assert server.terminate() == 0
