@@ -59,13 +59,13 @@ ENV PATH=/opt/venv/bin:$PATH \
     TRIBUTARY_HEALTH_TARGET=localhost:8001 \
     TRIBUTARY_HEALTH_ARGS=
 LABEL org.opencontainers.image.title="tributary" \
-      org.opencontainers.image.description="KServe v2 / Triton-compatible gRPC inference server for ONNX models" \
+      org.opencontainers.image.description="KServe v2 / Triton-compatible gRPC and HTTP/REST inference server for ONNX models" \
       org.opencontainers.image.version="0.1.0" \
       org.opencontainers.image.licenses="Apache-2.0"
 # Numeric, so Kubernetes' runAsNonRoot can verify it without reading /etc/passwd.
 USER 1000:1000
 WORKDIR /home/tributary
-EXPOSE 8001 8002
+EXPOSE 8000 8001 8002
 # grpc.health.v1 Check (= server readiness). Shell form so it follows the run-time settings:
 # TRIBUTARY_HEALTH_TARGET when --grpc-port changes, TRIBUTARY_HEALTH_ARGS for TLS
 # (e.g. "--tls --ca /certs/ca.pem"); both are documented in docs/deployment.md.

@@ -5,6 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 GRPC_PORT ?= 8001
+HTTP_PORT ?= 8000
 METRICS_PORT ?= 8002
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 
@@ -41,7 +42,8 @@ lock:
 	rm -rf .lock-venv
 
 serve: install
-	$(BIN)/tributary --model-repository model_repository --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+	$(BIN)/tributary --model-repository model_repository --grpc-port $(GRPC_PORT) --http-port $(HTTP_PORT) \
+	  --metrics-port $(METRICS_PORT)
 
 test: install check-protos lint
 	$(BIN)/python -m pytest -q

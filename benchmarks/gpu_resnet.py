@@ -133,6 +133,7 @@ def main() -> int:
             "0",
             "--metrics-interval-ms",
             "500",
+            "--allow-http=false",
             "--port-file",
             str(port_file),
         ],

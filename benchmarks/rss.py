@@ -117,6 +117,7 @@ class Server:
             cmd += ["--model-repository", str(repo)]
         cmd += ["--grpc-address", "127.0.0.1", "--grpc-port", "0"]
         cmd += ["--metrics-address", "127.0.0.1", "--metrics-port", "0"]
+        cmd += ["--http-address", "127.0.0.1", "--http-port", "0"]  # never the default 8000
         cmd += ["--port-file", str(self.port_file), *args]
         self.command = cmd
         with self.log_path.open("wb") as log:
@@ -129,7 +130,9 @@ class Server:
                 self.stop()
                 raise RuntimeError(f"server not serving after {timeout}s:\n{self.log()[-4000:]}")
             time.sleep(0.05)
-        self.port = json.loads(self.port_file.read_text())["grpc_port"]
+        ports = json.loads(self.port_file.read_text())
+        self.port = ports["grpc_port"]
+        self.http_port = ports.get("http_port")
         self.pid = self.proc.pid
         self.url = f"127.0.0.1:{self.port}"
 

@@ -233,6 +233,7 @@ def main() -> int:
             "--grpc-address",
             "127.0.0.1",
             "--allow-metrics=false",
+            "--allow-http=false",
             "--port-file",
             str(pf),
         ],

@@ -34,6 +34,7 @@ class ServerProcess:
         self.log_path = workdir / f"server-{id(self)}.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.grpc_port = 0
+        self.http_port: int | None = None
         self.metrics_port: int | None = None
 
     def command(self) -> list[str]:
@@ -45,6 +46,12 @@ class ServerProcess:
             cmd += ["--grpc-port", "0"]
         if "--metrics-port" not in has:
             cmd += ["--metrics-port", "0"]
+        # HTTP/REST is on by default (port 8000, as tritonserver): a free port instead, so a
+        # test server never collides with `make serve` or another test's server.
+        if "--http-port" not in has:
+            cmd += ["--http-port", "0"]
+        if "--http-address" not in has:
+            cmd += ["--http-address", "127.0.0.1"]
         if "--grpc-address" not in has:
             cmd += ["--grpc-address", "127.0.0.1"]
         if "--metrics-address" not in has:
@@ -76,6 +83,7 @@ class ServerProcess:
         info = json.loads(self.port_file.read_text())
         self.grpc_port = info["grpc_port"]
         self.metrics_port = info["metrics_port"]
+        self.http_port = info.get("http_port")
         return self
 
     def wait_exit(self, timeout: float = 60.0) -> int:
@@ -85,6 +93,10 @@ class ServerProcess:
     @property
     def url(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -1,10 +1,12 @@
-"""Composition root: build repository, models, gRPC server, health, reflection, metrics.
+"""Composition root: build repository, models, gRPC and HTTP servers, health, reflection,
+metrics.
 
-Start-up order: bind the gRPC and metrics ports first, so a port that is taken fails in one
-line before any model loads; then load the start-up models (every model, or in explicit mode
-only the --load-model ones); only then start serving gRPC, so a client (or Kubernetes) that
-gets an answer can also infer. Shutdown order: health NOT_SERVING, end open streams, stop
-accepting, let in-flight and queued requests finish within --exit-timeout-secs, unload.
+Start-up order: bind the gRPC, HTTP and metrics ports first, so a port that is taken fails in
+one line before any model loads; then load the start-up models (every model, or in explicit
+mode only the --load-model ones); only then start serving gRPC and HTTP, so a client (or
+Kubernetes) that gets an answer can also infer. Shutdown order: health NOT_SERVING, end open
+streams, stop accepting on both front ends, let in-flight and queued requests finish within
+--exit-timeout-secs, unload.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from tributary_client._proto._pool import POOL
 from .backends.onnxruntime import cpu_count, gpu_count
 from .dataplane import DataPlane, ServerState, server_ready
 from .errors import InferenceError
+from .http import HttpServer
 from .logs import LogControl, RequestLog, configure
 from .model import build_loader
 from .options import ServerOptions
@@ -137,6 +140,7 @@ class Server:
     grpc_port: int
     metrics: Any = None
     front: Front | None = None
+    http: HttpServer | None = None
     poller: RepositoryPoller | None = None
     _health_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -171,7 +175,13 @@ class Server:
         )
         if self.front is not None:
             self.front.end_streams()  # open streams end once their in-flight work answers
+        http_drain = None
+        if self.http is not None:  # drains beside gRPC, within the same timeout
+            http_drain = threading.Thread(target=self.http.stop, name="http-stop")
+            http_drain.start()
         self.grpc_server.stop(grace=self.options.exit_timeout_secs).wait()
+        if http_drain is not None:
+            http_drain.join()
         if self.front is not None:
             self.front.shutdown()
         self.repository.close(max(0.0, deadline - time.monotonic()))
@@ -265,6 +275,28 @@ def start(options: ServerOptions, logs: LogControl | None = None) -> Server | No
     # Bound now, served only once the start-up models are loaded (Triton's order): a port
     # that is taken fails here, in one line, without loading anything.
     port = _bind(server, options)
+    http = None
+    if port and options.allow_http:
+        http = HttpServer(
+            dataplane,
+            address=options.http_address,
+            port=options.http_port,
+            threads=options.http_thread_count,
+            max_input_size=options.http_max_input_size,
+            reuse_port=options.reuse_http_port,
+            drain_timeout=options.exit_timeout_secs,
+            restricted=options.http_restricted_apis,
+        )
+        try:
+            http.bind()
+        except OSError as exc:
+            log.error(
+                "could not bind HTTP port %s:%d: %s",
+                options.http_address,
+                options.http_port,
+                exc.strerror or exc,
+            )
+            port = 0
     metrics = None
     if port and options.allow_metrics:
         from .metrics import MetricsServer
@@ -281,6 +313,8 @@ def start(options: ServerOptions, logs: LogControl | None = None) -> Server | No
             )
             port = 0
     if not port:
+        if http is not None:
+            http.stop()
         front.shutdown()
         return None
 
@@ -305,6 +339,8 @@ def start(options: ServerOptions, logs: LogControl | None = None) -> Server | No
         )
         if metrics is not None:
             metrics.stop()
+        if http is not None:
+            http.stop()
         front.shutdown()
         repository.close(0)
         return None
@@ -318,10 +354,13 @@ def start(options: ServerOptions, logs: LogControl | None = None) -> Server | No
         port,
         metrics=metrics,
         front=front,
+        http=http,
         poller=poller,
     )
     state.listeners.append(running.refresh_health)  # run-time load/unload moves readiness
     server.start()
+    if http is not None:
+        http.start()
     running.refresh_health()
     if poller is not None:
         poller.start()
@@ -332,6 +371,8 @@ def start(options: ServerOptions, logs: LogControl | None = None) -> Server | No
         len(repository.servables()),
         time.monotonic() - started,
     )
+    if http is not None:
+        log.info("Started HTTPService at %s:%d", options.http_address, http.port)
     if running.metrics is not None:
         log.info("Started Metrics Service at %s:%d", options.metrics_address, running.metrics.port)
     try:
@@ -365,6 +406,7 @@ def _announce(server: Server) -> None:
         return
     info = {
         "grpc_port": server.grpc_port,
+        "http_port": server.http.port if server.http is not None else None,
         "metrics_port": server.metrics.port if server.metrics is not None else None,
         "pid": os.getpid(),
     }

@@ -160,6 +160,10 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerOptions:
         restricted = by_category(a.grpc_restricted_protocol or ())
     except ValueError as exc:
         parser.error(f"--grpc-restricted-protocol: {exc}")
+    try:
+        http_restricted = by_category(a.http_restricted_api or ())
+    except ValueError as exc:
+        parser.error(f"--http-restricted-api: {exc}")
     trace = _trace_config(a, parser)
     warnings += trace.warnings
     if a.strict_model_config:
@@ -187,6 +191,13 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerOptions:
         log_error=a.log_error,
         log_format=a.log_format,
         log_file=a.log_file,
+        allow_http=a.allow_http,
+        http_address=a.http_address,
+        http_port=a.http_port,
+        reuse_http_port=a.reuse_http_port,
+        http_thread_count=a.http_thread_count,
+        http_max_input_size=a.http_max_input_size,
+        http_restricted_apis=http_restricted,
         grpc_address=a.grpc_address,
         grpc_port=a.grpc_port,
         grpc_worker_threads=a.grpc_worker_threads,

@@ -9,10 +9,10 @@ Each entry says what Tributary does with the flag:
   for flags whose silent absence would mislead or expose something (for example a protocol
   restriction that would not be enforced);
 - tributary: a flag of our own.
-A rule can apply to some values only (`--allow-grpc=false` is refused, `--allow-http=true` is
-ignored). `cli.py` builds the parser from this table, `--help` and the start-up warnings quote
-its reasons, and `docs/flags.md` carries its rendering (`scripts/flags_doc.py`), so the three
-cannot disagree.
+A rule can apply to some values only (`--allow-grpc=false` is refused,
+`--allow-sagemaker=true` is refused). `cli.py` builds the parser from this table, `--help`
+and the start-up warnings quote its reasons, and `docs/flags.md` carries its rendering
+(`scripts/flags_doc.py`), so the three cannot disagree.
 """
 
 from __future__ import annotations
@@ -26,12 +26,13 @@ from typing import Any
 from . import __version__
 from .constants import (
     DEFAULT_CLIENT_SHM_MAX_BYTES,
+    DEFAULT_HTTP_MAX_INPUT_SIZE,
     DEFAULT_MAX_STREAMS,
     DEFAULT_MAX_TENSOR_BYTES,
     DEFAULT_STREAM_MAX_PENDING,
     INT32_MAX,
 )
-from .restrict import parse_restriction
+from .restrict import parse_http_restriction, parse_restriction
 
 INT64_MAX = 2**63 - 1
 
@@ -243,10 +244,6 @@ SHM = "Shared memory"
 BACKEND = "Backends and repository agents"
 DEPRECATED = "Deprecated by tritonserver"
 
-WHY_HTTP = (
-    "HTTP/REST is not served: no HTTP port is opened (so nothing to restrict either); "
-    "clients use gRPC on --grpc-port"
-)
 WHY_SAGEMAKER_OFF = "SageMaker's endpoints are not served, and --allow-sagemaker=true is refused"
 WHY_VERTEX_OFF = "Vertex AI's endpoints are not served, and --allow-vertex-ai=true is refused"
 WHY_CACHE = (
@@ -448,38 +445,61 @@ FLAGS: tuple[Flag, ...] = (
     _impl(
         "--allow-http",
         HTTP,
-        "serve HTTP/REST (tritonserver's default is true)",
-        **_bool_flag(None),
-        rule=Rule(IGNORED, WHY_HTTP, values="true", applies=lambda v: v is True),
+        "serve HTTP/REST v2 on --http-port (default: true, as tritonserver)",
+        **_bool_flag(True),
     ),
-    _ignored("--http-address", HTTP, "HTTP bind address", WHY_HTTP, metavar="ADDRESS"),
-    _ignored("--http-port", HTTP, "HTTP port", WHY_HTTP, type=port, metavar="PORT"),
-    _ignored("--reuse-http-port", HTTP, "share the HTTP port", WHY_HTTP, **_bool_flag(None)),
+    _impl(
+        "--http-address",
+        HTTP,
+        "HTTP bind address (default: 0.0.0.0)",
+        default="0.0.0.0",
+        metavar="ADDRESS",
+    ),
+    _impl(
+        "--http-port", HTTP, "HTTP port (default: 8000)", type=port, default=8000, metavar="PORT"
+    ),
+    _impl(
+        "--reuse-http-port",
+        HTTP,
+        "let other processes bind the same HTTP port (SO_REUSEPORT; default: false)",
+        **_bool_flag(False),
+    ),
     _ignored(
         "--http-header-forward-pattern",
         HTTP,
         "HTTP headers to forward as request parameters (regex)",
-        WHY_HTTP,
+        "request parameters are not read by ONNX models, so no header is forwarded",
         metavar="REGEX",
     ),
-    _ignored(
-        "--http-thread-count", HTTP, "HTTP handler threads", WHY_HTTP, type=integer, metavar="N"
+    _impl(
+        "--http-thread-count",
+        HTTP,
+        "event-loop threads serving HTTP, sharing the one listening socket; model runs happen "
+        "on the scheduler's threads, not these (default: 1)",
+        type=positive,
+        default=1,
+        metavar="N",
     ),
-    _ignored(
+    _impl(
         "--http-max-input-size",
         HTTP,
-        "largest HTTP request body",
-        WHY_HTTP,
-        type=positive,
+        "largest HTTP request body in bytes, checked from Content-Length before reading and "
+        "again while decompressing (default: 67108864, 64 MiB, as tritonserver)",
+        type=byte_count,
+        default=DEFAULT_HTTP_MAX_INPUT_SIZE,
         metavar="BYTES",
     ),
-    _ignored(
+    _impl(
         "--http-restricted-api",
         HTTP,
-        "HTTP APIs that need a header (<apis>:<key>=<value>)",
-        WHY_HTTP,
+        "API categories (comma-separated: health, metadata, inference, shared-memory, "
+        "model-config, model-repository, statistics, trace, logging) that answer only requests "
+        "carrying the header <key>: <value>; others get 403. Repeatable, each category in one "
+        "group only",
+        type=parse_http_restriction,
         action="append",
-        metavar="APIS:KEY=VALUE",
+        default=None,
+        metavar="CATEGORIES:KEY=VALUE",
     ),
     # -- gRPC --------------------------------------------------------------------------------
     _impl(
@@ -489,8 +509,8 @@ FLAGS: tuple[Flag, ...] = (
         **_bool_flag(True),
         rule=Rule(
             REFUSED,
-            "gRPC is Tributary's only front end, so a server without it could serve nothing; "
-            "leave it on",
+            "the gRPC port also carries the health probes, reflection and streaming inference "
+            "that deployments rely on; leave it on (HTTP/REST is served beside it)",
             values="false",
             applies=lambda v: v is False,
         ),
@@ -926,8 +946,8 @@ FLAGS: tuple[Flag, ...] = (
         "let clients register system shared memory regions (POSIX shm objects in /dev/shm) "
         "and send or receive tensors through them; false: the register/unregister RPCs "
         "answer UNIMPLEMENTED (tritonserver's default: false). CUDA regions are refused. "
-        "When true, any client that reaches the gRPC port can read and write every shm object "
-        "the server's user can open (docs/limits.md#shared-memory)",
+        "When true, any client that reaches the gRPC or HTTP port can read and write every shm "
+        "object the server's user can open (docs/limits.md#shared-memory)",
         **_bool_flag(False),
     ),
     _ours(

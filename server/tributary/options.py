@@ -13,6 +13,7 @@ if TYPE_CHECKING:
 
 from .constants import (
     DEFAULT_CLIENT_SHM_MAX_BYTES,
+    DEFAULT_HTTP_MAX_INPUT_SIZE,
     DEFAULT_MAX_STREAMS,
     DEFAULT_MAX_TENSOR_BYTES,
     DEFAULT_STREAM_MAX_PENDING,
@@ -42,6 +43,15 @@ class ServerOptions:
     log_error: bool = True
     log_format: str = "default"  # default, ISO8601 or json
     log_file: Path | None = None
+    # HTTP/REST (tributary.http)
+    allow_http: bool = True
+    http_address: str = "0.0.0.0"
+    http_port: int = 8000
+    reuse_http_port: bool = False
+    http_thread_count: int = 1
+    http_max_input_size: int = DEFAULT_HTTP_MAX_INPUT_SIZE
+    # --http-restricted-api: {category: the header it requires} (tributary.restrict)
+    http_restricted_apis: dict[str, Restriction] = field(default_factory=dict)
     # gRPC
     grpc_address: str = "0.0.0.0"
     grpc_port: int = 8001

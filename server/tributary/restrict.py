@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import hmac
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,14 +82,26 @@ class Restriction:
         Triton looks up one entry; a header sent twice is refused rather than passing when
         any copy matches. The value is compared in constant time."""
         header = self.header
-        values = [got for key, got in context.invocation_metadata() or () if key == header]
+        return self.allows_values(
+            [got for key, got in context.invocation_metadata() or () if key == header]
+        )
+
+    def allows_values(self, values: Sequence[object]) -> bool:
+        """True when the header's values (every copy sent) are exactly one, the right one."""
         if len(values) != 1 or not isinstance(values[0], str):
             return False
         return hmac.compare_digest(values[0].encode(), self.value.encode())
 
+    @property
+    def http_message(self) -> str:
+        return f"This API is restricted, expecting header '{self.header}'"
 
-def parse_restriction(text: str) -> Restriction:
-    """One flag value; each problem is one line (argparse turns it into exit 2)."""
+
+def parse_restriction(text: str, *, http: bool = False) -> Restriction:
+    """One flag value; each problem is one line (argparse turns it into exit 2).
+
+    gRPC (--grpc-restricted-protocol) requires metadata `triton-grpc-protocol-<key>`; HTTP
+    (--http-restricted-api) requires the header `<key>` itself, as tritonserver does."""
     form = "expected <categories>:<key>=<value>"
     categories_text, colon, setting = text.partition(":")
     key, equals, value = setting.partition("=")
@@ -107,10 +119,17 @@ def parse_restriction(text: str) -> Restriction:
             )
     if len(set(categories)) != len(categories):
         raise argparse.ArgumentTypeError(f"a category is named twice in '{text}'")
-    if not key or len(key) > _MAX_KEY or not _KEY.fullmatch(key) or key.endswith("-bin"):
+    if http:
+        key = key.lower()  # HTTP header names are case-insensitive
+    if (
+        not key
+        or len(key) > _MAX_KEY
+        or not _KEY.fullmatch(key)
+        or (key.endswith("-bin") and not http)
+    ):
         raise argparse.ArgumentTypeError(
             f"header key '{key}' must be 1-{_MAX_KEY} lower-case letters, digits, '-', '_' or "
-            "'.', not ending in '-bin' (gRPC metadata keys)"
+            + ("'.'" if http else "'.', not ending in '-bin' (gRPC metadata keys)")
         )
     if (
         not value
@@ -122,7 +141,12 @@ def parse_restriction(text: str) -> Restriction:
             f"header value for key '{key}' must be 1-{_MAX_VALUE} printable ASCII characters "
             "without leading or trailing spaces"
         )
-    return Restriction(categories, HEADER_PREFIX + key, value)
+    return Restriction(categories, key if http else HEADER_PREFIX + key, value)
+
+
+def parse_http_restriction(text: str) -> Restriction:
+    """--http-restricted-api: the same form, the header named by the key itself."""
+    return parse_restriction(text, http=True)
 
 
 def by_category(restrictions: Iterable[Restriction]) -> dict[str, Restriction]:

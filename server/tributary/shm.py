@@ -4,8 +4,8 @@ A client on the same machine puts a tensor into a POSIX shared memory object, re
 window of it (name, key, offset, byte size) and then names the region in an inference request
 instead of sending the bytes (docs/protocol.md#shared-memory). Why it is shaped like this:
 
-- The server opens a key with its own rights: any client that reaches the gRPC port can read
-  and write every object the server's user can open, so the boundary is the port
+- The server opens a key with its own rights: any client that reaches the gRPC or HTTP port
+  can read and write every object the server's user can open, so the boundary is the port
   (docs/limits.md#shared-memory). Objects owned by other users are not refused: clients in
   another container or run by another user share /dev/shm that way, and the mode applies.
 - Off by default (`--allow-client-shm`): the register/unregister RPCs answer UNIMPLEMENTED, the

@@ -190,7 +190,11 @@ def test_entrypoint_cmd_and_ports_match_the_cli() -> None:
     assert [str(p) for p in parsed.model_repository] == ["/models"]
     exposed = {int(p.split("/")[0]) for v in _final("EXPOSE") for p in v.split()}
     parser = build_parser()
-    assert exposed == {parser.get_default("grpc_port"), parser.get_default("metrics_port")}
+    assert exposed == {
+        parser.get_default("grpc_port"),
+        parser.get_default("http_port"),
+        parser.get_default("metrics_port"),
+    }
 
 
 def test_installs_are_constrained_and_ready_for_the_sdk_package() -> None:

@@ -242,9 +242,15 @@ def test_container_args_are_accepted_and_ports_match(doc: Document) -> None:
         assert annotations["prometheus.kserve.io/port"] == str(options.metrics_port)
         assert repositories == ["/mnt/models"]  # where KServe puts storageUri
         assert "grpc-v2" in doc.body["spec"]["protocolVersions"]
+        assert "v2" in doc.body["spec"]["protocolVersions"]  # REST on --http-port
+        assert options.allow_http and options.http_port == 8080  # KServe's Triton port
     else:
         names = {p["name"]: p["containerPort"] for p in container["ports"]}
-        assert names == {"grpc": options.grpc_port, "metrics": options.metrics_port}
+        assert names == {
+            "grpc": options.grpc_port,
+            "http": options.http_port,
+            "metrics": options.metrics_port,
+        }
         annotations = doc.body["spec"]["template"]["metadata"]["annotations"]
         assert annotations["prometheus.io/scrape"] == "true"
         assert annotations["prometheus.io/port"] == str(options.metrics_port)
@@ -303,6 +309,9 @@ def test_services_select_the_pods_and_name_their_ports() -> None:
             if port["name"] == "grpc":
                 assert port["appProtocol"] == "kubernetes.io/h2c"
                 assert target == parse_server_args(container["args"])[0].grpc_port
+            if port["name"] == "http":
+                assert port["appProtocol"] == "http"
+                assert target == parse_server_args(container["args"])[0].http_port
     headless = [s for s in services if s.body["spec"].get("clusterIP") == "None"]
     assert len(headless) == 1
 

@@ -32,7 +32,7 @@ def test_help() -> None:
     assert proc.stderr == ""
     text = " ".join(proc.stdout.split())
     assert "--grpc-restricted-protocol CATEGORIES:KEY=VALUE RPC categories" in text
-    assert "[ignored, with a warning: HTTP/REST is not served" in text
+    assert "--http-restricted-api CATEGORIES:KEY=VALUE API categories" in text
 
 
 def test_version() -> None:
@@ -134,7 +134,7 @@ def test_a_taken_port_fails_in_one_line_before_loading_models(server) -> None:
 @pytest.mark.parametrize(
     ("flag", "why"),
     [
-        ("--allow-grpc=false", "only front end"),
+        ("--allow-grpc=false", "the gRPC port also carries the health probes"),
         ("--model-namespacing=true", "distinct names"),
         ("--allow-sagemaker=true", "gRPC endpoint"),
         ("--allow-vertex-ai=true", "gRPC endpoint"),
@@ -170,26 +170,59 @@ def listening_ports(pid: int) -> set[int]:
     return ports
 
 
-def test_kserve_command_line_serves_grpc_and_opens_no_http_port(server_factory, tmp_path) -> None:
+def test_kserve_command_line_serves_grpc_and_http(server_factory, tmp_path) -> None:
     """KServe's Triton runtime passes `--model-store=/mnt/models --grpc-port=9000
-    --http-port=8080 --allow-grpc=true --allow-http=true`; the gRPC port here is 0 so that
-    the test cannot collide with anything else on the machine."""
+    --http-port=8080 --allow-grpc=true --allow-http=true`; the ports here are 0 so that
+    the test cannot collide with anything else on the machine. Both front ends serve, and
+    nothing is warned about."""
+    import tritonclient.http as httpclient
+
     build_models.build_simple(tmp_path)
     server = server_factory(
         [],
         f"--model-store={tmp_path}",
         "--grpc-port=0",
-        "--http-port=8080",
+        "--http-port=0",
         "--allow-grpc=true",
         "--allow-http=true",
     )
     with grpcclient.InferenceServerClient(server.url) as c:
         assert c.is_server_ready()
-    assert listening_ports(server.proc.pid) == {server.grpc_port, server.metrics_port}
+    http = httpclient.InferenceServerClient(server.http_url)
+    assert http.is_server_ready()
+    http.close()
+    assert listening_ports(server.proc.pid) == {
+        server.grpc_port,
+        server.http_port,
+        server.metrics_port,
+    }
     warnings = [line for line in server.log().splitlines() if line.startswith("W")]
-    assert len(warnings) == 1, server.log()
-    assert "ignoring --allow-http=true, --http-port=8080: HTTP/REST is not served" in warnings[0]
+    assert warnings == [], server.log()
     assert server.terminate() == 0
+
+
+def test_allow_http_false_opens_no_http_port(server_factory, tmp_path) -> None:
+    build_models.build_simple(tmp_path)
+    server = server_factory(tmp_path, "--allow-http=false")
+    assert server.http_port is None
+    assert listening_ports(server.proc.pid) == {server.grpc_port, server.metrics_port}
+    assert server.terminate() == 0
+
+
+def test_a_taken_http_port_fails_in_one_line_before_loading(server_factory, tmp_path) -> None:
+    import socket
+
+    build_models.build_simple(tmp_path)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = server_factory(tmp_path, f"--http-port={port}", start=False)
+        server.launch()
+        assert server.wait_exit() == 1
+    log = server.log()
+    assert f"could not bind HTTP port 127.0.0.1:{port}: Address already in use" in log
+    assert "loaded model" not in log
 
 
 def test_ignored_flags_warn_once_per_reason(server_factory, tmp_path) -> None:
@@ -202,7 +235,7 @@ def test_ignored_flags_warn_once_per_reason(server_factory, tmp_path) -> None:
         "--backend-directory=/opt/tritonserver/backends",
         "--backend-config=tensorflow,version=2",
         "--allow-client-shm=true",
-        "--allow-http=false",  # what we do anyway: nothing to say
+        "--allow-http=false",
         "--model-control-mode=EXPLICIT",  # tritonserver's choices are case-insensitive
         "--load-model=simple",
     )

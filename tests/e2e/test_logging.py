@@ -59,7 +59,7 @@ def json_records(text: str) -> list[dict]:
 
 
 def test_default_format_is_tritons_line(server_factory, repo) -> None:
-    server = server_factory(repo, "--http-port=8080")  # one warning line too
+    server = server_factory(repo, "--http-header-forward-pattern=x-.*")  # one warning line too
     traffic(server)
     assert server.terminate() == 0
     lines = server.log().splitlines()
@@ -100,7 +100,11 @@ def test_iso8601_to_a_log_file_with_info_off(server_factory, repo, tmp_path) -> 
 def test_json_lines_and_one_line_per_request(server_factory, repo) -> None:
     """KServe passes --log-verbose=true; with it every request gets its line."""
     server = server_factory(
-        repo, "--log-verbose=true", "--log-format=json", "--log-warning=false", "--http-port=1"
+        repo,
+        "--log-verbose=true",
+        "--log-format=json",
+        "--log-warning=false",
+        "--http-header-forward-pattern=x-.*",
     )
     traffic(server, ids=("a-1", "a-2", "a-3"))
 

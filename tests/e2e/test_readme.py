@@ -25,6 +25,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 README_PORT = "localhost:8001"
+README_HTTP_PORT = "localhost:8000"
 
 _FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.MULTILINE | re.DOTALL)
 
@@ -95,9 +96,14 @@ def served_by_make(readme_blocks):
     setup = [shlex.split(c, comments=True) for c in shell_commands(readme_blocks[0][1])]
     assert setup == [["make", "serve"], ["make", "test"]], setup
     assert "make test" in (ROOT / ".ci" / "run").read_text()
-    grpc_port, metrics_port = _free_port(), _free_port()
+    grpc_port, http_port, metrics_port = _free_port(), _free_port(), _free_port()
     proc = subprocess.Popen(
-        [*setup[0], f"GRPC_PORT={grpc_port}", f"METRICS_PORT={metrics_port}"],
+        [
+            *setup[0],
+            f"GRPC_PORT={grpc_port}",
+            f"HTTP_PORT={http_port}",
+            f"METRICS_PORT={metrics_port}",
+        ],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -123,7 +129,7 @@ def served_by_make(readme_blocks):
         os.killpg(proc.pid, signal.SIGKILL)
         out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
         pytest.fail(f"`make serve` did not become ready on {target}:\n{out[-4000:]}")
-    yield target
+    yield target, f"localhost:{http_port}"
     os.killpg(proc.pid, signal.SIGTERM)
     try:
         proc.wait(timeout=40)
@@ -174,16 +180,20 @@ def sdk_venv(readme_blocks, tmp_path_factory) -> Path:
 def test_readme_shell_commands(readme_blocks, served_by_make) -> None:
     commands = [c for c in _commands_after_setup(readme_blocks) if not _is_pip_install(c)]
     assert any("ModelInfer" in c for c in commands), "README lost its grpcurl infer example"
+    assert any("/infer" in c for c in commands), "README lost its curl infer example"
+    grpc_target, http_target = served_by_make
     for command in commands:
-        assert README_PORT in command, (
+        assert README_PORT in command or README_HTTP_PORT in command, (
             f"README command this test does not know how to run (teach it): {command}"
         )
-        run = command.replace(README_PORT, served_by_make)
+        run = command.replace(README_PORT, grpc_target).replace(README_HTTP_PORT, http_target)
         proc = subprocess.run(
             run, shell=True, cwd=ROOT, capture_output=True, text=True, timeout=120
         )
         assert proc.returncode == 0, f"{command}\nstdout: {proc.stdout}\nstderr: {proc.stderr}"
         assert proc.stdout.strip(), f"no output from: {command}"
+        if command.startswith("curl -s ") and "/v2/" in command:
+            assert '"error"' not in proc.stdout, f"{command}: {proc.stdout}"
 
 
 def test_readme_python_blocks(readme_blocks, served_by_make, sdk_venv) -> None:
@@ -200,7 +210,7 @@ def test_readme_python_blocks(readme_blocks, served_by_make, sdk_venv) -> None:
             sdk_only += 1
         for python in interpreters:
             proc = subprocess.run(
-                [python, "-c", body.replace(README_PORT, served_by_make)],
+                [python, "-c", body.replace(README_PORT, served_by_make[0])],
                 # outside the checkout, so nothing can be imported from the source tree
                 cwd=ROOT if python == sys.executable else sdk_venv.parent,
                 capture_output=True,

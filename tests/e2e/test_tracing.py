@@ -115,6 +115,31 @@ def test_unary_request_joins_the_clients_trace(client, receiver) -> None:
     check_request_tree(root, spans)
 
 
+def test_http_request_joins_the_clients_trace(traced, receiver) -> None:
+    """The HTTP front end hands the data plane the same headers: one tree, the client's parent."""
+    import tritonclient.http as httpclient
+
+    a = np.arange(16, dtype=np.int32).reshape(1, 16)
+    http_inputs = []
+    for name in ("INPUT0", "INPUT1"):
+        tensor = httpclient.InferInput(name, [1, 16], "INT32")
+        tensor.set_data_from_numpy(a)
+        http_inputs.append(tensor)
+    client = httpclient.InferenceServerClient(traced.http_url)
+    client.infer(
+        "simple",
+        http_inputs,
+        request_id="http-1",
+        headers={"traceparent": TRACEPARENT, "tracestate": "vendor=http"},
+    )
+    client.close()
+    root, spans = root_of(receiver, "http-1")
+    assert (root.trace_id, root.parent_id) == (TRACE_ID, PARENT_ID)
+    assert root.trace_state == "vendor=http"
+    assert root.attributes["tributary.rpc"] == "HTTP infer"
+    check_request_tree(root, spans)
+
+
 def test_streamed_requests_join_the_streams_trace(client, receiver) -> None:
     replies: queue.Queue[Any] = queue.Queue()
     client.start_stream(

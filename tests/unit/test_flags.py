@@ -202,7 +202,27 @@ def test_kserve_command_line_is_one_warning(tmp_path: Path) -> None:
     )
     assert options.model_repositories == [tmp_path]
     assert options.grpc_port == 9000
-    assert options.warnings == [f"ignoring --allow-http=true, --http-port=8080: {flags.WHY_HTTP}"]
+    assert options.allow_http is True
+    assert options.http_port == 8080
+    assert options.warnings == []
+
+
+def test_http_flags_have_tritonservers_defaults(tmp_path: Path) -> None:
+    options = cli.parse_args([f"--model-repository={tmp_path}"])
+    assert (options.allow_http, options.http_port, options.http_address) == (True, 8000, "0.0.0.0")
+    assert options.http_max_input_size == 64 << 20
+    assert options.http_restricted_apis == {}
+    options = cli.parse_args(
+        [
+            f"--model-repository={tmp_path}",
+            "--allow-http=false",
+            "--http-restricted-api=model-repository,statistics:Admin-Key=secret",
+        ]
+    )
+    assert options.allow_http is False
+    restriction = options.http_restricted_apis["statistics"]
+    assert restriction.header == "admin-key"  # the key itself, no gRPC prefix
+    assert restriction.allows_values(["secret"]) and not restriction.allows_values(["x"])
 
 
 @pytest.mark.parametrize(
