@@ -51,6 +51,7 @@ from .batchqueue import (
     Callback,
     Entry,
     QueuePolicy,
+    SequenceFlags,
     WorkItem,
 )
 from .batchrun import BatchContext, Instance, run_batch
@@ -64,6 +65,7 @@ __all__ = [
     "Instance",
     "QueuePolicy",
     "Scheduler",
+    "SequenceFlags",
     "WorkItem",
 ]
 
