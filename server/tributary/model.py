@@ -23,8 +23,15 @@ from .config import ModelSignature, signature
 from .config_check import inside_model_dir
 from .datatypes import from_config
 from .errors import InvalidArgument, ModelLoadError
-from .scheduler import BatchPolicy, QueuePolicy, Scheduler
-from .sequence import Control, SequencePolicy, SequenceScheduler, StateSpec
+from .scheduler import (
+    BatchPolicy,
+    QueuePolicy,
+    Scheduler,
+    SequencePolicy,
+    SequenceScheduler,
+    make_scheduler,
+)
+from .scheduler.sequence import Control, StateSpec
 from .stats import ModelStats
 from .tensors import check_size_limit
 
@@ -221,7 +228,7 @@ class Model:
         config: Any,
         sig: ModelSignature,
         instances: list[OrtInstance],
-        scheduler: Scheduler | SequenceScheduler,
+        scheduler: Scheduler,
         stats: ModelStats,
         load_seconds: float,
     ) -> None:
@@ -407,12 +414,12 @@ def build_loader(
         sig = signature(config, model_dir)
         instances = create_instances(config, model_path, gpus, cores)
         stats = ModelStats(name, version)
-        scheduler: Scheduler | SequenceScheduler
+        scheduler: Scheduler
         if config.HasField("sequence_batching"):
             policy = sequence_policy(config, model_dir, max_tensor_bytes)
             scheduler = SequenceScheduler(name, instances, policy, stats)
         else:
-            scheduler = Scheduler(name, instances, batch_policy(config), stats)
+            scheduler = make_scheduler(name, instances, batch_policy(config), stats)
         model = Model(
             name, version, config, sig, instances, scheduler, stats, time.monotonic() - start
         )

@@ -49,11 +49,11 @@ from typing import Any
 
 import numpy as np
 
-from .batchqueue import DONE, QUEUED, TAKEN, Callback, Entry, WorkItem, batch_key
+from ..errors import Cancelled, InferenceError, Internal, InvalidArgument, Unavailable
+from ..stats import ModelStats
+from .base import MAX_WAIT_S, Closed, Scheduler, latch
+from .batchqueue import QUEUED, TAKEN, BatchPolicy, Callback, Entry, WorkItem, batch_key
 from .batchrun import BatchContext, Instance
-from .errors import Cancelled, InferenceError, Internal, InvalidArgument, Unavailable
-from .scheduler import Closed
-from .stats import ModelStats
 
 __all__ = [
     "MAX_BACKLOG_SEQUENCES",
@@ -72,7 +72,6 @@ MAX_BACKLOG_SEQUENCES = 4096
 of START requests without END would grow it without limit."""
 MAX_QUEUED_PER_SEQUENCE = 1024
 """Requests of one sequence waiting for their turn (a client may pipeline them on a stream)."""
-_MAX_WAIT_S = 3600.0
 START, END, READY, CORRID = "START", "END", "READY", "CORRID"
 
 
@@ -495,13 +494,7 @@ def _still_wanted(item: WorkItem) -> bool:
         return False
 
 
-def _latch() -> threading.Lock:
-    lock = threading.Lock()
-    lock.acquire()
-    return lock
-
-
-class SequenceScheduler:
+class SequenceScheduler(Scheduler):
     """Threads, lock and execution around a `SequenceTable`: one thread per instance."""
 
     def __init__(
@@ -513,25 +506,15 @@ class SequenceScheduler:
         *,
         clock: Callable[[], int] = time.monotonic_ns,
     ) -> None:
-        if not instances:
-            raise ValueError(f"model '{model_name}' has no instances")
-        self.model_name = model_name
+        batch = BatchPolicy(max_batch_size=policy.max_batch_size)
+        super().__init__(model_name, instances, batch, stats, clock=clock)
         self.policy = policy
-        self._instances = tuple(instances)
-        self._stats = stats
-        self._clock = clock
         self._table = SequenceTable(model_name, len(instances), policy)
         self._ctx = BatchContext(model_name, policy.max_batch_size > 0, stats, clock)
-        self._lock = threading.Lock()
         self._cvs = [threading.Condition(self._lock) for _ in instances]
         self._idle_cv = threading.Condition(self._lock)
         self._running = 0
-        self._closing = False
-        self._stopped = False
         self._ordered = policy.preserve_ordering
-        self._order_lock = threading.Lock()
-        self._held: dict[int, Entry] = {}
-        self._next_seq = 0
         self._threads = [
             threading.Thread(
                 target=self._worker, args=(i,), name=f"{model_name}/{inst.name}", daemon=True
@@ -545,7 +528,7 @@ class SequenceScheduler:
 
     def infer(self, item: WorkItem) -> dict[str, np.ndarray]:
         entry = Entry(item)
-        entry.latch = _latch()
+        entry.latch = latch()
         self._enqueue(entry)
         entry.latch.acquire()
         if entry.error is not None:
@@ -579,7 +562,7 @@ class SequenceScheduler:
             self._wake(range(len(self._cvs)))
             while self._table.queued or self._running:
                 left = end - time.monotonic()
-                if left <= 0 or not self._idle_cv.wait(min(left, _MAX_WAIT_S)):
+                if left <= 0 or not self._idle_cv.wait(min(left, MAX_WAIT_S)):
                     break
             self._stopped = True
             leftovers = self._table.drain()
@@ -644,7 +627,7 @@ class SequenceScheduler:
                         wait = min(wait, plan.wait_until_ns) if wait else plan.wait_until_ns
                     if self._closing and not table.queued and not self._running:
                         self._idle_cv.notify_all()
-                    timeout = None if not wait else min(max(wait - now, 0) / 1e9, _MAX_WAIT_S)
+                    timeout = None if not wait else min(max(wait - now, 0) / 1e9, MAX_WAIT_S)
                     cv.wait(timeout)
             self._finish(reaped + plan.dropped)
             if not plan.rows:
@@ -795,26 +778,6 @@ class SequenceScheduler:
             item.compute_output_ns = t3 - t2
             item.batch_rows = rows
 
-    def _finish(self, entries: list[Entry]) -> None:
-        """Complete entries; with preserve_ordering, strictly in arrival order."""
-        if not entries:
-            return
-        if not self._ordered:
-            for e in entries:
-                e.state = DONE
-                _fire(e)
-            return
-        with self._order_lock:
-            ready: list[Entry] = []
-            for e in entries:
-                e.state = DONE
-                self._held[e.seq] = e
-            while (nxt := self._held.pop(self._next_seq, None)) is not None:
-                self._next_seq += 1
-                ready.append(nxt)
-            for e in ready:
-                _fire(e)
-
 
 def _corrid_value(control: Control, seq_id: int | str | None) -> Any:
     """The CORRID of one row: Triton copies the uint64 ID's low bytes into narrower types."""
@@ -824,14 +787,3 @@ def _corrid_value(control: Control, seq_id: int | str | None) -> Any:
         return 0
     bits = np.dtype(control.dtype).itemsize * 8
     return seq_id & ((1 << bits) - 1)
-
-
-def _fire(entry: Entry) -> None:
-    cb = entry.callback
-    if cb is None:
-        entry.latch.release()  # type: ignore[union-attr]
-        return
-    try:
-        cb(entry.result, entry.error)
-    except Exception:  # a caller's bug must not kill an instance thread
-        _log.exception("scheduler callback failed")
