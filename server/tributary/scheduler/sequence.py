@@ -136,6 +136,22 @@ class SequencePolicy:
     def control(self, kind: str) -> Control | None:
         return next((c for c in self.controls if c.kind == kind), None)
 
+    def idle_inputs(self, rows: int) -> dict[str, np.ndarray]:
+        """Control inputs of `rows` not-ready rows and the states' start values: what a run
+        outside any sequence (warmup) adds to the config's inputs."""
+        batched = self.max_batch_size > 0
+        lead = (rows, 1) if batched else (1,)
+        out: dict[str, np.ndarray] = {}
+        for c in self.controls:
+            if c.kind == CORRID and c.wire == "BYTES":
+                out[c.name] = np.full(lead, "", dtype=object)
+            else:
+                out[c.name] = np.full(lead, 0 if c.kind == CORRID else c.false, dtype=c.dtype)
+        for s in self.states:
+            value = s.start_value()
+            out[s.input_name] = np.stack([value] * rows) if batched else value
+        return out
+
 
 class _Seq:
     """One open sequence: its queue, its slot (None while in the backlog) and its state."""
@@ -595,9 +611,8 @@ class SequenceScheduler(Scheduler):
                 self._stats.pending(1)
                 if target is not None:
                     self._cvs[target].notify()
-                if self._table.next_reap_ns:
-                    for cv in self._cvs[:1]:
-                        cv.notify()  # a new backlog deadline may be earlier than any wait
+                elif item.timeout_us > 0:
+                    self._cvs[0].notify()  # a backlog deadline may be earlier than any wait
         except InferenceError as exc:
             entry.fail(exc, "REJECTED" if isinstance(exc, Unavailable) else "OTHER")
             raise
