@@ -383,8 +383,9 @@ def warm_up(
             if spec.reshape is not None and spec.name in inputs:
                 lead = (batch,) if batch else ()
                 inputs[spec.name] = inputs[spec.name].reshape(lead + spec.reshape)
-        if isinstance(model.scheduler, SequenceScheduler):  # controls and states: not-ready rows
-            inputs.update(model.scheduler.policy.idle_inputs(max(batch, 1)))
+        scheduler = getattr(model, "scheduler", None)
+        if isinstance(scheduler, SequenceScheduler):  # controls and states: not-ready rows
+            inputs.update(scheduler.policy.idle_inputs(max(batch, 1)))
         outputs = tuple(o.name for o in model.signature.outputs)
         for _ in range(max(1, sample.count)):
             for instance in model.instances:

@@ -393,3 +393,88 @@ def test_close_fails_queued_requests_and_refuses_new_sequences() -> None:
         s.infer(item(2, 1, start=True))
     gate.set()
     assert len(errors) >= 1 and isinstance(errors[0], Closed)
+
+
+# ------------------------------------------------------------------------ config -> policy
+
+
+def _config(text: str):  # type: ignore[no-untyped-def]
+    from tributary.config import parse_config
+
+    return parse_config(text, "config.pbtxt")
+
+
+def test_policy_from_config_controls_states_and_strategy(tmp_path) -> None:
+    from tributary.model import sequence_policy
+
+    cfg = _config(
+        """
+        name: "m" max_batch_size: 4
+        sequence_batching {
+          oldest { max_candidate_sequences: 16 preferred_batch_size: [2] max_queue_delay_microseconds: 50 preserve_ordering: true }
+          control_input [
+            { name: "S" control [ { kind: CONTROL_SEQUENCE_START fp32_false_true: [ 0, 1 ] } ] },
+            { name: "R" control [ { kind: CONTROL_SEQUENCE_READY bool_false_true: [ false, true ] } ] },
+            { name: "C" control [ { kind: CONTROL_SEQUENCE_CORRID data_type: TYPE_STRING } ] }
+          ]
+          state [ { input_name: "h" output_name: "h_out" data_type: TYPE_FP32 dims: [ 3 ] } ]
+        }
+        """
+    )
+    p = sequence_policy(cfg, tmp_path)
+    assert p.oldest and p.slots_per_instance == 16 and p.batch_cap == 4
+    assert p.preferred_batch_sizes == (2,) and p.max_queue_delay_us == 50 and p.preserve_ordering
+    assert p.max_sequence_idle_us == 1_000_000
+    start, ready, corrid = p.controls
+    assert (start.kind, start.dtype, start.true) == ("START", np.dtype(np.float32), 1.0)
+    assert (ready.kind, ready.dtype, ready.true) == ("READY", np.dtype(np.bool_), True)
+    assert (corrid.kind, corrid.wire) == ("CORRID", "BYTES")
+    np.testing.assert_array_equal(p.states[0].start_value(), np.zeros(3, np.float32))
+    idle = p.idle_inputs(2)
+    assert idle["S"].shape == (2, 1) and idle["h"].shape == (2, 3) and idle["C"].dtype == object
+
+
+def test_initial_state_file_is_confined_to_the_model_dir(tmp_path) -> None:
+    from tributary.errors import ModelLoadError
+    from tributary.model import sequence_policy
+
+    def cfg(data: str) -> object:
+        return _config(
+            f"""
+            name: "m" max_batch_size: 0
+            sequence_batching {{ state [ {{ input_name: "a" output_name: "b" data_type: TYPE_INT32
+              dims: [ 2 ] initial_state {{ name: "i" data_type: TYPE_INT32 dims: [ 2 ] {data} }} }} ] }}
+            """
+        )
+
+    (tmp_path / "initial_state").mkdir()
+    (tmp_path / "initial_state" / "ok.bin").write_bytes(np.array([7, 8], "<i4").tobytes())
+    (tmp_path / "initial_state" / "short.bin").write_bytes(b"\0\0\0\0")
+    p = sequence_policy(cfg('data_file: "ok.bin"'), tmp_path)
+    np.testing.assert_array_equal(p.states[0].start_value(), [7, 8])
+    with pytest.raises(ModelLoadError):
+        sequence_policy(cfg('data_file: "../../../etc/passwd"'), tmp_path)
+    with pytest.raises(ModelLoadError, match="expects 8 bytes"):
+        sequence_policy(cfg('data_file: "short.bin"'), tmp_path)
+    rank = cfg("zero_data: true")
+    rank.sequence_batching.state[0].initial_state[0].dims.append(1)  # type: ignore[attr-defined]
+    with pytest.raises(ModelLoadError, match="doesn't match the size of 'state' dimensions"):
+        sequence_policy(rank, tmp_path)
+
+
+def test_bad_controls_are_load_errors(tmp_path) -> None:
+    from tributary.errors import ModelLoadError
+    from tributary.model import sequence_policy
+
+    corrid = _config(
+        'name: "m" sequence_batching { control_input [ { name: "C" control [ '
+        "{ kind: CONTROL_SEQUENCE_CORRID data_type: TYPE_FP32 } ] } ] }"
+    )
+    with pytest.raises(ModelLoadError, match="expected TYPE_UINT64, TYPE_INT64"):
+        sequence_policy(corrid, tmp_path)
+    pair = _config(
+        'name: "m" sequence_batching { control_input [ { name: "S" control [ '
+        "{ kind: CONTROL_SEQUENCE_START int32_false_true: [ 1 ] } ] } ] }"
+    )
+    with pytest.raises(ModelLoadError, match="exactly two values"):
+        sequence_policy(pair, tmp_path)
