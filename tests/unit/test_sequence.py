@@ -411,10 +411,14 @@ def test_policy_from_config_controls_states_and_strategy(tmp_path) -> None:
         """
         name: "m" max_batch_size: 4
         sequence_batching {
-          oldest { max_candidate_sequences: 16 preferred_batch_size: [2] max_queue_delay_microseconds: 50 preserve_ordering: true }
+          oldest {
+            max_candidate_sequences: 16 preferred_batch_size: [2]
+            max_queue_delay_microseconds: 50 preserve_ordering: true
+          }
           control_input [
             { name: "S" control [ { kind: CONTROL_SEQUENCE_START fp32_false_true: [ 0, 1 ] } ] },
-            { name: "R" control [ { kind: CONTROL_SEQUENCE_READY bool_false_true: [ false, true ] } ] },
+            { name: "R" control [
+              { kind: CONTROL_SEQUENCE_READY bool_false_true: [ false, true ] } ] },
             { name: "C" control [ { kind: CONTROL_SEQUENCE_CORRID data_type: TYPE_STRING } ] }
           ]
           state [ { input_name: "h" output_name: "h_out" data_type: TYPE_FP32 dims: [ 3 ] } ]
@@ -443,7 +447,8 @@ def test_initial_state_file_is_confined_to_the_model_dir(tmp_path) -> None:
             f"""
             name: "m" max_batch_size: 0
             sequence_batching {{ state [ {{ input_name: "a" output_name: "b" data_type: TYPE_INT32
-              dims: [ 2 ] initial_state {{ name: "i" data_type: TYPE_INT32 dims: [ 2 ] {data} }} }} ] }}
+              dims: [ 2 ] initial_state {{ name: "i" data_type: TYPE_INT32 dims: [ 2 ]
+              {data} }} }} ] }}
             """
         )
 
