@@ -483,3 +483,116 @@ def test_bad_controls_are_load_errors(tmp_path) -> None:
     )
     with pytest.raises(ModelLoadError, match="exactly two values"):
         sequence_policy(pair, tmp_path)
+
+
+def test_unbatched_model_gets_controls_and_state_without_a_batch_dim() -> None:
+    seen: list[dict[str, np.ndarray]] = []
+
+    class Flat:
+        name = "flat"
+
+        def run(self, inputs: dict[str, np.ndarray], outputs: Sequence[str]):  # type: ignore[no-untyped-def]
+            seen.append(dict(inputs))
+            acc = inputs["ACC_IN"] + inputs["INPUT"]
+            return {"OUTPUT": acc, "ACC_OUT": acc}
+
+    state = StateSpec("ACC_IN", "ACC_OUT", I32, (1,))
+    policy = SequencePolicy(controls=CONTROLS[:1], states=(state,))
+    s = SequenceScheduler("m", [Flat()], policy, ModelStats("m", 1))
+
+    def flat(seq_id: int, value: int, start: bool = False) -> WorkItem:
+        return WorkItem(
+            inputs={"INPUT": np.array([value], np.int32)},
+            rows=1,
+            outputs=("OUTPUT",),
+            sequence=SequenceFlags(seq_id, start),
+        )
+
+    try:
+        assert s.infer(flat(1, 4, start=True))["OUTPUT"].tolist() == [4]
+        assert s.infer(flat(1, 5))["OUTPUT"].tolist() == [9]
+    finally:
+        s.close(1)
+    assert seen[0]["START"].shape == (1,) and seen[1]["ACC_IN"].shape == (1,)
+
+
+def test_hammer_every_path_gives_back_its_slot() -> None:
+    """Many clients over few slots with model errors, cancelled clients, backlog timeouts and
+    sequences that never END; afterwards every request was answered exactly once, nothing is
+    pending, and once idle sequences are released every slot takes a new sequence."""
+    import random
+    import time
+
+    rng = random.Random(5)
+    insts = [Summer("a"), Summer("b")]
+
+    def flaky(inputs: dict[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:
+        if rng.random() < 0.1:
+            raise RuntimeError("model error")
+        time.sleep(rng.random() * 0.001)
+        out = (inputs["INPUT"] + inputs["ACC_IN"]) * inputs["READY"]
+        return {"OUTPUT": out, "ACC_OUT": out}
+
+    for inst in insts:
+        inst.run = flaky  # type: ignore[method-assign]
+    stats = ModelStats("m", 1)
+    policy = SequencePolicy(
+        max_batch_size=2, controls=CONTROLS, states=(STATE,), max_sequence_idle_us=20_000
+    )
+    s = SequenceScheduler("m", insts, policy, stats)
+    answered: dict[int, int] = {}
+    lock = threading.Lock()
+    counter = [0]
+
+    def client(seed: int) -> None:
+        r = random.Random(seed)
+        for k in range(15):
+            sid = seed * 100 + k
+            length = r.randint(1, 4)
+            for i in range(length):
+                with lock:
+                    counter[0] += 1
+                    tag = counter[0]
+                active = (lambda: False) if r.random() < 0.05 else None
+                it = item(
+                    sid,
+                    i,
+                    start=i == 0,
+                    end=(i == length - 1) and r.random() < 0.7,
+                    is_active=active,
+                    timeout_us=r.choice([0, 500]),
+                )
+
+                def cb(result: object, error: object, tag: int = tag) -> None:
+                    with lock:
+                        answered[tag] = answered.get(tag, 0) + 1
+
+                if r.random() < 0.5:
+                    s.submit(it, cb)
+                else:
+                    try:
+                        s.infer(it)
+                    except InferenceError:
+                        pass
+                    cb(None, None)
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(1, 9)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    deadline = time.monotonic() + 10
+    while len(answered) < counter[0] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(answered) == counter[0] and set(answered.values()) == {1}
+    assert stats.snapshot().pending == 0
+    table = s._table
+    deadline = time.monotonic() + 10
+    while table.open_sequences() and time.monotonic() < deadline:
+        time.sleep(0.01)  # idle sequences go after 20 ms
+    assert table.open_sequences() == 0 and table.queued == 0
+    for inst in insts:
+        inst.run = Summer.run.__get__(inst)  # type: ignore[method-assign]
+    outs = [s.infer(item(90000 + k, 1, start=True, end=True)) for k in range(4)]
+    assert len(outs) == 4
+    s.close(1)
