@@ -97,6 +97,10 @@ class Scheduler:
         self._order_lock = threading.RLock()
         self._held: dict[int, Entry] = {}
         self._next_seq = 0
+        self._setup(policy)
+
+    def _setup(self, policy: BatchPolicy) -> None:
+        """The mode's own state and threads, after the shared state exists."""
 
     # -- the interface every mode offers -------------------------------------------------
 

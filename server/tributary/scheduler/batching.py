@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from ..errors import InferenceError
-from ..stats import ModelStats
 from .base import MAX_WAIT_S, Scheduler, latch
 from .batchqueue import DONE, BatchPolicy, Callback, Entry, WorkItem
 from .batchrun import Instance, run_batch
@@ -26,16 +24,7 @@ from .batchrun import Instance, run_batch
 class BatchingScheduler(Scheduler):
     """Requests queue and run in batches formed when an instance becomes free."""
 
-    def __init__(
-        self,
-        model_name: str,
-        instances: Sequence[Instance],
-        policy: BatchPolicy,
-        stats: ModelStats,
-        *,
-        clock: Callable[[], int] = time.monotonic_ns,
-    ) -> None:
-        super().__init__(model_name, instances, policy, stats, clock=clock)
+    def _setup(self, policy: BatchPolicy) -> None:
         self._ordered = policy.preserve_ordering
         # Instances whose thread is waiting for work, and instances a caller borrowed to run
         # its lone request inline (see `_enqueue_or_borrow`).
@@ -44,7 +33,10 @@ class BatchingScheduler(Scheduler):
         self._threads: list[threading.Thread] = []
         for inst in self._instances:
             t = threading.Thread(
-                target=self._worker, args=(inst,), name=f"{model_name}/{inst.name}", daemon=True
+                target=self._worker,
+                args=(inst,),
+                name=f"{self.model_name}/{inst.name}",
+                daemon=True,
             )
             self._threads.append(t)
             t.start()

@@ -9,13 +9,11 @@ straight to the next waiter. `submit` runs on a small executor sized to the inst
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from ..errors import Cancelled, InferenceError
-from ..stats import ModelStats
 from .base import Scheduler, latch
 from .batchqueue import DONE, TAKEN, BatchPolicy, Callback, Entry, WorkItem
 from .batchrun import Instance, run_batch
@@ -24,16 +22,7 @@ from .batchrun import Instance, run_batch
 class DirectScheduler(Scheduler):
     """Requests run one at a time per instance, on the caller's thread where possible."""
 
-    def __init__(
-        self,
-        model_name: str,
-        instances: Sequence[Instance],
-        policy: BatchPolicy,
-        stats: ModelStats,
-        *,
-        clock: Callable[[], int] = time.monotonic_ns,
-    ) -> None:
-        super().__init__(model_name, instances, policy, stats, clock=clock)
+    def _setup(self, policy: BatchPolicy) -> None:
         self._free: list[Instance] = list(self._instances)
         self._executor: ThreadPoolExecutor | None = None
 

@@ -522,20 +522,28 @@ class SequenceScheduler(Scheduler):
         *,
         clock: Callable[[], int] = time.monotonic_ns,
     ) -> None:
+        self.policy = policy  # read by `_setup`, which the base constructor calls
         batch = BatchPolicy(max_batch_size=policy.max_batch_size)
         super().__init__(model_name, instances, batch, stats, clock=clock)
-        self.policy = policy
-        self._table = SequenceTable(model_name, len(instances), policy)
-        self._ctx = BatchContext(model_name, policy.max_batch_size > 0, stats, clock)
-        self._cvs = [threading.Condition(self._lock) for _ in instances]
+
+    def _setup(self, batch: BatchPolicy) -> None:
+        policy = self.policy
+        self._table = SequenceTable(self.model_name, len(self._instances), policy)
+        self._ctx = BatchContext(
+            self.model_name, policy.max_batch_size > 0, self._stats, self._clock
+        )
+        self._cvs = [threading.Condition(self._lock) for _ in self._instances]
         self._idle_cv = threading.Condition(self._lock)
         self._running = 0
         self._ordered = policy.preserve_ordering
         self._threads = [
             threading.Thread(
-                target=self._worker, args=(i,), name=f"{model_name}/{inst.name}", daemon=True
+                target=self._worker,
+                args=(i,),
+                name=f"{self.model_name}/{inst.name}",
+                daemon=True,
             )
-            for i, inst in enumerate(instances)
+            for i, inst in enumerate(self._instances)
         ]
         for t in self._threads:
             t.start()
