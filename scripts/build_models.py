@@ -403,6 +403,58 @@ def build_sequence(out: Path, name: str = "simple_sequence", *, dyna: bool = Fal
     return write_model(out, name, sequence_graph(dyna=dyna), sequence_config(name, dyna=dyna))
 
 
+STRING_DYNA_STATE = """\
+  state [
+    {
+      input_name: "ACC_IN"
+      output_name: "ACC_OUT"
+      data_type: TYPE_INT32
+      dims: [ 1 ]
+      initial_state {
+        name: "zero"
+        data_type: TYPE_INT32
+        dims: [ 1 ]
+        zero_data: true
+      }
+    }
+  ]
+"""
+
+
+def string_dyna_graph() -> onnx.ModelProto:
+    """`simple_string_dyna_sequence`, as Triton's examples expect it with `--dyna`: a running
+    sum (implicit state ACC_IN/ACC_OUT, reset at START) plus, on the END request, the string
+    CORRID read as a number (IDs that are not a 1-9 digit integer count as 0)."""
+    zero = helper.make_tensor("zero_text", TensorProto.STRING, [], [b"0"])
+    nodes = [
+        helper.make_node("Add", ["ACC_IN", "INPUT"], ["ACC_OUT"]),
+        helper.make_node("RegexFullMatch", ["CORRID"], ["numeric"], pattern="-?[0-9]{1,9}"),
+        helper.make_node("Where", ["numeric", "CORRID", "zero_text"], ["corrid_text"]),
+        helper.make_node("Cast", ["corrid_text"], ["corrid_i32"], to=TensorProto.INT32),
+        helper.make_node("Mul", ["END", "corrid_i32"], ["end_corrid"]),
+        helper.make_node("Add", ["ACC_OUT", "end_corrid"], ["with_end"]),
+        helper.make_node("Mul", ["with_end", "READY"], ["OUTPUT"]),
+    ]
+    inputs = [_seq_io("INPUT"), _seq_io("START"), _seq_io("END"), _seq_io("READY")]
+    inputs += [_seq_io("CORRID", TensorProto.STRING), _seq_io("ACC_IN")]
+    graph = helper.make_graph(
+        nodes,
+        "string_dyna_sequence",
+        inputs,
+        [_seq_io("OUTPUT"), _seq_io("ACC_OUT")],
+        initializer=[zero],
+    )
+    return make_model(graph)
+
+
+def build_string_dyna(out: Path, name: str = "simple_string_dyna_sequence") -> Path:
+    text = sequence_config(name, dyna=True).replace(
+        "data_type: TYPE_UINT64", "data_type: TYPE_STRING"
+    )
+    text = text.replace("  control_input [", STRING_DYNA_STATE + "  control_input [", 1)
+    return write_model(out, name, string_dyna_graph(), text)
+
+
 ACCUMULATOR_CONFIG = """\
 # Built by scripts/build_models.py: a running sum kept by the server as implicit state.
 # OUTPUT = ACC_IN + INPUT and ACC_OUT = OUTPUT; the server feeds ACC_OUT back as ACC_IN on the
@@ -555,6 +607,7 @@ BUILDERS: dict[str, Callable[[Path], Path]] = {
     "digits": lambda out: build_digits(out, "digits"),
     "simple_sequence": lambda out: build_sequence(out, "simple_sequence"),
     "simple_dyna_sequence": lambda out: build_sequence(out, "simple_dyna_sequence", dyna=True),
+    "simple_string_dyna_sequence": lambda out: build_string_dyna(out),
     "accumulator": lambda out: build_accumulator(out, "accumulator"),
     "gru_cell": lambda out: build_gru(out, "gru_cell"),
     "mlp": lambda out: build_mlp(out, "mlp"),

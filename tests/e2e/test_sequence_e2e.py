@@ -138,6 +138,29 @@ def test_dyna_sequence_adds_the_correlation_id_at_end(client):
     )
 
 
+def test_string_dyna_sequence_accumulates_and_adds_the_string_id_at_end(server):
+    """The --dyna pattern of the stream example: a string CORRID, a running sum kept as
+    implicit state, the ID's number added on the END request."""
+    results: queue.Queue[Any] = queue.Queue()
+    values = [20] + [-v for v in VALUES]
+    n = len(values)
+    with grpcclient.InferenceServerClient(server.url) as c:
+        c.start_stream(callback=lambda result, error: results.put(error or result))
+        for i, v in enumerate(values):
+            c.async_stream_infer(
+                "simple_string_dyna_sequence", _inputs(v), **_seq_kwargs("1002", i, n)
+            )
+        got = []
+        for _ in range(n):
+            item = results.get(timeout=30)
+            assert not isinstance(item, Exception), item
+            got.append(_out(item))
+        c.stop_stream()
+    expected = np.cumsum(values)
+    expected[-1] += 1002
+    assert got == expected.tolist()
+
+
 def test_oldest_strategy_batches_concurrent_sequences(server, client):
     before = client.get_inference_statistics("simple_dyna_sequence").model_stats[0]
     sequences = 16

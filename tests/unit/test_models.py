@@ -14,7 +14,13 @@ from tributary.backends.graph import read_graph
 
 ROOT = Path(__file__).resolve().parents[2]
 REPO = ROOT / "model_repository"
-SEQUENCE_MODELS = ["simple_sequence", "simple_dyna_sequence", "accumulator", "gru_cell"]
+SEQUENCE_MODELS = [
+    "simple_sequence",
+    "simple_dyna_sequence",
+    "simple_string_dyna_sequence",
+    "accumulator",
+    "gru_cell",
+]
 COMMITTED = [
     "digits",
     "simple",
