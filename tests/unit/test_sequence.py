@@ -252,8 +252,9 @@ def test_idle_sequences_are_released_and_then_need_start() -> None:
 def test_backlogged_requests_expire_with_tritons_text() -> None:
     t = SequenceTable("m", 1, SequencePolicy(max_batch_size=1))
     push(t, 0, 1, start=True)
+    t.reap(0)  # the first look: next one after the idle time (1 s)
     waiting = push(t, 0, 2, start=True, timeout_us=50)
-    assert t.next_reap_ns == 50 * US
+    assert t.next_reap_ns == 50 * US  # the backlog deadline comes first
     dropped, _ = t.reap(50 * US)
     assert dropped == [waiting]
     assert isinstance(waiting.error, Unavailable)
@@ -596,3 +597,24 @@ def test_hammer_every_path_gives_back_its_slot() -> None:
     outs = [s.infer(item(90000 + k, 1, start=True, end=True)) for k in range(4)]
     assert len(outs) == 4
     s.close(1)
+
+
+def test_state_tensors_are_checked_against_the_graph(tmp_path) -> None:
+    import build_models as bm
+
+    from tributary import config as C
+    from tributary.backends.graph import read_graph
+    from tributary.errors import ModelLoadError
+
+    good = bm.ACCUMULATOR_CONFIG.format(name="accumulator")
+    for bad, match in [
+        (good.replace('output_name: "ACC_OUT"', 'output_name: "NOPE"'), "state output 'NOPE'"),
+        (
+            good.replace("data_type: TYPE_INT32\n      dims", "data_type: TYPE_FP32\n      dims"),
+            "TYPE_FP32",
+        ),
+    ]:
+        d = bm.build_accumulator(tmp_path / match[:5], config=bad)
+        config = C.normalize(C.load_config(d), d)
+        with pytest.raises(ModelLoadError, match=match):
+            C.validate(config, read_graph(C.model_file(d, 1, config)), d)

@@ -286,7 +286,8 @@ class SequenceTable:
         if seq.slot is None and entry.item.timeout_us > 0:
             deadline = now + entry.item.timeout_us * 1000
             seq.expire_ns = min(seq.expire_ns or deadline, deadline)
-            self.next_reap_ns = min(self.next_reap_ns or deadline, deadline)
+            if self.next_reap_ns:  # 0: the first reap (at once) has not happened yet
+                self.next_reap_ns = min(self.next_reap_ns, deadline)
         entry.enqueue_ns = now
         entry.seq = self._arrivals
         self._arrivals += 1
