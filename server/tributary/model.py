@@ -74,8 +74,8 @@ def batch_policy(config: Any) -> BatchPolicy:
 
 INITIAL_STATE_FOLDER = "initial_state"  # Triton's: data_file names a file in <model>/initial_state/
 MAX_CANDIDATE_SEQUENCES = 65536
-"""Per instance: every candidate slot is bookkeeping the server holds, and a config override
-could ask for billions."""
+"""Sequence slots per instance (oldest: max_candidate_sequences, direct: max_batch_size): every
+slot is bookkeeping the server holds, and a config override could ask for billions."""
 _CORRID_TYPES = ("TYPE_UINT64", "TYPE_INT64", "TYPE_UINT32", "TYPE_INT32", "TYPE_STRING")
 
 
@@ -190,6 +190,12 @@ def sequence_policy(
     """The sequence scheduler's view of `sequence_batching` (docs/model-config.md)."""
     sb = config.sequence_batching
     oldest = sb.WhichOneof("strategy_choice") == "oldest"
+    if not oldest and config.max_batch_size > MAX_CANDIDATE_SEQUENCES:
+        raise ModelLoadError(
+            f"unable to load model '{config.name}', sequence batching (direct) keeps one slot "
+            f"per batch row: max_batch_size must be at most {MAX_CANDIDATE_SEQUENCES}, got "
+            f"{config.max_batch_size}"
+        )
     common = SequencePolicy(
         max_batch_size=max(0, int(config.max_batch_size)),
         max_sequence_idle_us=int(sb.max_sequence_idle_microseconds) or 1_000_000,

@@ -618,3 +618,14 @@ def test_state_tensors_are_checked_against_the_graph(tmp_path) -> None:
         config = C.normalize(C.load_config(d), d)
         with pytest.raises(ModelLoadError, match=match):
             C.validate(config, read_graph(C.model_file(d, 1, config)), d)
+
+
+def test_slot_counts_are_bounded_at_load(tmp_path) -> None:
+    from tributary.errors import ModelLoadError
+    from tributary.model import sequence_policy
+
+    with pytest.raises(ModelLoadError, match="max_batch_size must be at most 65536"):
+        sequence_policy(_config('name: "m" max_batch_size: 2000000000 sequence_batching { }'))
+    oldest = 'name: "m" sequence_batching { oldest { max_candidate_sequences: 70000 } }'
+    with pytest.raises(ModelLoadError, match="max_candidate_sequences must be between"):
+        sequence_policy(_config(oldest))
