@@ -418,11 +418,14 @@ class SequenceTable:
         """Rows batch together when their inputs and states have equal shapes."""
         slot, entry = ready
         seq = slot.seq
-        states: tuple[Any, ...] = ()
         flags = entry.item.sequence
-        if self.policy.states and seq is not None and seq.state is not None:
-            if flags is None or not flags.start:
-                states = tuple((n, a.shape) for n, a in sorted(seq.state.items()))
+        kept = seq.state if seq is not None else None
+        if flags is not None and flags.start:
+            kept = None  # START: the row gets the initial state
+        states = tuple(
+            (s.input_name, (s.start_value() if kept is None else kept[s.input_name]).shape)
+            for s in self.policy.states
+        )
         return (batch_key(entry.item.inputs), states)
 
     def finished(self, rows: Sequence[tuple[_Slot, Entry | None]], now: int) -> set[int]:
