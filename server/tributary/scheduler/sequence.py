@@ -38,6 +38,7 @@ sequences are released. Beyond a bound a request is refused with UNAVAILABLE.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import logging
 import threading
@@ -101,9 +102,15 @@ class StateSpec:
     initial: np.ndarray | None = None
 
     def start_value(self) -> np.ndarray:
-        if self.initial is not None:
-            return self.initial
-        return np.zeros(tuple(max(d, 0) for d in self.dims), dtype=self.dtype)
+        return self._start
+
+    @functools.cached_property
+    def _start(self) -> np.ndarray:
+        value = self.initial
+        if value is None:
+            value = np.zeros(tuple(max(d, 0) for d in self.dims), dtype=self.dtype)
+        value.flags.writeable = False  # shared by every sequence that starts
+        return value
 
 
 @dataclass(frozen=True)
