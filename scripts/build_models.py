@@ -337,12 +337,279 @@ def build_mlp(out: Path, name: str = "mlp") -> Path:
     return write_model(out, name, mlp_graph(), MLP_CONFIG.format(name=name))
 
 
+def _seq_io(name: str, elem: int = TensorProto.INT32, width: int = 1) -> onnx.ValueInfoProto:
+    return _io(name, elem, ["N", width])
+
+
+def sequence_graph(*, dyna: bool) -> onnx.ModelProto:
+    """The shape Triton's sequence example clients expect of `simple_sequence` (dyna False):
+    OUTPUT = (INPUT + START) * READY, and of `simple_dyna_sequence` (dyna True):
+    OUTPUT = (INPUT + START + END * CORRID) * READY, CORRID (UINT64) narrowed to INT32."""
+    nodes = [helper.make_node("Add", ["INPUT", "START"], ["with_start"])]
+    inputs = [_seq_io("INPUT"), _seq_io("START"), _seq_io("READY")]
+    last = "with_start"
+    if dyna:
+        inputs += [_seq_io("END"), _seq_io("CORRID", TensorProto.UINT64)]
+        nodes += [
+            helper.make_node("Cast", ["CORRID"], ["corrid_i32"], to=TensorProto.INT32),
+            helper.make_node("Mul", ["END", "corrid_i32"], ["end_corrid"]),
+            helper.make_node("Add", ["with_start", "end_corrid"], ["with_end"]),
+        ]
+        last = "with_end"
+    nodes.append(helper.make_node("Mul", [last, "READY"], ["OUTPUT"]))
+    graph = helper.make_graph(
+        nodes, "dyna_sequence" if dyna else "sequence", inputs, [_seq_io("OUTPUT")]
+    )
+    return make_model(graph)
+
+
+def _control(name: str, kind: str, extra: str = "int32_false_true: [ 0, 1 ]") -> str:
+    return (
+        f'    {{\n      name: "{name}"\n      control [\n        {{\n'
+        f"          kind: CONTROL_SEQUENCE_{kind}\n          {extra}\n        }}\n      ]\n    }}"
+    )
+
+
+def sequence_config(name: str, *, dyna: bool) -> str:
+    controls = [_control("START", "START")]
+    if dyna:
+        controls.append(_control("END", "END"))
+    controls.append(_control("READY", "READY"))
+    if dyna:
+        controls.append(_control("CORRID", "CORRID", "data_type: TYPE_UINT64"))
+    strategy = (
+        "  max_sequence_idle_microseconds: 10000000\n"
+        "  oldest {\n    max_candidate_sequences: 1024\n"
+        "    max_queue_delay_microseconds: 10000\n  }\n"
+        if dyna
+        else ""
+    )
+    return (
+        f"# Built by scripts/build_models.py: the model Triton's sequence example clients call"
+        f" {name}.\n"
+        f'name: "{name}"\nplatform: "onnxruntime_onnx"\nmax_batch_size: 8\n'
+        + "sequence_batching {\n"
+        + strategy
+        + "  control_input [\n"
+        + ",\n".join(controls)
+        + "\n  ]\n}\n"
+        + _tensors("input", ["INPUT"], "TYPE_INT32", "1")
+        + _tensors("output", ["OUTPUT"], "TYPE_INT32", "1")
+        + f"instance_group [\n  {{\n    count: {2 if dyna else 1}\n    kind: KIND_CPU\n  }}\n]\n"
+    )
+
+
+def build_sequence(out: Path, name: str = "simple_sequence", *, dyna: bool = False) -> Path:
+    return write_model(out, name, sequence_graph(dyna=dyna), sequence_config(name, dyna=dyna))
+
+
+STRING_DYNA_STATE = """\
+  state [
+    {
+      input_name: "ACC_IN"
+      output_name: "ACC_OUT"
+      data_type: TYPE_INT32
+      dims: [ 1 ]
+      initial_state {
+        name: "zero"
+        data_type: TYPE_INT32
+        dims: [ 1 ]
+        zero_data: true
+      }
+    }
+  ]
+"""
+
+
+def string_dyna_graph() -> onnx.ModelProto:
+    """`simple_string_dyna_sequence`, as Triton's examples expect it with `--dyna`: a running
+    sum (implicit state ACC_IN/ACC_OUT, reset at START) plus, on the END request, the string
+    CORRID read as a number (IDs that are not a 1-9 digit integer count as 0)."""
+    zero = helper.make_tensor("zero_text", TensorProto.STRING, [], [b"0"])
+    nodes = [
+        helper.make_node("Add", ["ACC_IN", "INPUT"], ["ACC_OUT"]),
+        helper.make_node("RegexFullMatch", ["CORRID"], ["numeric"], pattern="-?[0-9]{1,9}"),
+        helper.make_node("Where", ["numeric", "CORRID", "zero_text"], ["corrid_text"]),
+        helper.make_node("Cast", ["corrid_text"], ["corrid_i32"], to=TensorProto.INT32),
+        helper.make_node("Mul", ["END", "corrid_i32"], ["end_corrid"]),
+        helper.make_node("Add", ["ACC_OUT", "end_corrid"], ["with_end"]),
+        helper.make_node("Mul", ["with_end", "READY"], ["OUTPUT"]),
+    ]
+    inputs = [_seq_io("INPUT"), _seq_io("START"), _seq_io("END"), _seq_io("READY")]
+    inputs += [_seq_io("CORRID", TensorProto.STRING), _seq_io("ACC_IN")]
+    graph = helper.make_graph(
+        nodes,
+        "string_dyna_sequence",
+        inputs,
+        [_seq_io("OUTPUT"), _seq_io("ACC_OUT")],
+        initializer=[zero],
+    )
+    return make_model(graph)
+
+
+def build_string_dyna(out: Path, name: str = "simple_string_dyna_sequence") -> Path:
+    text = sequence_config(name, dyna=True).replace(
+        "data_type: TYPE_UINT64", "data_type: TYPE_STRING"
+    )
+    text = text.replace("  control_input [", STRING_DYNA_STATE + "  control_input [", 1)
+    return write_model(out, name, string_dyna_graph(), text)
+
+
+ACCUMULATOR_CONFIG = """\
+# Built by scripts/build_models.py: a running sum kept by the server as implicit state.
+# OUTPUT = ACC_IN + INPUT and ACC_OUT = OUTPUT; the server feeds ACC_OUT back as ACC_IN on the
+# sequence's next request (zeros at START), so clients send only INPUT.
+name: "{name}"
+platform: "onnxruntime_onnx"
+max_batch_size: 8
+sequence_batching {{
+  max_sequence_idle_microseconds: 5000000
+  state [
+    {{
+      input_name: "ACC_IN"
+      output_name: "ACC_OUT"
+      data_type: TYPE_INT32
+      dims: [ 1 ]
+      initial_state {{
+        name: "zero"
+        data_type: TYPE_INT32
+        dims: [ 1 ]
+        zero_data: true
+      }}
+    }}
+  ]
+}}
+input [
+  {{
+    name: "INPUT"
+    data_type: TYPE_INT32
+    dims: [ 1 ]
+  }}
+]
+output [
+  {{
+    name: "OUTPUT"
+    data_type: TYPE_INT32
+    dims: [ 1 ]
+  }}
+]
+"""
+
+
+def accumulator_graph() -> onnx.ModelProto:
+    graph = helper.make_graph(
+        [
+            helper.make_node("Add", ["ACC_IN", "INPUT"], ["OUTPUT"]),
+            helper.make_node("Identity", ["OUTPUT"], ["ACC_OUT"]),
+        ],
+        "accumulator",
+        [_seq_io("INPUT"), _seq_io("ACC_IN")],
+        [_seq_io("OUTPUT"), _seq_io("ACC_OUT")],
+    )
+    return make_model(graph)
+
+
+def build_accumulator(out: Path, name: str = "accumulator", *, config: str | None = None) -> Path:
+    text = config if config is not None else ACCUMULATOR_CONFIG.format(name=name)
+    return write_model(out, name, accumulator_graph(), text)
+
+
+GRU_INPUT = 4
+GRU_HIDDEN = 8
+GRU_CONFIG = """\
+# Built by scripts/build_models.py: one step of a GRU (ONNX GRU op, fixed-seed weights) with
+# its hidden state as explicit tensors H_IN/H_OUT, which the server keeps per sequence as
+# implicit state. Y is the new hidden state.
+name: "{name}"
+platform: "onnxruntime_onnx"
+max_batch_size: 8
+sequence_batching {{
+  state [
+    {{
+      input_name: "H_IN"
+      output_name: "H_OUT"
+      data_type: TYPE_FP32
+      dims: [ {hidden} ]
+      initial_state {{
+        name: "zero"
+        data_type: TYPE_FP32
+        dims: [ {hidden} ]
+        zero_data: true
+      }}
+    }}
+  ]
+}}
+input [
+  {{
+    name: "X"
+    data_type: TYPE_FP32
+    dims: [ {width} ]
+  }}
+]
+output [
+  {{
+    name: "Y"
+    data_type: TYPE_FP32
+    dims: [ {hidden} ]
+  }}
+]
+"""
+
+
+def gru_graph(seed: int = 0) -> onnx.ModelProto:
+    """X [N,I], H_IN [N,H] -> one GRU step -> H_OUT [N,H] (= Y). Weights W [1,3H,I],
+    R [1,3H,H], B [1,6H] in ONNX's gate order z, r, h."""
+    rng = np.random.default_rng(seed)
+    w = rng.normal(0.0, 0.5, (1, 3 * GRU_HIDDEN, GRU_INPUT)).astype(np.float32)
+    r = rng.normal(0.0, 0.5, (1, 3 * GRU_HIDDEN, GRU_HIDDEN)).astype(np.float32)
+    b = rng.normal(0.0, 0.1, (1, 6 * GRU_HIDDEN)).astype(np.float32)
+    axes = numpy_helper.from_array(np.array([0], dtype=np.int64), "axis0")
+    nodes = [
+        helper.make_node("Unsqueeze", ["X", "axis0"], ["x_seq"]),  # [1,N,I]
+        helper.make_node("Unsqueeze", ["H_IN", "axis0"], ["h0"]),  # [1,N,H]
+        helper.make_node(
+            "GRU", ["x_seq", "W", "R", "B", "", "h0"], ["", "h_last"], hidden_size=GRU_HIDDEN
+        ),
+        helper.make_node("Squeeze", ["h_last", "axis0"], ["H_OUT"]),
+        helper.make_node("Identity", ["H_OUT"], ["Y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "gru_cell",
+        [
+            _seq_io("X", TensorProto.FLOAT, GRU_INPUT),
+            _seq_io("H_IN", TensorProto.FLOAT, GRU_HIDDEN),
+        ],
+        [
+            _seq_io("Y", TensorProto.FLOAT, GRU_HIDDEN),
+            _seq_io("H_OUT", TensorProto.FLOAT, GRU_HIDDEN),
+        ],
+        initializer=[
+            numpy_helper.from_array(w, "W"),
+            numpy_helper.from_array(r, "R"),
+            numpy_helper.from_array(b, "B"),
+            axes,
+        ],
+    )
+    return make_model(graph)
+
+
+def build_gru(out: Path, name: str = "gru_cell") -> Path:
+    config = GRU_CONFIG.format(name=name, hidden=GRU_HIDDEN, width=GRU_INPUT)
+    return write_model(out, name, gru_graph(), config)
+
+
 BUILDERS: dict[str, Callable[[Path], Path]] = {
     "simple": lambda out: build_simple(out, "simple", "INT32"),
     "simple_int8": lambda out: build_simple(out, "simple_int8", "INT8"),
     "simple_string": lambda out: build_simple(out, "simple_string", "STRING"),
     "simple_identity": lambda out: build_identity(out, "simple_identity", "STRING"),
     "digits": lambda out: build_digits(out, "digits"),
+    "simple_sequence": lambda out: build_sequence(out, "simple_sequence"),
+    "simple_dyna_sequence": lambda out: build_sequence(out, "simple_dyna_sequence", dyna=True),
+    "simple_string_dyna_sequence": lambda out: build_string_dyna(out),
+    "accumulator": lambda out: build_accumulator(out, "accumulator"),
+    "gru_cell": lambda out: build_gru(out, "gru_cell"),
     "mlp": lambda out: build_mlp(out, "mlp"),
 }
 DEFAULT_MODELS = [name for name in BUILDERS if name != "mlp"]

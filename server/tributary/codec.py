@@ -22,7 +22,7 @@ from .config import ModelSignature, TensorSpec
 from .constants import INT32_MAX
 from .datatypes import BY_NAME
 from .errors import Internal, InvalidArgument, NotFound, shown
-from .scheduler import WorkItem
+from .scheduler import SequenceFlags, WorkItem
 from .shm import Leases, Region, SharedMemory
 
 MAX_TIMEOUT_US = 365 * 24 * 3600 * 1_000_000
@@ -81,16 +81,23 @@ def _param_value(param: pb.InferParameter) -> tuple[str | None, Any]:
 
 MAX_PARAMETERS = 64
 """Request parameters looked at: Triton defines a handful; more is refused before the loop."""
+MAX_SEQUENCE_ID_BYTES = 256
+"""A string `sequence_id` is kept for the life of its sequence (and fed to a TYPE_STRING CORRID
+control): Triton sets no bound, we refuse longer ones (UTF-8 bytes)."""
+_UINT64 = (1 << 64) - 1
 
 
-def _request_params(request: pb.ModelInferRequest) -> tuple[int, int]:
-    """(priority, timeout_us) from request parameters; other keys are checked and passed over."""
+def _request_params(request: pb.ModelInferRequest) -> tuple[int, int, SequenceFlags | None]:
+    """(priority, timeout_us, sequence) from request parameters; other keys are checked and
+    passed over. `sequence` is None unless a sequence parameter is present."""
     if len(request.parameters) > MAX_PARAMETERS:
         raise InvalidArgument(
             f"a request may carry at most {MAX_PARAMETERS} parameters, got "
             f"{len(request.parameters)}"
         )
     priority = timeout_us = 0
+    seq_id: int | str = 0
+    start = end = has_seq = False
     for key, param in request.parameters.items():
         kind, value = _param_value(param)
         if key == "priority":
@@ -106,22 +113,40 @@ def _request_params(request: pb.ModelInferRequest) -> tuple[int, int]:
                 )
             timeout_us = min(int(value), MAX_TIMEOUT_US)
         elif key == "sequence_id":
-            if kind not in ("int64_param", "string_param"):
+            if kind == "int64_param":
+                seq_id = int(value) & _UINT64  # Triton keeps it as uint64: -1 is 2**64-1
+            elif kind == "string_param":
+                if len(value) > MAX_SEQUENCE_ID_BYTES // 4 and (
+                    len(value.encode("utf-8")) > MAX_SEQUENCE_ID_BYTES
+                ):
+                    raise InvalidArgument(
+                        f"'sequence_id' parameter is longer than the server's limit of "
+                        f"{MAX_SEQUENCE_ID_BYTES} bytes"
+                    )
+                seq_id = str(value)
+            else:
                 raise InvalidArgument(
                     "invalid value type for 'sequence_id' parameter, expected int64_param or "
                     "string_param."
                 )
+            has_seq = True
         elif key in ("sequence_start", "sequence_end"):
             if kind != "bool_param":
                 raise InvalidArgument(
                     f"invalid value type for '{key}' parameter, expected bool_param."
                 )
+            has_seq = True
+            if key == "sequence_start":
+                start = bool(value)
+            else:
+                end = bool(value)
         elif key.startswith("triton_") and key not in _KNOWN_TRITON_PARAMS:
             raise InvalidArgument(
                 "parameter keys starting with 'triton_' are reserved for Triton usage and should "
                 "not be specified."
             )
-    return priority, timeout_us
+    sequence = SequenceFlags(seq_id, start, end) if has_seq else None
+    return priority, timeout_us, sequence
 
 
 class _ShmUse:
@@ -254,7 +279,9 @@ def _decode(
     then the requested outputs."""
     rid: str = shown(request.id)
     model = sig.name
-    priority, timeout_us = _request_params(request) if request.parameters else (0, 0)
+    priority, timeout_us, sequence = (
+        _request_params(request) if request.parameters else (0, 0, None)
+    )
     if raw is None:
         raw = request.raw_input_contents
     batched = sig.max_batch_size > 0
@@ -285,6 +312,7 @@ def _decode(
         timeout_us=timeout_us,
         is_active=is_active,
         request_id=rid,
+        sequence=sequence,
     )
     return DecodedRequest(item=item, outputs=outputs, batched=batched, leases=use.leases)
 

@@ -170,7 +170,23 @@ def _check_sequence(config: mc.ModelConfig, graph: GraphInfo, batch: tuple[int, 
                     f"{tensor.dtype.config_name}"
                 )
         names.add(control_input.name)
-    names.update(state.input_name for state in seq.state)
+    for state in seq.state:
+        for kind, tensor, name in (
+            ("input", graph.input(state.input_name), state.input_name),
+            ("output", graph.output(state.output_name), state.output_name),
+        ):
+            if tensor is None:
+                raise ModelLoadError(
+                    f"unable to load model '{model}', sequence state {kind} '{name}' is not "
+                    "provided by the model"
+                )
+            if tensor.dtype.config != state.data_type:
+                raise ModelLoadError(
+                    f"unable to load model '{model}', unexpected datatype "
+                    f"{_type_name(state.data_type)} for sequence state {kind} '{name}', model "
+                    f"provides {tensor.dtype.config_name}"
+                )
+        names.add(state.input_name)
     return names
 
 

@@ -58,6 +58,7 @@ EXTENSIONS = (
     "model_repository",
     "model_repository(unload_dependents)",
     "schedule_policy",
+    "sequence",
     "statistics",
 )
 SHM_EXTENSIONS = ("system_shared_memory", "cuda_shared_memory")

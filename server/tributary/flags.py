@@ -898,8 +898,8 @@ FLAGS: tuple[Flag, ...] = (
         "--cuda-virtual-address-size",
         MEMORY,
         "virtual address space per GPU for growable implicit state (<gpu>:<bytes>)",
-        "implicit state (sequence batching's growable memory) is not supported, so nothing "
-        "reserves address space",
+        "growable implicit state (sequence_batching.state use_growable_memory) is not "
+        "supported: states live in host memory, so nothing reserves GPU address space",
         action="append",
         metavar="GPU:BYTES",
     ),

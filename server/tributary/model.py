@@ -7,6 +7,7 @@ happens here, so the scheduler never sees protobuf. Warmup runs before the versi
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import stat
@@ -23,7 +24,15 @@ from .config_check import inside_model_dir
 from .constants import DEFAULT_MAX_TENSOR_BYTES
 from .datatypes import from_config
 from .errors import InvalidArgument, ModelLoadError
-from .scheduler import BatchPolicy, QueuePolicy, Scheduler, make_scheduler
+from .scheduler import (
+    BatchPolicy,
+    QueuePolicy,
+    Scheduler,
+    SequencePolicy,
+    SequenceScheduler,
+    make_scheduler,
+)
+from .scheduler.sequence import Control, StateSpec
 from .stats import ModelStats
 from .tensors import check_size_limit
 
@@ -60,6 +69,158 @@ def batch_policy(config: Any) -> BatchPolicy:
         priority_queue_policy={
             int(k): _queue_policy(v) for k, v in db.priority_queue_policy.items()
         },
+    )
+
+
+INITIAL_STATE_FOLDER = "initial_state"  # Triton's: data_file names a file in <model>/initial_state/
+MAX_CANDIDATE_SEQUENCES = 65536
+"""Sequence slots per instance (oldest: max_candidate_sequences, direct: max_batch_size): every
+slot is bookkeeping the server holds, and a config override could ask for billions."""
+_CORRID_TYPES = ("TYPE_UINT64", "TYPE_INT64", "TYPE_UINT32", "TYPE_INT32", "TYPE_STRING")
+
+
+def _controls(config: Any) -> tuple[Control, ...]:
+    model = config.name
+    kinds = {0: "START", 1: "READY", 2: "END", 3: "CORRID"}  # ModelSequenceBatching.Control.Kind
+    out: list[Control] = []
+    for control_input in config.sequence_batching.control_input:
+        for c in control_input.control:
+            kind = kinds.get(c.kind, "")
+            if not kind:
+                raise ModelLoadError(f"model '{model}': unknown sequence control kind {c.kind}")
+            if kind == "CORRID":
+                dtype = from_config(c.data_type) if c.data_type else None
+                if dtype is None or dtype.config_name not in _CORRID_TYPES:
+                    raise ModelLoadError(
+                        f"unable to load model '{model}', unexpected control data type, expected "
+                        "TYPE_UINT64, TYPE_INT64, TYPE_UINT32, TYPE_INT32, or TYPE_STRING for "
+                        f"CONTROL_SEQUENCE_CORRID for {model}"
+                    )
+                out.append(Control(kind, control_input.name, dtype.numpy, wire=dtype.name))
+                continue
+            pairs = [
+                (c.int32_false_true, np.dtype(np.int32)),
+                (c.fp32_false_true, np.dtype(np.float32)),
+                (c.bool_false_true, np.dtype(np.bool_)),
+            ]
+            given = [(list(v), t) for v, t in pairs if len(v)]
+            if len(given) != 1 or len(given[0][0]) != 2:
+                raise ModelLoadError(
+                    f"unable to load model '{model}', sequence control '{control_input.name}' "
+                    "must give exactly two values in one of int32_false_true, fp32_false_true "
+                    "or bool_false_true"
+                )
+            (false, true), numpy = given[0]
+            out.append(Control(kind, control_input.name, numpy, false, true, wire=""))
+    return tuple(out)
+
+
+def _states(config: Any, model_dir: Path | None, max_tensor_bytes: int) -> tuple[StateSpec, ...]:
+    """The implicit states with their initial values (Triton's checks and texts)."""
+    model = config.name
+    out: list[StateSpec] = []
+    for st in config.sequence_batching.state:
+        dtype = from_config(st.data_type)
+        dims = tuple(int(d) for d in st.dims)
+        initial: np.ndarray | None = None
+        if len(st.initial_state) > 1:
+            raise ModelLoadError(
+                f"initial_state field for state input '{st.input_name}' must contain exactly "
+                f"one or zero element. Found '{len(st.initial_state)}' elements."
+            )
+        if st.initial_state:
+            init = st.initial_state[0]
+            if init.data_type != st.data_type:
+                raise ModelLoadError(
+                    f"The data type used for 'initial_state' field of state "
+                    f"'{st.input_name}' does not match the state data type."
+                )
+            shape = tuple(int(d) for d in init.dims)
+            if len(shape) != len(dims):
+                raise ModelLoadError(
+                    "Number of dimensions in 'initial_state' doesn't match the size of 'state' "
+                    f"dimensions for state input '{st.input_name}'. {len(shape)} != {len(dims)}"
+                )
+            for i, (a, b) in enumerate(zip(shape, dims, strict=True)):
+                if a < 0:
+                    raise ModelLoadError(
+                        f"'initial_state' field for state input name '{st.input_name}' "
+                        "contains variable dimensions."
+                    )
+                if b != -1 and a != b:
+                    raise ModelLoadError(
+                        f"'initial_state' dim for input name '{st.input_name}' doesn't match "
+                        f"'state' dim description. {a} != {b} (dim {i})"
+                    )
+            try:
+                check_size_limit(shape, dtype, max_tensor_bytes, st.input_name, model)
+            except InvalidArgument as exc:
+                raise ModelLoadError(exc.message) from None
+            count = int(np.prod(shape, dtype=np.int64))
+            if init.WhichOneof("state_data") == "data_file":
+                if model_dir is None:
+                    raise ModelLoadError("initial_state data_file needs the model directory")
+                path = inside_model_dir(
+                    model,
+                    "initial_state data_file",
+                    init.data_file,
+                    model_dir,
+                    base=model_dir / INITIAL_STATE_FOLDER,
+                )
+                what = f"state '{st.input_name}' file '{INITIAL_STATE_FOLDER}/{init.data_file}'"
+                if dtype.name == "BYTES":
+                    initial = _bytes_elements(_read_sample(path, None, what), count, what)
+                    initial = initial.reshape(shape)
+                else:
+                    numpy = np.dtype(dtype.numpy)
+                    data = _read_sample(path, count * numpy.itemsize, what)
+                    initial = np.frombuffer(data, dtype=numpy.newbyteorder("<")).reshape(shape)
+                    initial = initial.astype(numpy)
+            elif dtype.name == "BYTES":
+                initial = np.full(shape, "", dtype=object)
+            else:
+                initial = np.zeros(shape, dtype=dtype.numpy)
+        out.append(StateSpec(st.input_name, st.output_name, dtype.numpy, dims, initial))
+    return tuple(out)
+
+
+def sequence_policy(
+    config: Any, model_dir: Path | None = None, max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES
+) -> SequencePolicy:
+    """The sequence scheduler's view of `sequence_batching` (docs/model-config.md)."""
+    sb = config.sequence_batching
+    oldest = sb.WhichOneof("strategy_choice") == "oldest"
+    if not oldest and config.max_batch_size > MAX_CANDIDATE_SEQUENCES:
+        raise ModelLoadError(
+            f"unable to load model '{config.name}', sequence batching (direct) keeps one slot "
+            f"per batch row: max_batch_size must be at most {MAX_CANDIDATE_SEQUENCES}, got "
+            f"{config.max_batch_size}"
+        )
+    common = SequencePolicy(
+        max_batch_size=max(0, int(config.max_batch_size)),
+        max_sequence_idle_us=int(sb.max_sequence_idle_microseconds) or 1_000_000,
+        controls=_controls(config),
+        states=_states(config, model_dir, max_tensor_bytes),
+    )
+    if oldest:
+        o = sb.oldest
+        if o.max_candidate_sequences < 0 or o.max_candidate_sequences > MAX_CANDIDATE_SEQUENCES:
+            raise ModelLoadError(
+                f"unable to load model '{config.name}', max_candidate_sequences must be between "
+                f"0 and {MAX_CANDIDATE_SEQUENCES}, got {o.max_candidate_sequences}"
+            )
+        return dataclasses.replace(
+            common,
+            oldest=True,
+            max_candidate_sequences=int(o.max_candidate_sequences),
+            preferred_batch_sizes=tuple(int(x) for x in o.preferred_batch_size),
+            max_queue_delay_us=int(o.max_queue_delay_microseconds),
+            preserve_ordering=bool(o.preserve_ordering),
+        )
+    return dataclasses.replace(
+        common,
+        max_queue_delay_us=int(sb.direct.max_queue_delay_microseconds),
+        minimum_slot_utilization=float(sb.direct.minimum_slot_utilization),
     )
 
 
@@ -228,6 +389,9 @@ def warm_up(
             if spec.reshape is not None and spec.name in inputs:
                 lead = (batch,) if batch else ()
                 inputs[spec.name] = inputs[spec.name].reshape(lead + spec.reshape)
+        scheduler = getattr(model, "scheduler", None)
+        if isinstance(scheduler, SequenceScheduler):  # controls and states: not-ready rows
+            inputs.update(scheduler.policy.idle_inputs(max(batch, 1)))
         outputs = tuple(o.name for o in model.signature.outputs)
         for _ in range(max(1, sample.count)):
             for instance in model.instances:
@@ -259,7 +423,12 @@ def build_loader(
         sig = signature(config, model_dir)
         instances = create_instances(config, model_path, gpus, cores)
         stats = ModelStats(name, version)
-        scheduler = make_scheduler(name, instances, batch_policy(config), stats)
+        scheduler: Scheduler
+        if config.HasField("sequence_batching"):
+            policy = sequence_policy(config, model_dir, max_tensor_bytes)
+            scheduler = SequenceScheduler(name, instances, policy, stats)
+        else:
+            scheduler = make_scheduler(name, instances, batch_policy(config), stats)
         model = Model(
             name, version, config, sig, instances, scheduler, stats, time.monotonic() - start
         )

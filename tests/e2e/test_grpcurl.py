@@ -194,3 +194,31 @@ def test_reflection_can_be_turned_off(server_factory) -> None:
             assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
     finally:
         channel.close()
+
+
+def test_stateful_accumulator_through_grpcurl(grpcurl_run) -> None:
+    """Typed JSON contents and sequence parameters: the server keeps the running sum."""
+    values = [5, -2, 10]
+    sums = []
+    for i, v in enumerate(values):
+        params = {"sequence_id": {"string_param": "grpcurl-acc"}}
+        if i == 0:
+            params["sequence_start"] = {"bool_param": True}
+        if i == len(values) - 1:
+            params["sequence_end"] = {"bool_param": True}
+        request = {
+            "model_name": "accumulator",
+            "parameters": params,
+            "inputs": [
+                {
+                    "name": "INPUT",
+                    "datatype": "INT32",
+                    "shape": [1, 1],
+                    "contents": {"int_contents": [v]},
+                }
+            ],
+        }
+        reply = json.loads(grpcurl_run(f"{SERVICE}/ModelInfer", data=request).stdout)
+        raw = base64.b64decode(reply["raw_output_contents"][0])
+        sums.append(int(np.frombuffer(raw, dtype="<i4")[0]))
+    assert sums == np.cumsum(values).tolist()

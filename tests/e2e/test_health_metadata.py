@@ -62,8 +62,9 @@ def test_server_metadata_default_name_and_extensions(client) -> None:
     # perf_analyzer reads server-side stats only when "statistics" is listed.
     for ext in ("model_configuration", "model_repository", "statistics", "classification"):
         assert ext in meta.extensions
+    assert "sequence" in meta.extensions  # sequence batching (docs/protocol.md#sequences)
     # only what is implemented is advertised: clients probe these before using the RPCs
-    for ext in ("system_shared_memory", "cuda_shared_memory", "trace", "logging", "sequence"):
+    for ext in ("system_shared_memory", "cuda_shared_memory", "trace", "logging"):
         assert ext not in meta.extensions
     as_json = client.get_server_metadata(as_json=True)
     assert as_json["name"] == "tributary"

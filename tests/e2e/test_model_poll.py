@@ -172,7 +172,8 @@ def test_poll_follows_the_repository(poll_server, repo: Path) -> None:
     until(lambda: client.is_model_ready("other"), "the new model")
     shutil.rmtree(repo / "other")
     until(lambda: not client.is_model_ready("other"), "the removed model")
-    assert ("other", "1", "UNAVAILABLE", "unloaded") in index(client)
+    # not ready while UNLOADING already: poll until the unload has finished
+    until(lambda: ("other", "1", "UNAVAILABLE", "unloaded") in index(client), "the unload")
 
 
 def test_poll_mode_refuses_load_and_unload(poll_server) -> None:

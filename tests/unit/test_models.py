@@ -14,7 +14,21 @@ from tributary.backends.graph import read_graph
 
 ROOT = Path(__file__).resolve().parents[2]
 REPO = ROOT / "model_repository"
-COMMITTED = ["digits", "simple", "simple_identity", "simple_int8", "simple_string"]
+SEQUENCE_MODELS = [
+    "simple_sequence",
+    "simple_dyna_sequence",
+    "simple_string_dyna_sequence",
+    "accumulator",
+    "gru_cell",
+]
+COMMITTED = [
+    "digits",
+    "simple",
+    "simple_identity",
+    "simple_int8",
+    "simple_string",
+    *SEQUENCE_MODELS,
+]
 
 
 def session(path: Path) -> ort.InferenceSession:
@@ -36,7 +50,9 @@ def test_committed_model_loads_and_validates(name: str) -> None:
     C.validate(config, read_graph(C.model_file(d, 1, config)), d)
 
 
-@pytest.mark.parametrize("name", ["simple", "simple_int8", "simple_string", "simple_identity"])
+@pytest.mark.parametrize(
+    "name", ["simple", "simple_int8", "simple_string", "simple_identity", *SEQUENCE_MODELS]
+)
 def test_committed_files_are_reproducible(tmp_path: Path, bm, name: str) -> None:
     built = bm.BUILDERS[name](tmp_path)
     for rel in ("config.pbtxt", "1/model.onnx"):

@@ -3,6 +3,7 @@
 - `base.py`: the interface and what the modes share (completion, waiting, ordering, close).
 - `direct.py`: no batching; a request runs on a free instance, inline where it can.
 - `batching.py`: dynamic batching; batches form when an instance becomes free.
+- `sequence.py`: sequence batching; sequences pinned to slots, controls and implicit state.
 - `batchqueue.py`: the queue's rules, pure and clock-injected; `batchrun.py`: one execution.
 
 Modes import `base`, `batchqueue` and `batchrun`, never each other. Nothing in this package
@@ -17,9 +18,10 @@ from collections.abc import Callable, Sequence
 from ..stats import ModelStats
 from .base import Closed, Scheduler
 from .batching import BatchingScheduler
-from .batchqueue import BatchPolicy, Callback, QueuePolicy, WorkItem
+from .batchqueue import BatchPolicy, Callback, QueuePolicy, SequenceFlags, WorkItem
 from .batchrun import Instance
 from .direct import DirectScheduler
+from .sequence import SequencePolicy, SequenceScheduler
 
 __all__ = [
     "BatchPolicy",
@@ -30,6 +32,9 @@ __all__ = [
     "Instance",
     "QueuePolicy",
     "Scheduler",
+    "SequenceFlags",
+    "SequencePolicy",
+    "SequenceScheduler",
     "WorkItem",
     "make_scheduler",
 ]

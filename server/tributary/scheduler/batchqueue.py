@@ -105,6 +105,17 @@ class BatchPolicy:
         return self.dynamic and self.max_batch_size > 0
 
 
+@dataclass(frozen=True, slots=True)
+class SequenceFlags:
+    """A request's sequence parameters (docs/protocol.md#sequences), parsed and bounded by the
+    codec. `id` is the correlation ID: an int (the int64 parameter read as uint64, as Triton
+    reads it) or a string; 0 and "" mean the request names no sequence."""
+
+    id: int | str
+    start: bool = False
+    end: bool = False
+
+
 @dataclass(eq=False)
 class WorkItem:
     """One request as the scheduler sees it. The fields after `request_id` are outputs: the
@@ -118,6 +129,7 @@ class WorkItem:
     timeout_us: int = 0
     is_active: Callable[[], bool] | None = None
     request_id: str = ""
+    sequence: SequenceFlags | None = None  # set when the request carries sequence parameters
     # Filled by the scheduler (nanoseconds of its clock). The two starts are absolute (0: not
     # reached) so tracing can place the queue and compute spans; the rest are durations.
     queue_start_ns: int = field(default=0, init=False)
