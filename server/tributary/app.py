@@ -30,6 +30,7 @@ from tributary_client._proto import health_pb2 as _health_in_pool  # noqa: F401 
 from tributary_client._proto._pool import POOL
 
 from .backends.onnxruntime import cpu_count, gpu_count
+from .cache import ResponseCache
 from .dataplane import DataPlane, ServerState, server_ready
 from .errors import InferenceError
 from .logs import RequestLog, configure
@@ -202,10 +203,19 @@ def start(options: ServerOptions) -> Server | None:
     started = time.monotonic()
     gpus = gpu_count()
     log.info("tributary starting: %d GPU(s), %d CPU(s) available", gpus, cpu_count())
+    cache = ResponseCache(options.cache_bytes) if options.cache_bytes > 0 else None
+    if cache is not None:
+        log.info("response cache: local, %d bytes", options.cache_bytes)
+    repositories: list[ModelRepository] = []  # ensembles resolve steps in the one built below
     try:
         repository = ModelRepository(
             options.model_repositories,
-            build_loader(gpus, max_tensor_bytes=options.max_tensor_bytes),
+            build_loader(
+                gpus,
+                max_tensor_bytes=options.max_tensor_bytes,
+                cache=cache,
+                repository=lambda: repositories[0],
+            ),
             auto_complete=options.auto_complete_config,
             default_max_batch_size=options.default_max_batch_size,
             gpu_count=gpus,
@@ -216,6 +226,7 @@ def start(options: ServerOptions) -> Server | None:
     except InferenceError as exc:
         log.error("cannot start: %s", exc)
         return None
+    repositories.append(repository)
     state = ServerState(
         server_id=options.server_id,
         strict_readiness=options.strict_readiness,

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from . import flags
+from .cache import parse_cache_config
 from .options import ServerOptions
 from .restrict import by_category
 
@@ -140,6 +141,10 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerOptions:
         restricted = by_category(a.grpc_restricted_protocol or ())
     except ValueError as exc:
         parser.error(f"--grpc-restricted-protocol: {exc}")
+    try:
+        cache = parse_cache_config(a.cache_config or (), a.response_cache_byte_size)
+    except ValueError as exc:
+        parser.error(str(exc))
     if a.strict_model_config:
         warnings.append(
             "--strict-model-config is deprecated (as in tritonserver): "
@@ -201,6 +206,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerOptions:
         metrics_port=a.metrics_port,
         metrics_interval_ms=a.metrics_interval_ms,
         port_file=a.port_file,
+        cache_bytes=cache.size if cache is not None else 0,
         warnings=warnings + backend_warnings,
     )
 

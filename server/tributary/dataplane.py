@@ -20,9 +20,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+import numpy as np
+
 from tributary_client._proto import grpc_service_pb2 as pb
 
 from . import __version__
+from .cache import ModelCache
 from .codec import DecodedRequest, decode_request, encode_response
 from .control import ModelControl
 from .errors import Cancelled, InferenceError, Internal, Unavailable, Unimplemented
@@ -115,12 +118,39 @@ def _failure_reason(exc: BaseException) -> str:
 
 class _Call:
     """One inference request on its way through: the model it resolved, the decoded request
-    and when it started (statistics count from resolve to encoded reply)."""
+    and when it started (statistics count from resolve to encoded reply). With a response
+    cache: its key and what the lookup cost (a miss is charged lookup + store)."""
 
-    __slots__ = ("model", "decoded", "start")
+    __slots__ = ("model", "decoded", "start", "cache", "key", "lookup_ns")
 
     def __init__(self, model: Servable, decoded: DecodedRequest, start: int) -> None:
         self.model, self.decoded, self.start = model, decoded, start
+        self.cache: ModelCache | None = getattr(model, "cache", None)
+        self.key = b""
+        self.lookup_ns = 0
+
+    def cached(self) -> dict[str, np.ndarray] | None:
+        """The response cache's answer, or None (then the request runs and may be stored)."""
+        cache = self.cache
+        if cache is None:
+            return None
+        t0 = time.perf_counter_ns()
+        decoded = self.decoded
+        self.key = cache.key(
+            decoded.item.inputs, [(o.spec.name, o.classification) for o in decoded.outputs]
+        )
+        hit = cache.get(self.key)
+        self.lookup_ns = time.perf_counter_ns() - t0
+        return hit
+
+    def store(self, results: dict[str, np.ndarray]) -> None:
+        """Offer a successful result to the cache; its miss is counted with the store time."""
+        cache = self.cache
+        if cache is None:
+            return
+        t0 = time.perf_counter_ns()
+        cache.put(self.key, results)
+        self.model.stats.cache_miss(miss_ns=self.lookup_ns + time.perf_counter_ns() - t0)
 
 
 class DataPlane:
@@ -320,6 +350,9 @@ class DataPlane:
         for attempt in range(REROUTES + 1):
             call = self._begin(request, raws, is_active)
             try:
+                hit = call.cached()
+                if hit is not None:
+                    return self._finish(request, call, hit, cache_hit=True)
                 try:
                     results = call.model.scheduler.infer(call.decoded.item)
                 except Closed as exc:
@@ -330,6 +363,7 @@ class DataPlane:
                 except BaseException as exc:
                     self._failed(call, exc)
                     raise
+                call.store(results)
                 return self._finish(request, call, results)
             finally:
                 call.decoded.release()  # outputs in shared memory are written by now
@@ -351,6 +385,21 @@ class DataPlane:
         except Exception as exc:
             done(None, internal_error("ModelInfer", exc, request.id))
             return
+        try:
+            hit = call.cached()
+            result = self._finish(request, call, hit, cache_hit=True) if hit is not None else None
+        except InferenceError as exc:
+            call.decoded.release()
+            done(None, exc)
+            return
+        except Exception as exc:
+            call.decoded.release()
+            done(None, internal_error("ModelInfer", exc, request.id))
+            return
+        if result is not None:
+            call.decoded.release()
+            done(result, None)
+            return
 
         def completed(results: object, error: InferenceError | None) -> None:
             try:
@@ -362,6 +411,7 @@ class DataPlane:
                     self._failed(call, error)
                     done(None, error)
                     return
+                call.store(results)  # type: ignore[arg-type]
                 result = self._finish(request, call, results)
             except InferenceError as exc:
                 done(None, exc)
@@ -413,7 +463,14 @@ class DataPlane:
             total_ns=time.perf_counter_ns() - call.start, reason=reason
         )
 
-    def _finish(self, request: pb.ModelInferRequest, call: _Call, results: object) -> InferResult:
+    def _finish(
+        self,
+        request: pb.ModelInferRequest,
+        call: _Call,
+        results: object,
+        *,
+        cache_hit: bool = False,
+    ) -> InferResult:
         """Encode the response and record the request's statistics."""
         model, decoded = call.model, call.decoded
         response = pb.ModelInferResponse(
@@ -425,6 +482,13 @@ class DataPlane:
             self._failed(call, exc)
             raise
         item = decoded.item
+        if cache_hit:
+            model.stats.request_cache_hit(
+                total_ns=time.perf_counter_ns() - call.start,
+                hit_ns=call.lookup_ns,
+                now_ms=time.time_ns() // 1_000_000,
+            )
+            return InferResult(response, raws)
         model.stats.request_success(
             total_ns=time.perf_counter_ns() - call.start,
             queue_ns=item.queue_ns,

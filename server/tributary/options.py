@@ -70,6 +70,8 @@ class ServerOptions:
     metrics_address: str = "0.0.0.0"
     metrics_port: int = 8002
     metrics_interval_ms: int = 2000
+    # --cache-config local,size=N: the response cache's bytes (0 = no cache)
+    cache_bytes: int = 0
     # where to announce bound ports (tests and scripts read it; "-" = stdout)
     port_file: Path | None = None
     # one line each, logged at start-up: flags accepted and ignored (tributary.flags)
