@@ -30,7 +30,6 @@ from tributary_client._proto import health_pb2 as _health_in_pool  # noqa: F401 
 from tributary_client._proto._pool import POOL
 
 from .backends.onnxruntime import cpu_count, gpu_count
-from .cache import ResponseCache
 from .dataplane import DataPlane, ServerState, server_ready
 from .errors import InferenceError
 from .logs import RequestLog, configure
@@ -39,6 +38,7 @@ from .options import ServerOptions
 from .poll import RepositoryPoller
 from .repository import ModelRepository
 from .rpcs import Front, HealthService, register
+from .scheduler.cache import ResponseCache
 from .servicer import InferenceServicer
 
 log = logging.getLogger("tributary")

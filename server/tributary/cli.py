@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import NoReturn
 
 from . import flags
-from .cache import parse_cache_config
 from .options import ServerOptions
 from .restrict import by_category
+from .scheduler.cache import parse_cache_config
 
 DEFAULT_MAX_BATCH_SIZE = 4
 

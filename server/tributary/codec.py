@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -249,6 +249,9 @@ def _decode(
     raw: Sequence[bytes | memoryview] | None,
     use: _ShmUse,
 ) -> DecodedRequest:
+    """The steps, in the order clients see their errors: request parameters, the raw count,
+    each input (name, datatype, shape, batch, size), the required inputs, the data itself,
+    then the requested outputs."""
     rid: str = shown(request.id)
     model = sig.name
     priority, timeout_us = _request_params(request) if request.parameters else (0, 0)
@@ -260,64 +263,114 @@ def _decode(
             f"{_prefix(rid)}expected {len(request.inputs)} raw_input_contents (one per input) "
             f"but got {len(raw)} for model '{model}'"
         )
+    checked = [
+        _check_input(tensor, sig, max_tensor_bytes, bool(raw), use, rid)
+        for tensor in request.inputs
+    ]
+    batch = _common_batch(checked, sig)
+    _check_required(request, checked, sig, rid)
+    in_shm = sum(c.window is not None for c in checked)
+    if in_shm and len(raw) > len(checked) - in_shm:
+        raise InvalidArgument(
+            f"{_prefix(rid)}expected {len(checked) - in_shm} raw_input_contents (one per input "
+            f"not in shared memory) but got {len(raw)} for model '{model}'"
+        )
+    arrays = _input_arrays(checked, raw, sig, rid)
+    outputs = _requested_outputs(request, sig, rid, use)
+    item = WorkItem(
+        inputs=arrays,
+        rows=batch if batched and batch else 1,
+        outputs=tuple(o.spec.name for o in outputs),
+        priority=priority,
+        timeout_us=timeout_us,
+        is_active=is_active,
+        request_id=rid,
+    )
+    return DecodedRequest(item=item, outputs=outputs, batched=batched, leases=use.leases)
 
-    checked: list[
-        tuple[TensorSpec, pb.ModelInferRequest.InferInputTensor, tuple[int, ...], ShmWindow | None]
-    ] = []
-    seen: set[str] = set()
-    batch: int | None = None
-    in_shm = 0
-    for tensor in request.inputs:
-        name = tensor.name
-        spec = sig.input(name)
-        window = use.window(tensor) if tensor.parameters else None
-        if window is not None:
-            in_shm += 1
-            if tensor.HasField("contents"):
-                raise InvalidArgument(
-                    f"unexpected 'content' provided when using shared memory for input tensor "
-                    f"'{shown(name)}' for model '{model}'"
-                )
-        elif raw and tensor.HasField("contents"):
+
+class _Checked(NamedTuple):
+    """One input that matched its signature entry (its data is not looked at yet)."""
+
+    spec: TensorSpec
+    tensor: pb.ModelInferRequest.InferInputTensor
+    shape: tuple[int, ...]
+    window: ShmWindow | None
+
+
+def _check_input(
+    tensor: pb.ModelInferRequest.InferInputTensor,
+    sig: ModelSignature,
+    max_tensor_bytes: int,
+    has_raw: bool,
+    use: _ShmUse,
+    rid: str,
+) -> _Checked:
+    """Where the input's data comes from, its name, datatype, shape and size."""
+    name, model = tensor.name, sig.name
+    spec = sig.input(name)
+    window = use.window(tensor) if tensor.parameters else None
+    if window is not None:
+        if tensor.HasField("contents"):
             raise InvalidArgument(
-                f"contents field must not be specified when using raw_input_contents for "
+                f"unexpected 'content' provided when using shared memory for input tensor "
                 f"'{shown(name)}' for model '{model}'"
             )
-        if spec is None:
-            raise InvalidArgument(f"unexpected inference input '{shown(name)}' for model '{model}'")
-        if name in seen:
-            raise InvalidArgument(f"{_prefix(rid)}input '{name}' already exists in request")
-        seen.add(name)
-        if tensor.datatype != spec.dtype.name:
-            raise InvalidArgument(
-                f"{_prefix(rid)}inference input '{name}' data-type is '{shown(tensor.datatype)}', "
-                f"but model '{model}' expects '{spec.dtype.name}'"
-            )
-        rank = len(tensor.shape)
-        if rank > len(spec.dims) + 1:  # cannot match: don't build a tuple of a huge shape
-            _shape_error(spec, tuple(tensor.shape[: tensors.MAX_SHOWN_DIMS]), rank, sig, rid)
-        shape = tuple(tensor.shape)
-        if shape and min(shape) < 0:
-            raise InvalidArgument(
-                f"All input dimensions should be specified for input '{name}' for model "
-                f"'{model}', got {tensors.format_shape(shape)}"
-            )
-        _check_shape(spec, shape, sig, rid)
-        if batched:
-            if shape[0] > sig.max_batch_size or shape[0] < 1:
-                raise InvalidArgument(
-                    f"{_prefix(rid)}inference request batch-size must be <= "
-                    f"{sig.max_batch_size} for '{model}'"
-                    + ("" if shape[0] else f", and at least 1 (input '{name}' has 0)")
-                )
-            if batch is not None and shape[0] != batch:
-                raise InvalidArgument(
-                    f"input '{name}' batch size does not match other inputs for '{model}'"
-                )
-            batch = shape[0]
-        tensors.check_size_limit(shape, spec.dtype, max_tensor_bytes, name, model)
-        checked.append((spec, tensor, shape, window))
+    elif has_raw and tensor.HasField("contents"):
+        raise InvalidArgument(
+            f"contents field must not be specified when using raw_input_contents for "
+            f"'{shown(name)}' for model '{model}'"
+        )
+    if spec is None:
+        raise InvalidArgument(f"unexpected inference input '{shown(name)}' for model '{model}'")
+    if tensor.datatype != spec.dtype.name:
+        raise InvalidArgument(
+            f"{_prefix(rid)}inference input '{name}' data-type is '{shown(tensor.datatype)}', "
+            f"but model '{model}' expects '{spec.dtype.name}'"
+        )
+    rank = len(tensor.shape)
+    if rank > len(spec.dims) + 1:  # cannot match: don't build a tuple of a huge shape
+        _shape_error(spec, tuple(tensor.shape[: tensors.MAX_SHOWN_DIMS]), rank, sig, rid)
+    shape = tuple(tensor.shape)
+    if shape and min(shape) < 0:
+        raise InvalidArgument(
+            f"All input dimensions should be specified for input '{name}' for model "
+            f"'{model}', got {tensors.format_shape(shape)}"
+        )
+    _check_shape(spec, shape, sig, rid)
+    if sig.max_batch_size > 0 and (shape[0] > sig.max_batch_size or shape[0] < 1):
+        raise InvalidArgument(
+            f"{_prefix(rid)}inference request batch-size must be <= "
+            f"{sig.max_batch_size} for '{model}'"
+            + ("" if shape[0] else f", and at least 1 (input '{name}' has 0)")
+        )
+    tensors.check_size_limit(shape, spec.dtype, max_tensor_bytes, name, model)
+    return _Checked(spec, tensor, shape, window)
 
+
+def _common_batch(checked: list[_Checked], sig: ModelSignature) -> int | None:
+    """Every input's first dimension is the same batch size (models with a batch dim)."""
+    if sig.max_batch_size <= 0:
+        return None
+    batch: int | None = None
+    for c in checked:
+        if batch is not None and c.shape[0] != batch:
+            raise InvalidArgument(
+                f"input '{c.spec.name}' batch size does not match other inputs for '{sig.name}'"
+            )
+        batch = c.shape[0]
+    return batch
+
+
+def _check_required(
+    request: pb.ModelInferRequest, checked: list[_Checked], sig: ModelSignature, rid: str
+) -> None:
+    """No input twice, and every non-optional input present."""
+    seen: set[str] = set()
+    for c in checked:
+        if c.spec.name in seen:
+            raise InvalidArgument(f"{_prefix(rid)}input '{c.spec.name}' already exists in request")
+        seen.add(c.spec.name)
     required = [s.name for s in sig.inputs if not s.optional]
     missing = [n for n in required if n not in seen]
     if missing:
@@ -329,16 +382,21 @@ def _decode(
             else f"expected number of inputs between {len(required)} and {total}"
         )
         raise InvalidArgument(
-            f"{_prefix(rid)}{expected} but got {len(got)} inputs for model '{model}'. Got "
+            f"{_prefix(rid)}{expected} but got {len(got)} inputs for model '{sig.name}'. Got "
             f"input(s) {got}, but missing required input(s) {missing}. Please provide all "
             "required input(s)."
         )
-    if in_shm and len(raw) > len(checked) - in_shm:
-        raise InvalidArgument(
-            f"{_prefix(rid)}expected {len(checked) - in_shm} raw_input_contents (one per input "
-            f"not in shared memory) but got {len(raw)} for model '{model}'"
-        )
 
+
+def _input_arrays(
+    checked: list[_Checked],
+    raw: Sequence[bytes | memoryview],
+    sig: ModelSignature,
+    rid: str,
+) -> dict[str, np.ndarray]:
+    """Each input's data as a numpy array: a view of its raw bytes or shared memory window,
+    or converted from typed contents."""
+    model, batched = sig.name, sig.max_batch_size > 0
     arrays: dict[str, np.ndarray] = {}
     next_raw = 0  # raw buffers belong, in order, to the inputs not in shared memory
     for spec, tensor, shape, window in checked:
@@ -355,14 +413,7 @@ def _decode(
             arr = tensors.raw_to_numpy(raw[next_raw], spec.dtype, shape, spec.name, model, rid)
             next_raw += 1
         elif tensor.HasField("contents"):
-            arr = tensors.typed_to_numpy(
-                tensor.contents,
-                spec.dtype,
-                shape,
-                spec.name,
-                model,
-                rid,
-            )
+            arr = tensors.typed_to_numpy(tensor.contents, spec.dtype, shape, spec.name, model, rid)
         else:
             raise InvalidArgument(
                 f"unable to find data for input tensor '{spec.name}' for model '{model}' "
@@ -371,18 +422,7 @@ def _decode(
         if spec.reshape is not None:
             arr = arr.reshape(((shape[0],) if batched else ()) + spec.reshape)
         arrays[spec.name] = arr
-
-    outputs = _requested_outputs(request, sig, rid, use)
-    item = WorkItem(
-        inputs=arrays,
-        rows=batch if batched and batch else 1,
-        outputs=tuple(o.spec.name for o in outputs),
-        priority=priority,
-        timeout_us=timeout_us,
-        is_active=is_active,
-        request_id=rid,
-    )
-    return DecodedRequest(item=item, outputs=outputs, batched=batched, leases=use.leases)
+    return arrays
 
 
 def _requested_outputs(

@@ -25,13 +25,13 @@ import numpy as np
 from tributary_client._proto import grpc_service_pb2 as pb
 
 from . import __version__
-from .cache import ModelCache
 from .codec import DecodedRequest, decode_request, encode_response
 from .control import ModelControl
 from .errors import Cancelled, InferenceError, Internal, Unavailable, Unimplemented
 from .logs import RequestLog
 from .repository import ModelRepository, Servable
 from .scheduler import Closed
+from .scheduler.cache import ModelCache
 from .shm import SharedMemory
 from .statistics import statistics_response
 
@@ -114,6 +114,20 @@ def _failure_reason(exc: BaseException) -> str:
     if isinstance(exc, InferenceError) and exc.code.name == "INTERNAL":
         return "BACKEND"
     return "OTHER"
+
+
+def _log_line(
+    request_log: RequestLog,
+    rpc: str,
+    request: pb.ModelInferRequest,
+    version: str,
+    status: str,
+    start: int,
+) -> None:
+    """The --log-verbose line of an answered request (the version it ran on, if it ran)."""
+    request_log(
+        rpc, request.model_name, version or request.model_version, request.id, status, start
+    )
 
 
 class _Call:
@@ -290,14 +304,7 @@ class DataPlane:
             status = exc.code.name
             raise
         finally:
-            request_log(
-                rpc,
-                request.model_name,
-                version or request.model_version,
-                request.id,
-                status,
-                start,
-            )
+            _log_line(request_log, rpc, request, version, status, start)
 
     def submit(
         self,
@@ -330,14 +337,7 @@ class DataPlane:
             finally:
                 status = "OK" if error is None else error.code.name
                 version = result.response.model_version if result is not None else ""
-                request_log(
-                    rpc,
-                    request.model_name,
-                    version or request.model_version,
-                    request.id,
-                    status,
-                    start,
-                )
+                _log_line(request_log, rpc, request, version, status, start)
 
         return logged
 

@@ -18,13 +18,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .backends.onnxruntime import OrtInstance, create_instances
-from .cache import ModelCache, ResponseCache, refuse_unsupported
 from .config import ModelSignature, signature
 from .config_check import inside_model_dir
 from .datatypes import from_config
 from .ensemble import EnsembleModel, build_ensemble, is_ensemble
 from .errors import InferenceError, InvalidArgument, ModelLoadError
-from .scheduler import BatchPolicy, QueuePolicy, Scheduler
+from .scheduler import BatchPolicy, QueuePolicy, Scheduler, make_scheduler
+from .scheduler.cache import ModelCache, ResponseCache, refuse_unsupported
 from .stats import ModelStats
 from .tensors import check_size_limit
 
@@ -301,7 +301,7 @@ def build_loader(
             return _load_ensemble(name, version, config, sig, repository(), model_cache)
         instances = create_instances(config, model_path, gpus, cores)
         stats = ModelStats(name, version)
-        scheduler = Scheduler(name, instances, batch_policy(config), stats)
+        scheduler = make_scheduler(name, instances, batch_policy(config), stats)
         model = Model(
             name,
             version,

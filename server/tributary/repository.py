@@ -49,8 +49,8 @@ from tributary.errors import shown as shown_name
 from tributary_client._proto import model_config_pb2 as mc
 
 if TYPE_CHECKING:
-    from tributary.ensemble import EnsembleScheduler
     from tributary.scheduler import Scheduler
+    from tributary.scheduler.ensemble import EnsembleScheduler
     from tributary.stats import ModelStats
 
 log = logging.getLogger(__name__)

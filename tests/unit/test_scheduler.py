@@ -12,9 +12,9 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from tributary.batchqueue import BatchQueue, Entry, Plan, effective_timeout_us
 from tributary.errors import Cancelled, Internal, InvalidArgument, Unavailable
-from tributary.scheduler import BatchPolicy, QueuePolicy, Scheduler, WorkItem
+from tributary.scheduler import BatchPolicy, QueuePolicy, Scheduler, WorkItem, make_scheduler
+from tributary.scheduler.batchqueue import BatchQueue, Entry, Plan, effective_timeout_us
 from tributary.stats import ModelStats
 
 US = 1_000  # ns per microsecond
@@ -428,7 +428,7 @@ class Collector:
 
 def scheduler(instances, policy: BatchPolicy, **kw) -> tuple[Scheduler, ModelStats]:
     stats = ModelStats("m", 1)
-    return Scheduler("m", instances, policy, stats, **kw), stats
+    return make_scheduler("m", instances, policy, stats, **kw), stats
 
 
 Busy = tuple[Scheduler, ModelStats, FakeInstance, threading.Event, Collector]

@@ -2,7 +2,8 @@
 
 Nothing here starts a thread, sleeps or reads a clock: every method takes `now_ns`, so the
 rules (which request runs next, with whom, and whether it is worth waiting for more) are unit
-tested with plain integers. `tributary.scheduler` drives this under its lock.
+tested with plain integers. The scheduler modes (`direct.py`, `batching.py`) drive it under
+their lock.
 
 Queue policy (docs/model-config.md#batching). Requests go to priority level
 1..`priority_levels` (1 is the highest); priority 0 or beyond the last level means
@@ -59,7 +60,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import Cancelled, InferenceError, Unavailable
+from ..errors import Cancelled, InferenceError, Unavailable
 
 QUEUED, TAKEN, DONE = 0, 1, 2
 """Entry states. Only the holder of the scheduler lock moves an entry between them."""

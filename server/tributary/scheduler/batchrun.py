@@ -15,9 +15,9 @@ from typing import Protocol
 
 import numpy as np
 
+from ..errors import InferenceError, Internal
+from ..stats import ModelStats
 from .batchqueue import Entry
-from .errors import InferenceError, Internal
-from .stats import ModelStats
 
 
 class Instance(Protocol):

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import ModelLoadError
+from ..errors import ModelLoadError
 
 ENTRY_OVERHEAD = 256
 """Bytes charged per entry beyond its arrays: the key, the table slot and array headers."""
