@@ -19,12 +19,12 @@ from tributary_client._proto import grpc_service_pb2 as pb
 
 from . import tensors
 from .config import ModelSignature, TensorSpec
+from .constants import INT32_MAX
 from .datatypes import BY_NAME
 from .errors import Internal, InvalidArgument, NotFound, shown
 from .scheduler import WorkItem
 from .shm import Leases, Region, SharedMemory
 
-INT32_MAX = 2**31 - 1
 MAX_TIMEOUT_US = 365 * 24 * 3600 * 1_000_000
 """A request's `timeout` parameter is clamped to a year: Triton takes any uint64, and a longer
 deadline is indistinguishable from none, but it must stay inside what clocks and waits accept."""

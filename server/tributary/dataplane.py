@@ -26,6 +26,12 @@ from tributary_client._proto import grpc_service_pb2 as pb
 
 from . import __version__
 from .codec import DecodedRequest, decode_request, encode_response
+from .constants import (
+    DEFAULT_CLIENT_SHM_MAX_BYTES,
+    DEFAULT_MAX_STREAMS,
+    DEFAULT_MAX_TENSOR_BYTES,
+    DEFAULT_STREAM_MAX_PENDING,
+)
 from .control import ModelControl
 from .errors import Cancelled, InferenceError, Internal, Unavailable, Unimplemented
 from .logs import RequestLog
@@ -75,12 +81,12 @@ class ServerState:
 
     server_id: str = "tributary"
     strict_readiness: bool = True
-    max_tensor_bytes: int = 2**31 - 1
+    max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES
     model_control_mode: str = "none"
-    max_streams: int = 512
-    stream_max_pending: int = 256
+    max_streams: int = DEFAULT_MAX_STREAMS
+    stream_max_pending: int = DEFAULT_STREAM_MAX_PENDING
     allow_client_shm: bool = False
-    client_shm_max_bytes: int = 64 << 30
+    client_shm_max_bytes: int = DEFAULT_CLIENT_SHM_MAX_BYTES
     client_shm_key_prefix: str | None = None
     exiting: bool = False
     # called after a model is loaded or unloaded at run time (health follows readiness)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import grpc
 
+from .constants import SHOWN_NAME_CHARS
 from .text import clipped
 
 
@@ -67,7 +68,7 @@ class ModelLoadError(InferenceError):
     code = grpc.StatusCode.INVALID_ARGUMENT
 
 
-MAX_SHOWN_NAME = 256
+MAX_SHOWN_NAME = SHOWN_NAME_CHARS
 """A name a client sent is echoed into an error at most this long: a 1 MB model name in an error
 would otherwise exceed gRPC's metadata limit, and the client would see RESOURCE_EXHAUSTED
 instead of the real error."""

@@ -24,7 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .options import INT32_MAX
+from .constants import (
+    DEFAULT_CLIENT_SHM_MAX_BYTES,
+    DEFAULT_MAX_STREAMS,
+    DEFAULT_MAX_TENSOR_BYTES,
+    DEFAULT_STREAM_MAX_PENDING,
+    INT32_MAX,
+)
 from .restrict import parse_restriction
 
 INT64_MAX = 2**63 - 1
@@ -287,7 +293,7 @@ FLAGS: tuple[Flag, ...] = (
         "refuse an input tensor whose shape implies more bytes than this, before allocating "
         "(default: 2^31-1)",
         type=byte_count,
-        default=INT32_MAX,
+        default=DEFAULT_MAX_TENSOR_BYTES,
         metavar="BYTES",
     ),
     _ours(
@@ -652,7 +658,7 @@ FLAGS: tuple[Flag, ...] = (
         GRPC,
         "open ModelStreamInfer streams allowed at once; more get RESOURCE_EXHAUSTED (default: 512)",
         type=positive,
-        default=512,
+        default=DEFAULT_MAX_STREAMS,
         metavar="N",
     ),
     _ours(
@@ -661,7 +667,7 @@ FLAGS: tuple[Flag, ...] = (
         "replies a stream may have unsent before the server stops reading its requests "
         "(default: 256)",
         type=positive,
-        default=256,
+        default=DEFAULT_STREAM_MAX_PENDING,
         metavar="N",
     ),
     _ours(
@@ -927,7 +933,7 @@ FLAGS: tuple[Flag, ...] = (
         "unregistered and still in use); a registration past it gets RESOURCE_EXHAUSTED "
         "(default: 64 GiB)",
         type=byte_count,
-        default=64 << 30,
+        default=DEFAULT_CLIENT_SHM_MAX_BYTES,
         metavar="BYTES",
     ),
     _ours(

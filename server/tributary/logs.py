@@ -23,6 +23,7 @@ from typing import Any
 
 from pythonjsonlogger.json import JsonFormatter
 
+from .constants import SHOWN_NAME_CHARS
 from .text import clipped, printable
 
 _LETTER = {
@@ -175,7 +176,7 @@ def configure(
     logging.captureWarnings(True)  # warnings.warn(...) from libraries: same handler, same format
 
 
-def _clip(text: str, limit: int = 256) -> str:
+def _clip(text: str, limit: int = SHOWN_NAME_CHARS) -> str:
     return text if len(text) <= limit else f"{text[:limit]}...({len(text) - limit} more)"
 
 

@@ -20,6 +20,7 @@ import numpy as np
 from .backends.onnxruntime import OrtInstance, create_instances
 from .config import ModelSignature, signature
 from .config_check import inside_model_dir
+from .constants import DEFAULT_MAX_TENSOR_BYTES
 from .datatypes import from_config
 from .ensemble import EnsembleModel, build_ensemble, is_ensemble
 from .errors import InferenceError, InvalidArgument, ModelLoadError
@@ -36,7 +37,6 @@ log = logging.getLogger("tributary.model")
 WARMUP_FOLDER = "warmup"  # Triton's: input_data_file names a file in <model>/warmup/
 MAX_WARMUP_FILE_BYTES = 64 * 1024 * 1024  # a BYTES sample file (numeric ones read their size)
 MAX_WARMUP_COUNT = 1000  # runs of one warmup sample (a client can set it by config override)
-DEFAULT_MAX_TENSOR_BYTES = 2**31 - 1  # --max-tensor-bytes' default
 
 
 def _queue_policy(p: Any) -> QueuePolicy:

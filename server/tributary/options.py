@@ -9,7 +9,13 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .restrict import Restriction
 
-INT32_MAX = 2**31 - 1
+from .constants import (
+    DEFAULT_CLIENT_SHM_MAX_BYTES,
+    DEFAULT_MAX_STREAMS,
+    DEFAULT_MAX_TENSOR_BYTES,
+    DEFAULT_STREAM_MAX_PENDING,
+    INT32_MAX,
+)
 
 
 @dataclass
@@ -38,8 +44,8 @@ class ServerOptions:
     grpc_address: str = "0.0.0.0"
     grpc_port: int = 8001
     grpc_worker_threads: int = 128
-    grpc_max_streams: int = 512
-    grpc_stream_max_pending: int = 256
+    grpc_max_streams: int = DEFAULT_MAX_STREAMS
+    grpc_stream_max_pending: int = DEFAULT_STREAM_MAX_PENDING
     grpc_max_message_bytes: int = INT32_MAX
     reuse_grpc_port: bool = False
     allow_grpc_reflection: bool = True
@@ -57,11 +63,11 @@ class ServerOptions:
     grpc_max_connection_age_ms: int | None = None
     grpc_max_connection_age_grace_ms: int | None = None
     grpc_infer_response_compression_level: str = "none"
-    max_tensor_bytes: int = INT32_MAX
+    max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES
     # --grpc-restricted-protocol: {category: the header it requires} (tributary.restrict)
     grpc_restricted_protocols: dict[str, Restriction] = field(default_factory=dict)
     allow_client_shm: bool = False
-    client_shm_max_bytes: int = 64 << 30
+    client_shm_max_bytes: int = DEFAULT_CLIENT_SHM_MAX_BYTES
     client_shm_key_prefix: str | None = None  # an object name's start, without a leading "/"
     # metrics
     allow_metrics: bool = True

@@ -33,6 +33,7 @@ from grpc_reflection.v1alpha import reflection
 from tributary_client._proto import grpc_service_pb2_grpc as pb_grpc
 from tributary_client._proto._pool import POOL
 
+from .constants import SHOWN_NAME_CHARS
 from .dataplane import internal_error
 from .errors import (
     InferenceError,
@@ -53,7 +54,7 @@ PROBES = ("ServerLive", "ServerReady")
 PROBE_THREADS = 8
 REFLECTION_STREAMS = 8
 HEALTH_WATCHES = 1024
-MAX_SERVICE_NAME = 256
+MAX_SERVICE_NAME = SHOWN_NAME_CHARS
 
 
 class HealthService(health.HealthServicer):

@@ -42,6 +42,7 @@ import stat
 import threading
 from dataclasses import dataclass
 
+from .constants import DEFAULT_CLIENT_SHM_MAX_BYTES, SHOWN_NAME_CHARS
 from .errors import (
     AlreadyExists,
     Internal,
@@ -57,9 +58,9 @@ log = logging.getLogger("tributary.shm")
 SHM_DIR = "/dev/shm"
 MAX_REGIONS = 1024
 """Registered system shared memory regions; one more is RESOURCE_EXHAUSTED."""
-MAX_BYTES = 64 << 30
+MAX_BYTES = DEFAULT_CLIENT_SHM_MAX_BYTES
 """Bytes of client shared memory mapped at once (`--client-shm-max-bytes`); see docs/limits.md."""
-MAX_NAME = 256
+MAX_NAME = SHOWN_NAME_CHARS
 """Characters in a region name or key (a POSIX shm name is at most 255 bytes anyway)."""
 DISABLED = (
     "Client shared memory is disabled. Start the server with '--allow-client-shm=true' to enable."
