@@ -225,6 +225,10 @@ class ModelRepository:
                 list(pool.map(one, wave))
         return dict(sorted(failures.items()))
 
+    def load_order(self, names: Sequence[str]) -> list[str]:
+        """`names` with every ensemble after the models it composes (poll mode's new models)."""
+        return [n for wave in self._load_waves(list(names)) for n in wave]
+
     def _load_waves(self, names: list[str]) -> list[list[str]]:
         """`names` in dependency order: plain models first, then ensembles whose composing
         models are all in an earlier wave. A config that cannot be read goes first (its load

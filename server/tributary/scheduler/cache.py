@@ -223,9 +223,7 @@ class ModelCache:
             _field(h, arr.dtype.str.encode())
             _field(h, np.asarray(arr.shape, dtype="<i8").tobytes())
             if arr.dtype == np.object_:
-                for x in arr.flat:
-                    data = x.encode() if isinstance(x, str) else bytes(x)
-                    _field(h, data)
+                _hash_elements(h, arr)
             elif arr.flags.c_contiguous:
                 h.update(arr.data.cast("B") if arr.ndim else arr.tobytes())
             else:  # a strided view: hash it in its logical order
@@ -251,6 +249,14 @@ def _prefix(name: str, version: int) -> hashlib.blake2b:
     _field(h, name.encode())
     h.update(version.to_bytes(8, "little", signed=True))
     return h
+
+
+def _hash_elements(h: hashlib.blake2b, arr: np.ndarray) -> None:
+    """BYTES elements: all lengths, then all bytes, each in one call (C-speed joins, not one
+    hash call per element, which would cost a microsecond per element)."""
+    items = [x.encode() if isinstance(x, str) else bytes(x) for x in arr.ravel().tolist()]
+    h.update(np.fromiter(map(len, items), dtype="<i8", count=len(items)).tobytes())
+    h.update(b"".join(items))
 
 
 def _field(h: hashlib.blake2b, data: bytes) -> None:

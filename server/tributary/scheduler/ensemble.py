@@ -196,14 +196,14 @@ class EnsembleScheduler:
             item.failure_reason = "OTHER"
             callback(None, refused)
             return
-        ready = [i for i, n in enumerate(self.plan.needs) if n == 0]
-        first = {s for t in item.inputs for s in self.plan.consumers.get(t, ())}
-        for t in item.inputs:
+        # Every ensemble input counts as present, sent or not: an optional one left out is
+        # simply absent from the steps that read it (their model must allow that).
+        for t in self.plan.inputs:
             for s in self.plan.consumers.get(t, ()):
                 run.missing[s] -= 1
-        ready += [s for s in sorted(first) if run.missing[s] == 0]
-        for s in ready:
-            self._launch(run, s, 0)
+        for s, missing in enumerate(run.missing):
+            if missing == 0:
+                self._launch(run, s, 0)
 
     def cancel(self, item: WorkItem) -> bool:
         """Fail the request now; steps still queued in composing schedulers are withdrawn."""
@@ -231,6 +231,20 @@ class EnsembleScheduler:
     # -- one request ---------------------------------------------------------------------------
 
     def _launch(self, run: _Run, index: int, attempt: int) -> None:
+        """Submit one step; whatever goes wrong fails the request (never strands it)."""
+        try:
+            self._submit_step(run, index, attempt)
+        except Exception as exc:  # a bug or a composing model changed under us: answer anyway
+            self._fail(run, self._unexpected(index, exc), "OTHER")
+
+    def _unexpected(self, index: int, exc: Exception) -> Internal:
+        step = self.plan.steps[index]
+        return Internal(
+            f"in ensemble '{self.model_name}', step {index} (model '{step.model}') failed: "
+            f"{type(exc).__name__}: {exc}"
+        )
+
+    def _submit_step(self, run: _Run, index: int, attempt: int) -> None:
         step = self.plan.steps[index]
         item = run.item
         if run.failed:
@@ -256,7 +270,7 @@ class EnsembleScheduler:
                 inputs = {
                     mi: _step_input(run.tensors[t], spec, sig, t, item.request_id)
                     for mi, t in step.inputs
-                    if (spec := sig.input(mi)) is not None
+                    if t in run.tensors and (spec := sig.input(mi)) is not None
                 }
         except InferenceError as exc:
             self._fail(run, exc, "OTHER")
@@ -275,7 +289,10 @@ class EnsembleScheduler:
         start = time.perf_counter_ns()
 
         def done(outputs: dict[str, np.ndarray] | None, error: InferenceError | None) -> None:
-            self._step_done(run, index, attempt, model, sub, start, outputs, error)
+            try:
+                self._step_done(run, index, attempt, model, sub, start, outputs, error)
+            except Exception as exc:  # e.g. a reloaded model without a mapped output
+                self._fail(run, self._unexpected(index, exc), "OTHER")
 
         with run.lock:
             run.inflight[index] = (model, sub)
