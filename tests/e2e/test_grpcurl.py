@@ -194,3 +194,28 @@ def test_reflection_can_be_turned_off(server_factory) -> None:
             assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
     finally:
         channel.close()
+
+
+def test_ensemble_infer(grpcurl_run) -> None:
+    """digits_pipeline with typed contents: grpcurl's JSON, the ensemble's reply."""
+    x = np.load(MODEL_REPOSITORY / "digits" / "expected_outputs.npz")
+    raw = np.round(x["input"][:2].astype(np.float32) * 255 / 16).astype(np.uint8)
+    request = {
+        "model_name": "digits_pipeline",
+        "inputs": [
+            {
+                "name": "PIXELS",
+                "datatype": "UINT8",
+                "shape": [2, 64],
+                "contents": {"uint_contents": [int(v) for v in raw.ravel()]},
+            }
+        ],
+        "outputs": [{"name": "LABEL"}, {"name": "TOP_LABELS"}],
+    }
+    reply = json.loads(grpcurl_run(f"{SERVICE}/ModelInfer", data=request).stdout)
+    assert reply["modelName"] == "digits_pipeline"
+    assert [o["name"] for o in reply["outputs"]] == ["LABEL", "TOP_LABELS"]
+    label = np.frombuffer(base64.b64decode(reply["rawOutputContents"][0]), dtype="<i8")
+    np.testing.assert_array_equal(label, x["label"][:2])
+    top = np.frombuffer(base64.b64decode(reply["rawOutputContents"][1]), dtype="<i8")
+    assert top.reshape(2, 3)[:, 0].tolist() == x["label"][:2].tolist()
