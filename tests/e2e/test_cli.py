@@ -198,8 +198,7 @@ def test_ignored_flags_warn_once_per_reason(server_factory, tmp_path) -> None:
         tmp_path,
         "--trace-config=rate=100",
         "--trace-level=TIMESTAMPS",
-        "--cache-config=local,size=1048576",
-        "--response-cache-byte-size=1048576",
+        "--cache-directory=/opt/tritonserver/caches",
         "--pinned-memory-pool-byte-size=0",
         "--backend-directory=/opt/tritonserver/backends",
         "--backend-config=tensorflow,version=2",
@@ -214,8 +213,7 @@ def test_ignored_flags_warn_once_per_reason(server_factory, tmp_path) -> None:
     assert server.terminate() == 0
     expected = [
         "--trace-config=rate=100, --trace-level=TIMESTAMPS: request tracing",
-        "--cache-config=local,size=1048576, --response-cache-byte-size=1048576: there is no "
-        "response cache",
+        "--cache-directory=/opt/tritonserver/caches: the one cache (local) is built in",
         "--pinned-memory-pool-byte-size=0: ONNX Runtime allocates",
         "--backend-directory=/opt/tritonserver/backends: ONNX Runtime is built in",
         "--backend-config=tensorflow,version=2 (backend 'tensorflow' is not available)",

@@ -213,9 +213,9 @@ def test_ensemble_infer(grpcurl_run) -> None:
         "outputs": [{"name": "LABEL"}, {"name": "TOP_LABELS"}],
     }
     reply = json.loads(grpcurl_run(f"{SERVICE}/ModelInfer", data=request).stdout)
-    assert reply["modelName"] == "digits_pipeline"
+    assert reply["model_name"] == "digits_pipeline"
     assert [o["name"] for o in reply["outputs"]] == ["LABEL", "TOP_LABELS"]
-    label = np.frombuffer(base64.b64decode(reply["rawOutputContents"][0]), dtype="<i8")
+    label = np.frombuffer(base64.b64decode(reply["raw_output_contents"][0]), dtype="<i8")
     np.testing.assert_array_equal(label, x["label"][:2])
-    top = np.frombuffer(base64.b64decode(reply["rawOutputContents"][1]), dtype="<i8")
+    top = np.frombuffer(base64.b64decode(reply["raw_output_contents"][1]), dtype="<i8")
     assert top.reshape(2, 3)[:, 0].tolist() == x["label"][:2].tolist()

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 from google.protobuf import text_format
 
+from tributary.cli import parse_cache_config
 from tributary.errors import ModelLoadError
 from tributary.scheduler.cache import (
     ENTRY_OVERHEAD,
     ModelCache,
     ResponseCache,
-    parse_cache_config,
     refuse_unsupported,
 )
 from tributary_client._proto import model_config_pb2 as mc
