@@ -456,3 +456,32 @@ def test_close_refuses_new_requests_with_closed() -> None:
     d.submit()
     ((out, err),) = d.results
     assert isinstance(err, Closed)
+
+
+def test_composing_caches_answer_steps_without_recursion() -> None:
+    """A chain of MAX_STEPS steps over one cached model: the second identical request is
+    answered by the cache at every step, synchronously, in a loop (no recursion limit)."""
+    from tributary.scheduler.cache import ResponseCache
+
+    log: list[str] = []
+    model = FakeModel("m", sig("m", ["x"], ["y"]), FakeScheduler(log, "m"), ModelStats("m", 1))
+    model.cache = ResponseCache(1 << 24).for_model("m", 1)  # type: ignore[attr-defined]
+    n = MAX_STEPS
+    chain = [step("m", {"x": "IN" if i == 0 else f"t{i}"}, {"y": f"t{i + 1}"}) for i in range(n)]
+    config = cfg(io("input", "IN") + io("output", f"t{n}") + sched(*chain))
+    ens = EnsembleScheduler(plan(config), lambda name, v: model, sig("ens", ["IN"], [f"t{n}"]))
+    results: list[tuple[Any, Any]] = []
+
+    def submit() -> None:
+        item = WorkItem(inputs={"IN": np.zeros(4, np.float32)}, rows=1, outputs=(f"t{n}",))
+        ens.submit(item, lambda out, err: results.append((out, err)))
+
+    submit()
+    while model.scheduler.pending:
+        model.scheduler.complete(lambda i: {"y": i["x"] + 1})
+    submit()
+    assert len(results) == 2 and results[0][1] is None and results[1][1] is None
+    np.testing.assert_array_equal(results[1][0][f"t{n}"], np.full(4, n, np.float32))
+    assert log.count("start m") == n  # the second request ran nothing
+    snap = model.stats.snapshot()
+    assert (snap.cache_hit.count, snap.cache_miss.count, snap.success.count) == (n, n, 2 * n)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -201,9 +202,7 @@ class EnsembleScheduler:
         for t in self.plan.inputs:
             for s in self.plan.consumers.get(t, ()):
                 run.missing[s] -= 1
-        for s, missing in enumerate(run.missing):
-            if missing == 0:
-                self._launch(run, s, 0)
+        self._start(run, [s for s, missing in enumerate(run.missing) if missing == 0])
 
     def cancel(self, item: WorkItem) -> bool:
         """Fail the request now; steps still queued in composing schedulers are withdrawn."""
@@ -230,12 +229,17 @@ class EnsembleScheduler:
 
     # -- one request ---------------------------------------------------------------------------
 
-    def _launch(self, run: _Run, index: int, attempt: int) -> None:
-        """Submit one step; whatever goes wrong fails the request (never strands it)."""
-        try:
-            self._submit_step(run, index, attempt)
-        except Exception as exc:  # a bug or a composing model changed under us: answer anyway
-            self._fail(run, self._unexpected(index, exc), "OTHER")
+    def _start(self, run: _Run, ready: list[int], attempt: int = 0) -> None:
+        """Submit steps whose inputs are ready; whatever goes wrong fails the request (never
+        strands it). A loop, not recursion: steps answered at once (a composing model's cache)
+        make more steps ready, up to MAX_STEPS of them."""
+        todo = deque((index, attempt) for index in ready)  # in step order
+        while todo:
+            index, tries = todo.popleft()
+            try:
+                todo.extend((s, 0) for s in self._submit_step(run, index, tries))
+            except Exception as exc:  # a bug or a composing model changed under us: answer
+                self._fail(run, self._unexpected(index, exc), "OTHER")
 
     def _unexpected(self, index: int, exc: Exception) -> Internal:
         step = self.plan.steps[index]
@@ -244,14 +248,16 @@ class EnsembleScheduler:
             f"{type(exc).__name__}: {exc}"
         )
 
-    def _submit_step(self, run: _Run, index: int, attempt: int) -> None:
+    def _submit_step(self, run: _Run, index: int, attempt: int) -> list[int]:
+        """Submit step `index`; returns the steps that became ready if it was answered at
+        once (a cache hit), else [] (its completion callback carries on)."""
         step = self.plan.steps[index]
         item = run.item
         if run.failed:
-            return
+            return []
         if item.is_active is not None and not item.is_active():
             self._fail(run, Cancelled("Request was cancelled"), "CANCELED")
-            return
+            return []
         try:
             model = self._resolve(step.model, step.version_text)
         except InferenceError as exc:
@@ -263,7 +269,7 @@ class EnsembleScheduler:
                 ),
                 "OTHER",
             )
-            return
+            return []
         sig = model.signature
         try:
             with run.lock:
@@ -274,7 +280,7 @@ class EnsembleScheduler:
                 }
         except InferenceError as exc:
             self._fail(run, exc, "OTHER")
-            return
+            return []
         batched = sig.max_batch_size > 0
         rows = next(iter(inputs.values())).shape[0] if batched and inputs else 1
         sub = WorkItem(
@@ -287,9 +293,26 @@ class EnsembleScheduler:
             request_id=item.request_id,
         )
         start = time.perf_counter_ns()
+        # A composing model with the response cache on answers from it, as for a client.
+        cache = getattr(model, "cache", None)
+        key = b""
+        if cache is not None:
+            key = cache.key(inputs, [(o, 0) for o in sub.outputs])
+            hit = cache.get(key)
+            if hit is not None:
+                took = time.perf_counter_ns() - start
+                model.stats.request_cache_hit(
+                    total_ns=took, hit_ns=took, now_ms=time.time_ns() // 1_000_000
+                )
+                return self._advance(run, index, model, hit)
+        lookup_ns = time.perf_counter_ns() - start
 
         def done(outputs: dict[str, np.ndarray] | None, error: InferenceError | None) -> None:
             try:
+                if error is None and cache is not None and outputs is not None:
+                    t0 = time.perf_counter_ns()
+                    cache.put(key, outputs)
+                    model.stats.cache_miss(miss_ns=lookup_ns + time.perf_counter_ns() - t0)
                 self._step_done(run, index, attempt, model, sub, start, outputs, error)
             except Exception as exc:  # e.g. a reloaded model without a mapped output
                 self._fail(run, self._unexpected(index, exc), "OTHER")
@@ -297,6 +320,7 @@ class EnsembleScheduler:
         with run.lock:
             run.inflight[index] = (model, sub)
         model.scheduler.submit(sub, done)
+        return []
 
     def _step_done(
         self,
@@ -314,7 +338,7 @@ class EnsembleScheduler:
             run.inflight.pop(index, None)
         if error is not None:
             if isinstance(error, Closed) and attempt < STEP_REROUTES and not self._closing:
-                self._launch(run, index, attempt + 1)  # a reload retired that version
+                self._start(run, [index], attempt + 1)  # a reload retired that version
                 return
             model.stats.request_failure(total_ns=total, reason=sub.failure_reason or "OTHER")
             self._fail(run, error, sub.failure_reason or "OTHER")
@@ -329,13 +353,20 @@ class EnsembleScheduler:
             rows=sub.rows,
             now_ms=time.time_ns() // 1_000_000,
         )
+        self._start(run, self._advance(run, index, model, outputs))
+
+    def _advance(
+        self, run: _Run, index: int, model: Servable, outputs: dict[str, np.ndarray]
+    ) -> list[int]:
+        """Step `index` produced `outputs`: store its tensors; returns the steps that became
+        ready (the caller starts them)."""
         step = self.plan.steps[index]
         sig = model.signature
         batched = sig.max_batch_size > 0
         ready: list[int] = []
         with run.lock:
             if run.failed:
-                return
+                return []
             for mo, tensor in step.outputs:
                 spec = sig.output(mo)
                 arr = outputs[mo]
@@ -348,9 +379,8 @@ class EnsembleScheduler:
             finished = run.left == 0
         if finished:
             self._succeed(run)
-            return
-        for s in ready:
-            self._launch(run, s, 0)
+            return []
+        return ready
 
     def _succeed(self, run: _Run) -> None:
         try:
