@@ -32,7 +32,7 @@ from tributary_client._proto._pool import POOL
 from .backends.onnxruntime import cpu_count, gpu_count
 from .dataplane import DataPlane, ServerState, server_ready
 from .errors import InferenceError
-from .logs import RequestLog, configure
+from .logs import LogControl, RequestLog, configure
 from .model import build_loader
 from .options import ServerOptions
 from .poll import RepositoryPoller
@@ -40,6 +40,7 @@ from .repository import ModelRepository
 from .rpcs import Front, HealthService, register
 from .scheduler.cache import ResponseCache
 from .servicer import InferenceServicer
+from .tracing import SHUTDOWN_TIMEOUT_S, Tracer
 
 log = logging.getLogger("tributary")
 
@@ -47,8 +48,8 @@ INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_
 _COMPRESSION_LEVELS = {"low": 1, "medium": 2, "high": 3}
 
 
-def configure_logging(options: ServerOptions) -> None:
-    configure(
+def configure_logging(options: ServerOptions) -> LogControl:
+    return configure(
         verbose=options.log_verbose,
         info=options.log_info,
         warning=options.log_warning,
@@ -177,6 +178,10 @@ class Server:
         self.repository.close(max(0.0, deadline - time.monotonic()))
         if self.front is not None:
             self.front.servicer.dp.close()  # file-override directories, shm regions
+            # The last spans go out within what is left of the exit timeout (at least a
+            # second, at most the tracer's own bound), before the exit watchdog fires.
+            left = deadline - time.monotonic() + EXIT_GRACE_S / 2
+            self.front.servicer.dp.tracer.shutdown(max(1.0, min(SHUTDOWN_TIMEOUT_S, left)))
         if self.metrics is not None:
             self.metrics.stop()
         log.info("stopped")
@@ -197,7 +202,7 @@ def startup_models(options: ServerOptions) -> list[str] | None:
     return list(options.load_models)
 
 
-def start(options: ServerOptions) -> Server | None:
+def start(options: ServerOptions, logs: LogControl | None = None) -> Server | None:
     """Bind the ports, load models, then serve. None when start-up must fail (a port cannot
     be bound, said in one line before any model loads; or models failed to load)."""
     started = time.monotonic()
@@ -250,7 +255,8 @@ def start(options: ServerOptions) -> Server | None:
         ),
     )
     request_log = RequestLog() if options.log_verbose >= 1 else None
-    dataplane = DataPlane(repository, state, request_log=request_log)
+    tracer = Tracer(options.trace)
+    dataplane = DataPlane(repository, state, request_log=request_log, tracer=tracer, logs=logs)
     servicer = InferenceServicer(dataplane)
     health_servicer = HealthService()
     _register_descriptors()
@@ -264,7 +270,7 @@ def start(options: ServerOptions) -> Server | None:
             else ()
         ),
         max_streams=options.grpc_max_streams,
-        request_log=request_log,
+        request_log=dataplane,  # looked up per call: LogSettings switches it live
         restricted=options.grpc_restricted_protocols,
     )
     # Bound now, served only once the start-up models are loaded (Triton's order): a port
@@ -384,7 +390,7 @@ def _announce(server: Server) -> None:
 
 def run(options: ServerOptions) -> int:
     try:
-        configure_logging(options)
+        logs = configure_logging(options)
     except OSError as exc:  # --log-file: checked by the parser, but the disk has its say
         sys.stderr.write(f"tributary: error: cannot open --log-file: {exc}\n")
         return 1
@@ -393,7 +399,7 @@ def run(options: ServerOptions) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    server = start(options)
+    server = start(options, logs)
     if server is None:
         return 1
     # Timed: a signal that the kernel hands to another thread (gRPC's, ONNX Runtime's, the

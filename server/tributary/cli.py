@@ -18,6 +18,7 @@ from typing import NoReturn
 from . import flags
 from .options import ServerOptions
 from .restrict import by_category
+from .traceconfig import TRITON, TraceConfig, parse_config
 
 DEFAULT_MAX_BATCH_SIZE = 4
 
@@ -162,6 +163,25 @@ def _pem_problem(path: Path) -> str | None:
     return None
 
 
+def _trace_config(a: argparse.Namespace, parser: argparse.ArgumentParser) -> TraceConfig:
+    try:
+        config = parse_config(
+            a.trace_config,
+            file=a.trace_file,
+            levels=a.trace_level,
+            rate=a.trace_rate,
+            count=a.trace_count,
+            log_frequency=a.trace_log_frequency,
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
+    if config.mode == TRITON and config.file:
+        target = Path(config.file)
+        if target.is_dir() or not target.parent.is_dir() or not os.access(target.parent, os.W_OK):
+            parser.error(f"trace file '{target}': not a file in a writable directory")
+    return config
+
+
 def parse_args(argv: Sequence[str] | None = None) -> ServerOptions:
     parser = build_parser()
     a = parser.parse_args(argv)
@@ -208,6 +228,8 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerOptions:
         cache = parse_cache_config(a.cache_config or (), a.response_cache_byte_size)
     except ValueError as exc:
         parser.error(str(exc))
+    trace = _trace_config(a, parser)
+    warnings += trace.warnings
     if a.strict_model_config:
         warnings.append(
             "--strict-model-config is deprecated (as in tritonserver): "
@@ -270,6 +292,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerOptions:
         metrics_interval_ms=a.metrics_interval_ms,
         port_file=a.port_file,
         cache_bytes=cache.size if cache is not None else 0,
+        trace=trace,
         warnings=warnings + backend_warnings,
     )
 

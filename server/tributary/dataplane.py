@@ -33,13 +33,22 @@ from .constants import (
     DEFAULT_STREAM_MAX_PENDING,
 )
 from .control import ModelControl
-from .errors import Cancelled, InferenceError, Internal, Unavailable, Unimplemented
-from .logs import RequestLog
+from .errors import (
+    Cancelled,
+    InferenceError,
+    Internal,
+    InvalidArgument,
+    Unavailable,
+    Unimplemented,
+)
+from .logs import LogControl, RequestLog
 from .repository import ModelRepository, Servable
 from .scheduler import Closed
 from .scheduler.cache import ModelCache
 from .shm import SharedMemory
 from .statistics import statistics_response
+from .traceconfig import TraceConfig
+from .tracing import Trace, Tracer
 
 log = logging.getLogger("tributary.dataplane")
 
@@ -181,10 +190,22 @@ class DataPlane:
         repository: ModelRepository,
         state: ServerState,
         request_log: RequestLog | None = None,
+        *,
+        tracer: Tracer | None = None,
+        logs: LogControl | None = None,
     ) -> None:
         self.repo = repository
         self.state = state
         self.request_log = request_log
+        self.tracer = tracer if tracer is not None else Tracer(TraceConfig())
+        self.logs = logs
+        if logs is not None:
+            logs.listeners.append(self._verbose)
+        # Front ends read `tracing` to decide whether to collect trace headers at all, and
+        # inference reads `_plain`: with neither tracing nor the request log on, a request
+        # pays that one check (both follow TraceSetting and LogSettings at run time).
+        self.tracing = self.tracer.enabled
+        self._plain = request_log is None and not self.tracing
         self.control = ModelControl(
             repository, explicit=state.model_control_mode == "explicit", on_change=self._changed
         )
@@ -275,16 +296,33 @@ class DataPlane:
     def trace_settings(
         self, model: str, update: Mapping[str, list[str] | None] | None
     ) -> dict[str, list[str]]:
-        raise Unimplemented(
-            "TraceSetting is not implemented by this server: tracing is not supported"
-        )
+        """TraceSetting (docs/protocol.md#tracing): read, or update then read, the global
+        settings ("") or a ready model's; the next request sees the change."""
+        if model and not self.repo.is_model_ready(model):
+            raise InvalidArgument(f"Request for unknown model : {model}")
+        settings = self.tracer.settings(model, update)
+        self._refresh()
+        return settings
 
     def log_settings(
         self, update: Mapping[str, bool | int | str] | None
     ) -> dict[str, bool | int | str]:
-        raise Unimplemented(
-            "LogSettings is not implemented by this server: use --log-verbose at start-up"
-        )
+        """LogSettings (docs/protocol.md#log-settings): read, or update then read."""
+        if self.logs is None:
+            raise Unimplemented("LogSettings is not available: logging was not configured")
+        return self.logs.update(update)
+
+    def _verbose(self, level: int) -> None:
+        """The verbose level changed (LogSettings): the request log follows, live."""
+        if level >= 1 and self.request_log is None:
+            self.request_log = RequestLog()
+        elif level < 1:
+            self.request_log = None
+        self._refresh()
+
+    def _refresh(self) -> None:
+        self.tracing = self.tracer.enabled
+        self._plain = self.request_log is None and not self.tracing
 
     # ---- inference -----------------------------------------------------------------------------
     def infer(
@@ -297,20 +335,34 @@ class DataPlane:
         rpc: str = "ModelInfer",
     ) -> InferResult:
         """Run one request on the caller's thread; raises an `InferenceError` on failure."""
-        request_log = self.request_log
-        if request_log is None:
-            return self._infer(request, raws, is_active)
+        if self._plain:
+            return self._infer(request, raws, is_active, None)
+        request_log, tracer = self.request_log, self.tracer
+        trace = (
+            tracer.start(request.model_name, request.id, carrier, rpc, request)
+            if tracer.enabled
+            else None
+        )
         start = time.perf_counter_ns()
         status, version = "INTERNAL", ""
+        result: InferResult | None = None
+        error: BaseException | None = None
         try:
-            result = self._infer(request, raws, is_active)
+            result = self._infer(request, raws, is_active, trace)
             status, version = "OK", result.response.model_version
             return result
-        except InferenceError as exc:
-            status = exc.code.name
+        except BaseException as exc:
+            error = exc
+            if isinstance(exc, InferenceError):
+                status = exc.code.name
             raise
         finally:
-            _log_line(request_log, rpc, request, version, status, start)
+            if request_log is not None:
+                _log_line(request_log, rpc, request, version, status, start)
+            if trace is not None:
+                tracer.finish(
+                    trace, error=error, response=result.response if result is not None else None
+                )
 
     def submit(
         self,
@@ -324,9 +376,29 @@ class DataPlane:
     ) -> None:
         """The same lifecycle without blocking: `done` is called exactly once, on whichever
         thread completes the request (possibly this one, before `submit` returns)."""
+        if self._plain:
+            self._start(request, raws, done, is_active, 0, None)
+            return
         if self.request_log is not None:
             done = self._logged(done, request, rpc)
-        self._start(request, raws, done, is_active, 0)
+        trace = None
+        if self.tracer.enabled:
+            trace = self.tracer.start(request.model_name, request.id, carrier, rpc, request)
+            if trace is not None:
+                done = self._traced(done, trace)
+        self._start(request, raws, done, is_active, 0, trace)
+
+    def _traced(self, done: Done, trace: Trace) -> Done:
+        tracer = self.tracer
+
+        def traced(result: InferResult | None, error: InferenceError | None) -> None:
+            try:
+                done(result, error)
+            finally:
+                response = result.response if result is not None else None
+                tracer.finish(trace, error=error, response=response)
+
+        return traced
 
     def refused(self, rpc: str, error: InferenceError) -> None:
         """A request the front end could not parse into a message: logged like the rest."""
@@ -352,9 +424,10 @@ class DataPlane:
         request: pb.ModelInferRequest,
         raws: Sequence[bytes | memoryview] | None,
         is_active: Callable[[], bool] | None,
+        trace: Trace | None,
     ) -> InferResult:
         for attempt in range(REROUTES + 1):
-            call = self._begin(request, raws, is_active)
+            call = self._begin(request, raws, is_active, trace)
             try:
                 hit = call.cached()
                 if hit is not None:
@@ -382,9 +455,10 @@ class DataPlane:
         done: Done,
         is_active: Callable[[], bool] | None,
         attempt: int,
+        trace: Trace | None,
     ) -> None:
         try:
-            call = self._begin(request, raws, is_active)
+            call = self._begin(request, raws, is_active, trace)
         except InferenceError as exc:
             done(None, exc)
             return
@@ -411,7 +485,7 @@ class DataPlane:
             try:
                 if isinstance(error, Closed) and attempt < REROUTES and not self.state.exiting:
                     # A reload retired the version it resolved: resolve again.
-                    self._start(request, raws, done, is_active, attempt + 1)
+                    self._start(request, raws, done, is_active, attempt + 1, trace)
                     return
                 if error is not None:
                     self._failed(call, error)
@@ -440,12 +514,15 @@ class DataPlane:
         request: pb.ModelInferRequest,
         raws: Sequence[bytes | memoryview] | None,
         is_active: Callable[[], bool] | None,
+        trace: Trace | None,
     ) -> _Call:
         """Resolve the model and validate the request (a failure here counts as OTHER)."""
         start = time.perf_counter_ns()
         if self.state.exiting:
             raise Unavailable("Server exiting")
         model = self.repo.resolve(request.model_name, request.model_version)
+        if trace is not None:
+            trace.version = str(model.version)
         try:
             decoded = decode_request(
                 request,
@@ -460,6 +537,8 @@ class DataPlane:
                 total_ns=time.perf_counter_ns() - start, reason=_failure_reason(exc)
             )
             raise
+        if trace is not None:
+            trace.item = decoded.item
         return _Call(model, decoded, start)
 
     @staticmethod

@@ -249,7 +249,6 @@ WHY_HTTP = (
 )
 WHY_SAGEMAKER_OFF = "SageMaker's endpoints are not served, and --allow-sagemaker=true is refused"
 WHY_VERTEX_OFF = "Vertex AI's endpoints are not served, and --allow-vertex-ai=true is refused"
-WHY_TRACING = "request tracing is not implemented: no trace is collected or written"
 WHY_POOLS = (
     "ONNX Runtime allocates host and device memory itself; there is no server memory pool to size"
 )
@@ -800,13 +799,20 @@ FLAGS: tuple[Flag, ...] = (
         metavar="SETTING=VALUE",
     ),
     # -- tracing -----------------------------------------------------------------------------
-    _ignored(
+    _impl(
         "--trace-config",
         TRACING,
-        "trace setting ([<mode>,]<setting>=<value>, repeatable)",
-        WHY_TRACING,
+        "trace setting ([<mode>,]<setting>=<value>, repeatable): global rate=N (trace one "
+        "request in N, default 1000), level=OFF|TIMESTAMPS|TENSORS (default OFF; repeatable), "
+        "count=N (traces to take, default -1: no limit), mode=triton|opentelemetry (default "
+        "triton); opentelemetry,url=<host:port> of an OTLP/gRPC receiver (default "
+        "localhost:4317), opentelemetry,resource=<key>=<value> (repeatable), "
+        "opentelemetry,bsp_max_queue_size|bsp_schedule_delay|bsp_max_export_batch_size=N; "
+        "triton,file=<path> (Triton's JSON trace file), triton,log-frequency=N "
+        "(docs/protocol.md#tracing)",
         action="append",
         type=setting,
+        default=[],
         metavar="[MODE,]SETTING=VALUE",
     ),
     # -- response cache ----------------------------------------------------------------------
@@ -986,44 +992,44 @@ FLAGS: tuple[Flag, ...] = (
         default=None,
         metavar="BYTES",
     ),
-    _ignored(
+    _impl(
         "--trace-file",
         DEPRECATED,
-        "trace output file (now --trace-config)",
-        WHY_TRACING,
+        "trace output file (now --trace-config triton,file=PATH)",
+        default=None,
         metavar="PATH",
     ),
-    _ignored(
+    _impl(
         "--trace-level",
         DEPRECATED,
-        "OFF, TIMESTAMPS or TENSORS (now --trace-config)",
-        WHY_TRACING,
+        "OFF, TIMESTAMPS or TENSORS, repeatable (now --trace-config level=LEVEL)",
         action="append",
-        type=lower("OFF", "TIMESTAMPS", "TENSORS"),
+        type=lower("OFF", "TIMESTAMPS", "TENSORS", "false", "true", "on", "min", "max"),
+        default=[],
         metavar="LEVEL",
     ),
-    _ignored(
+    _impl(
         "--trace-rate",
         DEPRECATED,
-        "trace one request in N (now --trace-config)",
-        WHY_TRACING,
+        "trace one request in N (now --trace-config rate=N)",
         type=integer,
+        default=None,
         metavar="N",
     ),
-    _ignored(
+    _impl(
         "--trace-count",
         DEPRECATED,
-        "number of traces (now --trace-config)",
-        WHY_TRACING,
+        "number of traces to take, -1 for no limit (now --trace-config count=N)",
         type=integer,
+        default=None,
         metavar="N",
     ),
-    _ignored(
+    _impl(
         "--trace-log-frequency",
         DEPRECATED,
-        "traces per trace file (now --trace-config)",
-        WHY_TRACING,
+        "traces per indexed trace file (now --trace-config triton,log-frequency=N)",
         type=integer,
+        default=None,
         metavar="N",
     ),
 )

@@ -8,7 +8,8 @@ imported, to keep core quiet unless --log-verbose asks for more; core's lines ke
 (glog, Triton-like) format and stay on stderr even with --log-file (docs/flags.md).
 
 --log-verbose >= 1 adds one line per request (`RequestLog`); at 0 no `RequestLog` exists and
-the request paths run exactly as without it.
+the request paths run exactly as without it. `LogControl` changes the switches, the verbose
+level and the format while the server runs (the LogSettings RPC).
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import time
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -143,8 +146,9 @@ def configure(
     error: bool = True,
     fmt: str = "default",
     file: Path | None = None,
-) -> None:
-    """Route every Python logger through one handler: stderr, or `file` (appended)."""
+) -> LogControl:
+    """Route every Python logger through one handler: stderr, or `file` (appended). The
+    returned `LogControl` changes the switches, level and format at run time."""
     handler: logging.Handler
     if file is not None:
         # backslashreplace: a name that is not valid UTF-8 (a directory named with a stray
@@ -152,28 +156,115 @@ def configure(
         handler = logging.FileHandler(file, mode="a", encoding="utf-8", errors="backslashreplace")
     else:
         handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(JsonLinesFormatter())
-    else:
-        handler.setFormatter(TritonFormatter(iso=fmt == "ISO8601"))
-    off = set()
-    if not info:
-        off.add(logging.INFO)
-    if not warning:
-        off.add(logging.WARNING)
-    if not error:
-        off |= {logging.ERROR, logging.CRITICAL}
-    if off:
-        handler.addFilter(LevelSwitch(off))
+    switch = LevelSwitch(set())
+    handler.addFilter(switch)
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
         old.close()
     root.addHandler(handler)
-    # Our verbose lines from 1, everyone else's debug lines from 2.
-    root.setLevel(logging.DEBUG if verbose >= 2 else logging.INFO)
-    logging.getLogger("tributary").setLevel(logging.DEBUG if verbose >= 1 else logging.INFO)
     logging.captureWarnings(True)  # warnings.warn(...) from libraries: same handler, same format
+    control = LogControl(handler, switch, file)
+    control.apply(verbose=verbose, info=info, warning=warning, error=error, fmt=fmt)
+    return control
+
+
+FORMATS = ("default", "ISO8601", "json")
+UINT32_MAX = 2**32 - 1
+
+
+class LogControl:
+    """The log settings in force, as the LogSettings RPC reads and changes them at run time
+    (docs/protocol.md#log-settings). `listeners` hear the verbose level after each change: the
+    data plane creates or drops its `RequestLog` there, so a server at level 0 pays nothing
+    per request. gRPC core's verbosity is fixed at start-up (GRPC_VERBOSITY) and does not
+    follow."""
+
+    def __init__(self, handler: logging.Handler, switch: LevelSwitch, file: Path | None) -> None:
+        self._handler = handler
+        self._switch = switch
+        self._file = file
+        self._lock = threading.Lock()
+        self.values: dict[str, bool | int | str] = {}
+        self.listeners: list[Callable[[int], None]] = []
+
+    def apply(self, *, verbose: int, info: bool, warning: bool, error: bool, fmt: str) -> None:
+        off = set()
+        if not info:
+            off.add(logging.INFO)
+        if not warning:
+            off.add(logging.WARNING)
+        if not error:
+            off |= {logging.ERROR, logging.CRITICAL}
+        self._switch.off = off
+        if fmt == "json":
+            self._handler.setFormatter(JsonLinesFormatter())
+        else:
+            self._handler.setFormatter(TritonFormatter(iso=fmt == "ISO8601"))
+        # Our verbose lines from 1, everyone else's debug lines from 2.
+        logging.getLogger().setLevel(logging.DEBUG if verbose >= 2 else logging.INFO)
+        logging.getLogger("tributary").setLevel(logging.DEBUG if verbose >= 1 else logging.INFO)
+        self.values = {
+            "log_file": str(self._file) if self._file is not None else "",
+            "log_info": info,
+            "log_warning": warning,
+            "log_error": error,
+            "log_verbose_level": verbose,
+            "log_format": fmt,
+        }
+        for listener in self.listeners:
+            listener(verbose)
+
+    @property
+    def verbose(self) -> int:
+        return int(self.values["log_verbose_level"])
+
+    def update(
+        self, update: Mapping[str, bool | int | str | None] | None
+    ) -> dict[str, bool | int | str]:
+        """LogSettings: check every value (Triton's texts), then apply them all at once, and
+        answer the settings in force. A new log_file is refused as tritonserver refuses it: a
+        client must not choose which file the server appends to."""
+        if not update:
+            return dict(self.values)
+        from .errors import InvalidArgument, Unimplemented  # grpc: not before start-up
+
+        if "log_file" in update:
+            raise Unimplemented("log file location can not be updated through network protocol")
+        new = dict(self.values)
+        for key in ("log_info", "log_warning", "log_error"):
+            if key in update:
+                value = update[key]
+                if not isinstance(value, bool):
+                    raise InvalidArgument(f"expect boolean for '{key}'")
+                new[key] = value
+        if "log_verbose_level" in update:
+            level = update["log_verbose_level"]
+            if isinstance(level, bool) or not isinstance(level, int):
+                raise InvalidArgument("expect int32 for 'log_verbose_level'")
+            if not 0 <= level <= UINT32_MAX:
+                raise InvalidArgument(
+                    f"log_verbose_level out of range [0, {UINT32_MAX}], got: {level}"
+                )
+            new["log_verbose_level"] = level
+        if "log_format" in update:
+            fmt = update["log_format"]
+            if not isinstance(fmt, str):
+                raise InvalidArgument("expect string for 'log_format'")
+            if fmt not in FORMATS:
+                raise InvalidArgument(
+                    f"invalid argument for log_format, got: {one_line(fmt[:256])}"
+                )
+            new["log_format"] = fmt
+        with self._lock:
+            self.apply(
+                verbose=int(new["log_verbose_level"]),
+                info=bool(new["log_info"]),
+                warning=bool(new["log_warning"]),
+                error=bool(new["log_error"]),
+                fmt=str(new["log_format"]),
+            )
+            return dict(self.values)
 
 
 def _clip(text: str, limit: int = SHOWN_NAME_CHARS) -> str:

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .traceconfig import TraceConfig
+
 if TYPE_CHECKING:
     from .restrict import Restriction
 
@@ -78,6 +80,8 @@ class ServerOptions:
     metrics_interval_ms: int = 2000
     # --cache-config local,size=N: the response cache's bytes (0 = no cache)
     cache_bytes: int = 0
+    # tracing (--trace-config and the deprecated --trace-* flags; tributary.tracing)
+    trace: TraceConfig = field(default_factory=TraceConfig)
     # where to announce bound ports (tests and scripts read it; "-" = stdout)
     port_file: Path | None = None
     # one line each, logged at start-up: flags accepted and ignored (tributary.flags)

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -112,17 +112,42 @@ def _parse(parse: Callable[[bytes], Any] | None, data: bytes) -> Any:
         raise InvalidArgument(f"unable to parse the request: {str(exc)[:200]}") from None
 
 
+class LogSource(Protocol):
+    """Where the request log is looked up per call: the data plane, whose `request_log` is
+    set while --log-verbose (or LogSettings) asks for the per-request line, else None."""
+
+    request_log: RequestLog | None
+
+
 def _unary(
     name: str,
     fn: Callable[[Any, grpc.ServicerContext], Any],
     parse: Callable[[bytes], Any] | None,
-    request_log: RequestLog | None = None,
+    logs: LogSource | None = None,
 ) -> Callable[[bytes, grpc.ServicerContext], Any]:
     """The one error mapping of a unary RPC: parse, call, and map whatever is raised.
-    With a `request_log` (--log-verbose >= 1) each call also gets its line."""
-    if request_log is not None:
-        return _logged_unary(name, fn, parse, request_log)
+    With `logs`, each call also gets its line while the request log is on (one attribute
+    check per call while it is off)."""
+    plain = _plain_unary(name, fn, parse)
+    if logs is None:
+        return plain
+    logged = _logged_unary(name, fn, parse)
 
+    def handler(data: bytes, context: grpc.ServicerContext) -> Any:
+        request_log = logs.request_log
+        if request_log is None:
+            return plain(data, context)
+        return logged(data, context, request_log)
+
+    handler.__name__ = name
+    return handler
+
+
+def _plain_unary(
+    name: str,
+    fn: Callable[[Any, grpc.ServicerContext], Any],
+    parse: Callable[[bytes], Any] | None,
+) -> Callable[[bytes, grpc.ServicerContext], Any]:
     def handler(data: bytes, context: grpc.ServicerContext) -> Any:
         # Only the code and text leave the except blocks: a kept exception would hold its
         # traceback, and with it this frame and the request's bytes, until a GC cycle.
@@ -143,7 +168,7 @@ def _restricted(
     name: str,
     handler: Callable[[Any, grpc.ServicerContext], Any],
     restriction: Restriction | None,
-    request_log: RequestLog | None,
+    logs: LogSource | None,
 ) -> Callable[[Any, grpc.ServicerContext], Any]:
     """`handler` behind --grpc-restricted-protocol: the header is checked before the request
     is parsed. Unrestricted methods keep their plain handler, so they pay nothing."""
@@ -153,6 +178,7 @@ def _restricted(
 
     def guarded(data: Any, context: grpc.ServicerContext, *more: Any) -> Any:
         if not restriction.allows(context):
+            request_log = logs.request_log if logs is not None else None
             if request_log is not None:
                 request_log.message(name, None, "UNAVAILABLE", time.perf_counter_ns())
             context.abort(grpc.StatusCode.UNAVAILABLE, message)
@@ -169,12 +195,11 @@ def _logged_unary(
     name: str,
     fn: Callable[[Any, grpc.ServicerContext], Any],
     parse: Callable[[bytes], Any] | None,
-    request_log: RequestLog,
-) -> Callable[[bytes, grpc.ServicerContext], Any]:
+) -> Callable[[bytes, grpc.ServicerContext, RequestLog], Any]:
     """`_unary`'s handler plus the request's line; a separate function so that the handler
     at --log-verbose=0 carries no trace of it."""
 
-    def handler(data: bytes, context: grpc.ServicerContext) -> Any:
+    def handler(data: bytes, context: grpc.ServicerContext, request_log: RequestLog) -> Any:
         start = time.perf_counter_ns()
         request = None
         try:
@@ -258,7 +283,7 @@ def _inference(
     servicer: InferenceServicer,
     streams: ThreadPoolExecutor,
     probes: Any,
-    log: RequestLog | None,
+    log: LogSource | None,
     restricted: Mapping[str, Restriction],
 ) -> None:
     cap = _capture(lambda c: pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, c))
@@ -298,7 +323,7 @@ def _health(
     servicer: health.HealthServicer,
     probes: Any,
     watches: _StreamGate,
-    log: RequestLog | None,
+    log: LogSource | None,
     restriction: Restriction | None,
 ) -> None:
     cap = _capture(lambda c: health_pb2_grpc.add_HealthServicer_to_server(servicer, c))
@@ -396,7 +421,7 @@ def register(
     *,
     reflected: tuple[str, ...],
     max_streams: int,
-    request_log: RequestLog | None = None,
+    request_log: LogSource | None = None,
     restricted: Mapping[str, Restriction] | None = None,
 ) -> Front:
     """Put inference, health and reflection on `server`; see the module docstring."""

@@ -11,6 +11,7 @@ shutdown live in `tributary.streams`.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -24,6 +25,21 @@ from .dataplane import DataPlane, InferResult, internal_error
 from .errors import InferenceError
 from .streams import Slot, Streams
 from .wire import infer_response_bytes, split_request
+
+TRACE_HEADERS = ("traceparent", "tracestate")
+MAX_TRACE_HEADER_CHARS = 1024
+"""W3C: a traceparent is 55 characters, a tracestate at most 32 members; longer is not one."""
+
+
+def trace_carrier(context: grpc.ServicerContext) -> dict[str, str] | None:
+    """The W3C trace context headers of a call's metadata (gRPC lower-cases keys), or None.
+    Read only while tracing is on: an untraced request never looks at its metadata."""
+    carrier = None
+    for key, value in context.invocation_metadata() or ():
+        if key in TRACE_HEADERS and isinstance(value, str) and len(value) <= MAX_TRACE_HEADER_CHARS:
+            carrier = carrier or {}
+            carrier[key] = value
+    return carrier
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -70,7 +86,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         except InferenceError as exc:
             self.dp.refused("ModelInfer", exc)
             raise
-        result = self.dp.infer(request, raws, is_active=context.is_active)
+        carrier = trace_carrier(context) if self.dp.tracing else None
+        result = self.dp.infer(request, raws, is_active=context.is_active, carrier=carrier)
         return infer_response_bytes(result.response, result.raws)
 
     def ModelStreamInfer(
@@ -80,9 +97,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         (`tributary.streams`). A per-request error does not end the stream: it is answered
         with `error_message` and the request id (docs/protocol.md#streams). Every reply carries
         triton_final_response=true."""
-        return self.streams.serve(request_iterator, context, self._stream_one)
+        carrier = trace_carrier(context)  # the stream's metadata: for each of its requests
+        return self.streams.serve(
+            request_iterator, context, functools.partial(self._stream_one, carrier=carrier)
+        )
 
-    def _stream_one(self, data: bytes, slot: Slot, is_active: Callable[[], bool]) -> None:
+    def _stream_one(
+        self,
+        data: bytes,
+        slot: Slot,
+        is_active: Callable[[], bool],
+        carrier: dict[str, str] | None = None,
+    ) -> None:
         """Start one streamed request; whatever happens, `slot` is answered exactly once."""
         try:
             request, raws = split_request(data)
@@ -104,7 +130,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 error = internal_error("ModelStreamInfer", exc, request.id)
             slot.fail(error, request)  # type: ignore[arg-type]
 
-        self.dp.submit(request, raws, done, is_active=is_active)
+        self.dp.submit(request, raws, done, is_active=is_active, carrier=carrier)
 
     # ---- repository --------------------------------------------------------------------------
     def RepositoryIndex(self, request: Any, context: grpc.ServicerContext) -> Any:

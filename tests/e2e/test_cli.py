@@ -196,8 +196,6 @@ def test_ignored_flags_warn_once_per_reason(server_factory, tmp_path) -> None:
     build_models.build_simple(tmp_path)
     server = server_factory(
         tmp_path,
-        "--trace-config=rate=100",
-        "--trace-level=TIMESTAMPS",
         "--cache-directory=/opt/tritonserver/caches",
         "--pinned-memory-pool-byte-size=0",
         "--backend-directory=/opt/tritonserver/backends",
@@ -212,7 +210,6 @@ def test_ignored_flags_warn_once_per_reason(server_factory, tmp_path) -> None:
     warnings = [line for line in server.log().splitlines() if line.startswith("W")]
     assert server.terminate() == 0
     expected = [
-        "--trace-config=rate=100, --trace-level=TIMESTAMPS: request tracing",
         "--cache-directory=/opt/tritonserver/caches: the one cache (local) is built in",
         "--pinned-memory-pool-byte-size=0: ONNX Runtime allocates",
         "--backend-directory=/opt/tritonserver/backends: ONNX Runtime is built in",

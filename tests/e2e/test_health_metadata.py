@@ -200,18 +200,6 @@ def test_load_and_unload_refused_in_none_mode(client) -> None:
 
 
 @pytest.mark.parametrize(
-    ("rpc", "request_message"),
-    [
-        ("TraceSetting", pb.TraceSettingRequest()),
-        ("LogSettings", pb.LogSettingsRequest()),
-    ],
-)
-def test_unsupported_rpcs_are_unimplemented_and_named(stub, rpc: str, request_message) -> None:
-    msg = rpc_error(grpc.StatusCode.UNIMPLEMENTED, getattr(stub, rpc), request_message)
-    assert rpc in msg
-
-
-@pytest.mark.parametrize(
     "name, version, message",
     [
         ("no_such_model", "", "requested model 'no_such_model' is not available"),

@@ -114,3 +114,50 @@ def test_metadata_health_and_the_request_log(
     assert "id='bad' status=INVALID_ARGUMENT" in lines[1]
     dp.state.exiting = True
     assert not dp.server_live() and not dp.server_ready() and not dp.model_ready("simple", "")
+
+
+def test_traced_infer_and_submit_in_both_modes(dp: DataPlane) -> None:
+    """With a tracer, both calls are traced with queue and compute spans (direct and batching
+    scheduler alike), the blocking one under the caller's traceparent."""
+    from otlp_receiver import OtlpReceiver, tree
+
+    from tributary.traceconfig import parse_config
+    from tributary.tracing import Tracer
+
+    receiver = OtlpReceiver()
+    try:
+        dp.tracer = Tracer(
+            parse_config(
+                [
+                    "mode=opentelemetry",
+                    "level=TIMESTAMPS",
+                    "rate=1",
+                    f"opentelemetry,url={receiver.url}",
+                    "opentelemetry,bsp_schedule_delay=50",
+                ]
+            )
+        )
+        assert not dp.tracing
+        dp.trace_settings("", None)  # the data plane takes up its tracer's state
+        assert dp.tracing
+        parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+        dp.infer(infer_request(request_id="blocking"), None, carrier={"traceparent": parent})
+        answered = threading.Event()
+        dp.submit(infer_request(request_id="callback"), None, lambda r, e: answered.set())
+        assert answered.wait(30)
+        spans = receiver.wait_for(lambda s: len(s) >= 6)
+        for request_id, rpc in (("blocking", "ModelInfer"), ("callback", "ModelStreamInfer")):
+            root = next(
+                r
+                for r in receiver.roots(spans)
+                if r.attributes.get("triton.request_id") == request_id
+            )
+            assert root.attributes["tributary.rpc"] == rpc
+            assert set(tree(spans, root)) == {"InferRequest", "queue", "compute"}
+        blocking = next(r for r in receiver.roots(spans) if r.parent_id)
+        assert blocking.attributes["triton.request_id"] == "blocking"
+        dp.trace_settings("", {"trace_level": ["OFF"]})
+        assert not dp.tracing
+        dp.tracer.shutdown()
+    finally:
+        receiver.stop()

@@ -118,7 +118,10 @@ class WorkItem:
     timeout_us: int = 0
     is_active: Callable[[], bool] | None = None
     request_id: str = ""
-    # Filled by the scheduler (nanoseconds of its clock).
+    # Filled by the scheduler (nanoseconds of its clock). The two starts are absolute (0: not
+    # reached) so tracing can place the queue and compute spans; the rest are durations.
+    queue_start_ns: int = field(default=0, init=False)
+    compute_start_ns: int = field(default=0, init=False)
     queue_ns: int = field(default=0, init=False)
     compute_input_ns: int = field(default=0, init=False)
     compute_infer_ns: int = field(default=0, init=False)
@@ -264,7 +267,7 @@ class BatchQueue:
             entry.fail(error, "REJECTED")
             raise error
         entry.level = index
-        entry.enqueue_ns = now_ns
+        entry.enqueue_ns = item.queue_start_ns = now_ns
         entry.state = QUEUED
         entry.seq = self._seq
         self._seq += 1

@@ -118,6 +118,8 @@ def _stamp(entries: list[Entry], t0: int, t1: int, t2: int, t3: int, rows: int) 
     batch's compute phases; queue time runs from its enqueue to the batch's start."""
     for e in entries:
         item = e.item
+        item.queue_start_ns = e.enqueue_ns
+        item.compute_start_ns = t0
         item.queue_ns = t0 - e.enqueue_ns
         item.compute_input_ns = t1 - t0
         item.compute_infer_ns = t2 - t1
