@@ -275,6 +275,186 @@ def build_digits(out: Path, name: str = "digits", *, versions: Sequence[int] = (
     return model_dir
 
 
+# -- the digits pipeline: an ensemble of preprocessing -> digits -> top-k -----------------------
+
+PIXEL_SCALE = 16.0 / 255.0
+"""8-bit grayscale (0..255) to the 0..16 scale the digits model was fitted on."""
+TOPK = 3
+
+
+def digits_pre_graph() -> onnx.ModelProto:
+    """input = float32(pixels) * (16/255): raw UINT8 pixels [N,64] -> FP32 [N,64]."""
+    scale = numpy_helper.from_array(np.array(PIXEL_SCALE, dtype=np.float32), "scale")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Cast", ["pixels"], ["as_float"], to=TensorProto.FLOAT),
+            helper.make_node("Mul", ["as_float", "scale"], ["input"]),
+        ],
+        "digits_pre",
+        [_io("pixels", TensorProto.UINT8, ["N", 64])],
+        [_io("input", TensorProto.FLOAT, ["N", 64])],
+        initializer=[scale],
+    )
+    return make_model(graph)
+
+
+def digits_topk_graph() -> onnx.ModelProto:
+    """The TOPK most probable classes of [N,10] probabilities: scores (FP32) and labels (INT64),
+    largest first (ties: the lower label first, ONNX TopK's rule)."""
+    k = numpy_helper.from_array(np.array([TOPK], dtype=np.int64), "k")
+    graph = helper.make_graph(
+        [helper.make_node("TopK", ["probabilities", "k"], ["scores", "labels"], axis=-1)],
+        "digits_topk",
+        [_io("probabilities", TensorProto.FLOAT, ["N", 10])],
+        [
+            _io("scores", TensorProto.FLOAT, ["N", TOPK]),
+            _io("labels", TensorProto.INT64, ["N", TOPK]),
+        ],
+        initializer=[k],
+    )
+    return make_model(graph)
+
+
+DIGITS_PRE_CONFIG = """\
+# Built by scripts/build_models.py: 8-bit grayscale pixels (0..255) scaled to the 0..16 range
+# the digits model was fitted on (input = float32(pixels) * 16/255). First step of
+# digits_pipeline.
+name: "{name}"
+platform: "onnxruntime_onnx"
+max_batch_size: 64
+input [
+  {{
+    name: "pixels"
+    data_type: TYPE_UINT8
+    dims: [ 64 ]
+  }}
+]
+output [
+  {{
+    name: "input"
+    data_type: TYPE_FP32
+    dims: [ 64 ]
+  }}
+]
+dynamic_batching {{ }}
+"""
+
+DIGITS_TOPK_CONFIG = """\
+# Built by scripts/build_models.py: the {k} most probable digits of a probability vector
+# (ONNX TopK). Last step of digits_pipeline.
+name: "{name}"
+platform: "onnxruntime_onnx"
+max_batch_size: 64
+input [
+  {{
+    name: "probabilities"
+    data_type: TYPE_FP32
+    dims: [ 10 ]
+  }}
+]
+output [
+  {{
+    name: "scores"
+    data_type: TYPE_FP32
+    dims: [ {k} ]
+  }},
+  {{
+    name: "labels"
+    data_type: TYPE_INT64
+    dims: [ {k} ]
+  }}
+]
+dynamic_batching {{ }}
+"""
+
+PIPELINE_CONFIG = """\
+# An ensemble (no model file; the version directory only has to exist): raw 8-bit pixels ->
+# {pre} (scale to 0..16) -> {digits} (classify) -> {topk} (best {k}). Written by
+# scripts/build_models.py.
+name: "{name}"
+platform: "ensemble"
+max_batch_size: 64
+input [
+  {{
+    name: "PIXELS"
+    data_type: TYPE_UINT8
+    dims: [ 64 ]
+  }}
+]
+output [
+  {{
+    name: "LABEL"
+    data_type: TYPE_INT64
+    dims: [ 1 ]
+  }},
+  {{
+    name: "PROBABILITIES"
+    data_type: TYPE_FP32
+    dims: [ 10 ]
+  }},
+  {{
+    name: "TOP_SCORES"
+    data_type: TYPE_FP32
+    dims: [ {k} ]
+  }},
+  {{
+    name: "TOP_LABELS"
+    data_type: TYPE_INT64
+    dims: [ {k} ]
+  }}
+]
+ensemble_scheduling {{
+  step [
+    {{
+      model_name: "{pre}"
+      model_version: -1
+      input_map {{ key: "pixels" value: "PIXELS" }}
+      output_map {{ key: "input" value: "normalized" }}
+    }},
+    {{
+      model_name: "{digits}"
+      model_version: -1
+      input_map {{ key: "input" value: "normalized" }}
+      output_map {{ key: "label" value: "LABEL" }}
+      output_map {{ key: "probabilities" value: "PROBABILITIES" }}
+    }},
+    {{
+      model_name: "{topk}"
+      model_version: -1
+      input_map {{ key: "probabilities" value: "PROBABILITIES" }}
+      output_map {{ key: "scores" value: "TOP_SCORES" }}
+      output_map {{ key: "labels" value: "TOP_LABELS" }}
+    }}
+  ]
+}}
+"""
+
+
+def build_digits_pre(out: Path, name: str = "digits_pre") -> Path:
+    return write_model(out, name, digits_pre_graph(), DIGITS_PRE_CONFIG.format(name=name))
+
+
+def build_digits_topk(out: Path, name: str = "digits_topk") -> Path:
+    return write_model(out, name, digits_topk_graph(), DIGITS_TOPK_CONFIG.format(name=name, k=TOPK))
+
+
+def build_pipeline(
+    out: Path,
+    name: str = "digits_pipeline",
+    *,
+    pre: str = "digits_pre",
+    digits: str = "digits",
+    topk: str = "digits_topk",
+) -> Path:
+    """The ensemble's directory: config.pbtxt and an empty version directory (kept in git by
+    a .gitkeep, which the repository ignores: only numeric directories are versions)."""
+    text = PIPELINE_CONFIG.format(name=name, pre=pre, digits=digits, topk=topk, k=TOPK)
+    model_dir = write_model(out, name, None, text)
+    (model_dir / "1").mkdir(exist_ok=True)
+    (model_dir / "1" / ".gitkeep").write_text("")
+    return model_dir
+
+
 MLP_WIDTH = 1024
 MLP_LAYERS = 4
 
@@ -610,6 +790,9 @@ BUILDERS: dict[str, Callable[[Path], Path]] = {
     "simple_string_dyna_sequence": lambda out: build_string_dyna(out),
     "accumulator": lambda out: build_accumulator(out, "accumulator"),
     "gru_cell": lambda out: build_gru(out, "gru_cell"),
+    "digits_pre": lambda out: build_digits_pre(out),
+    "digits_topk": lambda out: build_digits_topk(out),
+    "digits_pipeline": lambda out: build_pipeline(out),
     "mlp": lambda out: build_mlp(out, "mlp"),
 }
 DEFAULT_MODELS = [name for name in BUILDERS if name != "mlp"]

@@ -41,6 +41,7 @@ from .options import ServerOptions
 from .poll import RepositoryPoller
 from .repository import ModelRepository
 from .rpcs import Front, HealthService, register
+from .scheduler.cache import ResponseCache
 from .servicer import InferenceServicer
 from .tracing import SHUTDOWN_TIMEOUT_S, Tracer
 
@@ -217,10 +218,19 @@ def start(options: ServerOptions, logs: LogControl | None = None) -> Server | No
     started = time.monotonic()
     gpus = gpu_count()
     log.info("tributary starting: %d GPU(s), %d CPU(s) available", gpus, cpu_count())
+    cache = ResponseCache(options.cache_bytes) if options.cache_bytes > 0 else None
+    if cache is not None:
+        log.info("response cache: local, %d bytes", options.cache_bytes)
+    repositories: list[ModelRepository] = []  # ensembles resolve steps in the one built below
     try:
         repository = ModelRepository(
             options.model_repositories,
-            build_loader(gpus, max_tensor_bytes=options.max_tensor_bytes),
+            build_loader(
+                gpus,
+                max_tensor_bytes=options.max_tensor_bytes,
+                cache=cache,
+                repository=lambda: repositories[0],
+            ),
             auto_complete=options.auto_complete_config,
             default_max_batch_size=options.default_max_batch_size,
             gpu_count=gpus,
@@ -231,6 +241,7 @@ def start(options: ServerOptions, logs: LogControl | None = None) -> Server | No
     except InferenceError as exc:
         log.error("cannot start: %s", exc)
         return None
+    repositories.append(repository)
     state = ServerState(
         server_id=options.server_id,
         strict_readiness=options.strict_readiness,

@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
@@ -80,6 +81,69 @@ def _backend_config(entries: list[str], parser: argparse.ArgumentParser) -> tupl
 
 
 MAX_PEM_BYTES = 1024 * 1024
+
+
+MAX_CACHE_BYTES = 1 << 40
+"""`size=` above this (1 TiB) is refused at start-up rather than promised."""
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The parsed --cache-config: only the `local` cache exists here."""
+
+    size: int
+
+
+def parse_cache_config(settings: Iterable[str], legacy_size: int | None) -> CacheConfig | None:
+    """`--cache-config local,size=N` (repeatable) and the deprecated
+    `--response-cache-byte-size=N`. Texts follow tritonserver's for the cases it refuses."""
+    entries = list(settings)
+    if entries and legacy_size is not None:
+        raise ValueError(
+            "Incompatible flags --response-cache-byte-size and --cache-config both provided. "
+            "Please provide one or the other."
+        )
+    if legacy_size is not None:
+        return CacheConfig(_cache_size(str(legacy_size))) if legacy_size > 0 else None
+    if not entries:
+        return None
+    caches: dict[str, dict[str, str]] = {}
+    for entry in entries:
+        cache, sep, setting = entry.partition(",")
+        key, eq, value = setting.partition("=")
+        if not sep or not eq or not cache or not key:
+            raise ValueError(
+                f"--cache-config option format is '<cache name>,<setting>=<value>'. Got {entry}"
+            )
+        caches.setdefault(cache, {})[key] = value
+    if len(caches) > 1:
+        raise ValueError(
+            "found multiple cache configurations, but only one cache may be configured: "
+            + ", ".join(sorted(caches))
+        )
+    ((cache, values),) = caches.items()
+    if cache != "local":
+        raise ValueError(
+            f"cache '{cache}' is not available: only the 'local' cache (in server memory) is "
+            "implemented"
+        )
+    unknown = sorted(set(values) - {"size"})
+    if unknown:
+        raise ValueError(f"unknown setting(s) for the local cache: {', '.join(unknown)}")
+    if "size" not in values:
+        raise ValueError("the local cache needs its size: --cache-config local,size=<bytes>")
+    size = _cache_size(values["size"])
+    return CacheConfig(size) if size > 0 else None
+
+
+def _cache_size(text: str) -> int:
+    try:
+        size = int(text)
+    except ValueError:
+        raise ValueError(f"cache size must be a number of bytes, got '{text[:64]}'") from None
+    if size < 0 or size > MAX_CACHE_BYTES:
+        raise ValueError(f"cache size must be between 0 and {MAX_CACHE_BYTES} bytes, got {size}")
+    return size
 
 
 def _pem_problem(path: Path) -> str | None:
@@ -164,6 +228,10 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerOptions:
         http_restricted = by_category(a.http_restricted_api or ())
     except ValueError as exc:
         parser.error(f"--http-restricted-api: {exc}")
+    try:
+        cache = parse_cache_config(a.cache_config or (), a.response_cache_byte_size)
+    except ValueError as exc:
+        parser.error(str(exc))
     trace = _trace_config(a, parser)
     warnings += trace.warnings
     if a.strict_model_config:
@@ -234,6 +302,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerOptions:
         metrics_port=a.metrics_port,
         metrics_interval_ms=a.metrics_interval_ms,
         port_file=a.port_file,
+        cache_bytes=cache.size if cache is not None else 0,
         trace=trace,
         warnings=warnings + backend_warnings,
     )

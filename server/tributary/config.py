@@ -51,6 +51,7 @@ __all__ = [
 ]
 
 PLATFORM = "onnxruntime_onnx"
+ENSEMBLE_PLATFORM = "ensemble"  # tributary.ensemble runs these
 BACKEND = "onnxruntime"
 DEFAULT_MODEL_FILENAME = "model.onnx"
 DEFAULT_SEQUENCE_IDLE_US = 1_000_000
@@ -238,6 +239,13 @@ def normalize(
             "the name must match the model directory name"
         )
     out.name = model
+    if out.HasField("ensemble_scheduling") and out.platform != ENSEMBLE_PLATFORM:
+        raise ModelLoadError(
+            f"ensemble scheduling cannot be set for model '{model}' whose platform is not "
+            f"{ENSEMBLE_PLATFORM}"
+        )
+    if out.platform == ENSEMBLE_PLATFORM:
+        return _normalize_ensemble(out)
     if not out.default_model_filename:
         out.default_model_filename = DEFAULT_MODEL_FILENAME
     _fill_platform(out, model_dir)
@@ -263,6 +271,29 @@ def normalize(
     if not out.optimization.HasField("output_pinned_memory"):
         out.optimization.output_pinned_memory.enable = True
     return out
+
+
+def _normalize_ensemble(config: mc.ModelConfig) -> mc.ModelConfig:
+    """Triton fills little in for an ensemble: no instance groups, files or pinned-memory
+    defaults (it has no instances); the step graph is checked when it loads (tributary.ensemble)."""
+    model = config.name
+    if not config.HasField("version_policy"):
+        config.version_policy.latest.num_versions = 1
+    if config.version_policy.HasField("latest") and config.version_policy.latest.num_versions < 1:
+        raise ModelLoadError(f"model '{model}': version_policy latest must ask for >= 1 version")
+    if config.max_batch_size < 0:
+        raise ModelLoadError(
+            f"unable to load model '{model}', max_batch_size must be >= 0, got "
+            f"{config.max_batch_size}"
+        )
+    if not config.input or not config.output:
+        raise ModelLoadError(
+            f"ensemble '{model}' must specify its inputs and outputs (ensembles are not "
+            "auto-completed)"
+        )
+    if not config.HasField("ensemble_scheduling"):
+        raise ModelLoadError(f"must specify 'step' for ensemble '{model}'")
+    return config
 
 
 def _fill_platform(config: mc.ModelConfig, model_dir: Path) -> None:

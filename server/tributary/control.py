@@ -178,6 +178,7 @@ class ModelControl:
     def unload(self, request: Any) -> None:
         """Unload every version; returns once in-flight work on them has finished."""
         _check_repository_name(request.repository_name)
+        dependents = False
         for key, value in request.parameters.items():
             if key != "unload_dependents":
                 raise InvalidArgument(f"unrecognized unload parameter '{shown(key)}'.")
@@ -185,12 +186,12 @@ class ModelControl:
                 raise InvalidArgument(
                     "invalid value type for 'unload_dependents' parameter, expected bool_param."
                 )
-            # No ensembles here, so no model depends on another: nothing more to unload.
+            dependents = value.bool_param  # an ensemble's composing models go too
         if not self._explicit:
             raise Unavailable(POLLING_ENABLED)
         try:
             with self._name_locks.hold(request.model_name):
-                self._repo.unload(request.model_name)
+                self._repo.unload(request.model_name, dependents=dependents)
                 self.overrides.unloaded(request.model_name)
         finally:
             self._on_change()

@@ -20,6 +20,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+import numpy as np
+
 from tributary_client._proto import grpc_service_pb2 as pb
 
 from . import __version__
@@ -42,6 +44,7 @@ from .errors import (
 from .logs import LogControl, RequestLog
 from .repository import ModelRepository, Servable
 from .scheduler import Closed
+from .scheduler.cache import ModelCache
 from .shm import SharedMemory
 from .statistics import statistics_response
 from .traceconfig import TraceConfig
@@ -145,12 +148,39 @@ def _log_line(
 
 class _Call:
     """One inference request on its way through: the model it resolved, the decoded request
-    and when it started (statistics count from resolve to encoded reply)."""
+    and when it started (statistics count from resolve to encoded reply). With a response
+    cache: its key and what the lookup cost (a miss is charged lookup + store)."""
 
-    __slots__ = ("model", "decoded", "start")
+    __slots__ = ("model", "decoded", "start", "cache", "key", "lookup_ns")
 
     def __init__(self, model: Servable, decoded: DecodedRequest, start: int) -> None:
         self.model, self.decoded, self.start = model, decoded, start
+        self.cache: ModelCache | None = getattr(model, "cache", None)
+        self.key = b""
+        self.lookup_ns = 0
+
+    def cached(self) -> dict[str, np.ndarray] | None:
+        """The response cache's answer, or None (then the request runs and may be stored)."""
+        cache = self.cache
+        if cache is None:
+            return None
+        t0 = time.perf_counter_ns()
+        decoded = self.decoded
+        self.key = cache.key(
+            decoded.item.inputs, [(o.spec.name, o.classification) for o in decoded.outputs]
+        )
+        hit = cache.get(self.key)
+        self.lookup_ns = time.perf_counter_ns() - t0
+        return hit
+
+    def store(self, results: dict[str, np.ndarray]) -> None:
+        """Offer a successful result to the cache; its miss is counted with the store time."""
+        cache = self.cache
+        if cache is None:
+            return
+        t0 = time.perf_counter_ns()
+        cache.put(self.key, results)
+        self.model.stats.cache_miss(miss_ns=self.lookup_ns + time.perf_counter_ns() - t0)
 
 
 class DataPlane:
@@ -400,6 +430,9 @@ class DataPlane:
         for attempt in range(REROUTES + 1):
             call = self._begin(request, raws, is_active, trace)
             try:
+                hit = call.cached()
+                if hit is not None:
+                    return self._finish(request, call, hit, cache_hit=True)
                 try:
                     results = call.model.scheduler.infer(call.decoded.item)
                 except Closed as exc:
@@ -410,6 +443,7 @@ class DataPlane:
                 except BaseException as exc:
                     self._failed(call, exc)
                     raise
+                call.store(results)
                 return self._finish(request, call, results)
             finally:
                 call.decoded.release()  # outputs in shared memory are written by now
@@ -432,6 +466,21 @@ class DataPlane:
         except Exception as exc:
             done(None, internal_error("ModelInfer", exc, request.id))
             return
+        try:
+            hit = call.cached()
+            result = self._finish(request, call, hit, cache_hit=True) if hit is not None else None
+        except InferenceError as exc:
+            call.decoded.release()
+            done(None, exc)
+            return
+        except Exception as exc:
+            call.decoded.release()
+            done(None, internal_error("ModelInfer", exc, request.id))
+            return
+        if result is not None:
+            call.decoded.release()
+            done(result, None)
+            return
 
         def completed(results: object, error: InferenceError | None) -> None:
             try:
@@ -443,6 +492,7 @@ class DataPlane:
                     self._failed(call, error)
                     done(None, error)
                     return
+                call.store(results)  # type: ignore[arg-type]
                 result = self._finish(request, call, results)
             except InferenceError as exc:
                 done(None, exc)
@@ -499,7 +549,14 @@ class DataPlane:
             total_ns=time.perf_counter_ns() - call.start, reason=reason
         )
 
-    def _finish(self, request: pb.ModelInferRequest, call: _Call, results: object) -> InferResult:
+    def _finish(
+        self,
+        request: pb.ModelInferRequest,
+        call: _Call,
+        results: object,
+        *,
+        cache_hit: bool = False,
+    ) -> InferResult:
         """Encode the response and record the request's statistics."""
         model, decoded = call.model, call.decoded
         response = pb.ModelInferResponse(
@@ -511,6 +568,13 @@ class DataPlane:
             self._failed(call, exc)
             raise
         item = decoded.item
+        if cache_hit:
+            model.stats.request_cache_hit(
+                total_ns=time.perf_counter_ns() - call.start,
+                hit_ns=call.lookup_ns,
+                now_ms=time.time_ns() // 1_000_000,
+            )
+            return InferResult(response, raws)
         model.stats.request_success(
             total_ns=time.perf_counter_ns() - call.start,
             queue_ns=item.queue_ns,

@@ -246,10 +246,6 @@ DEPRECATED = "Deprecated by tritonserver"
 
 WHY_SAGEMAKER_OFF = "SageMaker's endpoints are not served, and --allow-sagemaker=true is refused"
 WHY_VERTEX_OFF = "Vertex AI's endpoints are not served, and --allow-vertex-ai=true is refused"
-WHY_CACHE = (
-    "there is no response cache: every request runs the model, which gives the same outputs "
-    "without the cached shortcut"
-)
 WHY_POOLS = (
     "ONNX Runtime allocates host and device memory itself; there is no server memory pool to size"
 )
@@ -840,16 +836,22 @@ FLAGS: tuple[Flag, ...] = (
         metavar="[MODE,]SETTING=VALUE",
     ),
     # -- response cache ----------------------------------------------------------------------
-    _ignored(
+    _impl(
         "--cache-config",
         CACHE,
-        "cache setting (<cache>,<setting>=<value>, repeatable)",
-        WHY_CACHE,
+        "response cache: local,size=<bytes> (an LRU in server memory shared by the models "
+        "whose config enables response_cache; only the 'local' cache exists, and one cache)",
         action="append",
         type=setting,
         metavar="CACHE,SETTING=VALUE",
     ),
-    _ignored("--cache-directory", CACHE, "where cache libraries live", WHY_CACHE, metavar="DIR"),
+    _ignored(
+        "--cache-directory",
+        CACHE,
+        "where cache libraries live",
+        "the one cache (local) is built in; no cache library is loaded",
+        metavar="DIR",
+    ),
     # -- rate limiter ------------------------------------------------------------------------
     _impl(
         "--rate-limit",
@@ -1002,12 +1004,12 @@ FLAGS: tuple[Flag, ...] = (
         "true: like --disable-auto-complete-config (tritonserver deprecates it)",
         **_bool_flag(False),
     ),
-    _ignored(
+    _impl(
         "--response-cache-byte-size",
         DEPRECATED,
-        "response cache size (now --cache-config=local,size=N)",
-        WHY_CACHE,
+        "response cache size, like --cache-config=local,size=N (not both)",
         type=integer,
+        default=None,
         metavar="BYTES",
     ),
     _impl(

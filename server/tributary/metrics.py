@@ -112,6 +112,7 @@ class _ModelRow:
     labels: tuple[tuple[str, str], ...]
     snap: StatsSnapshot
     load_seconds: float | None
+    cached: bool = False  # the version uses the response cache: nv_cache_* series
 
 
 def _us(ns: int) -> int:
@@ -161,6 +162,29 @@ _COUNTERS: tuple[tuple[str, str, Callable[[StatsSnapshot], int]], ...] = (
     ),
 )
 
+_CACHE_COUNTERS: tuple[tuple[str, str, Callable[[StatsSnapshot], int]], ...] = (
+    (
+        "nv_cache_num_hits_per_model",
+        "Number of response cache hits per model",
+        lambda s: s.cache_hit.count,
+    ),
+    (
+        "nv_cache_num_misses_per_model",
+        "Number of response cache misses per model",
+        lambda s: s.cache_miss.count,
+    ),
+    (
+        "nv_cache_hit_duration_per_model",
+        "Total cache hit duration per model, in microseconds",
+        lambda s: _us(s.cache_hit.ns),
+    ),
+    (
+        "nv_cache_miss_duration_per_model",
+        "Total cache miss (lookup and insertion) duration per model, in microseconds",
+        lambda s: _us(s.cache_miss.ns),
+    ),
+)
+
 _HISTOGRAMS: tuple[tuple[str, str, Callable[[StatsSnapshot], Histogram]], ...] = (
     (
         "tributary_inference_request_duration_us",
@@ -182,7 +206,7 @@ _HISTOGRAMS: tuple[tuple[str, str, Callable[[StatsSnapshot], Histogram]], ...] =
 
 def _model_rows(repository: _Repository) -> list[_ModelRow]:
     """One snapshot per model version, sorted by (name, version) so scrapes diff cleanly.
-    Servables without stats (none today; e.g. a future ensemble) are skipped, not guessed."""
+    Servables without stats are skipped, not guessed."""
     rows: list[_ModelRow] = []
     servables = sorted(repository.servables(), key=lambda m: (m.name, int(m.version)))
     for model in servables:
@@ -193,7 +217,8 @@ def _model_rows(repository: _Repository) -> list[_ModelRow]:
         tags = getattr(getattr(model, "config", None), "metric_tags", None) or {}
         labels += [(tag_label_name(k), str(tags[k])) for k in sorted(tags)]
         load = getattr(model, "load_seconds", None)
-        rows.append(_ModelRow(tuple(labels), stats.snapshot(), load))
+        cached = getattr(model, "cache", None) is not None
+        rows.append(_ModelRow(tuple(labels), stats.snapshot(), load, cached))
     return rows
 
 
@@ -227,6 +252,12 @@ def _render_models(out: _Text, rows: Sequence[_ModelRow]) -> None:
     for row in rows:
         if row.load_seconds is not None:
             out.sample("nv_model_load_duration_secs", row.labels, float(row.load_seconds))
+    cached = [row for row in rows if row.cached]
+    if cached:  # Triton lists these only for models whose response cache is on
+        for name, help_text, get in _CACHE_COUNTERS:
+            out.family(name, "counter", help_text)
+            for row in cached:
+                out.sample(name, row.labels, get(row.snap))
     for name, help_text, hist_of in _HISTOGRAMS:
         out.family(name, "histogram", help_text)
         for row in rows:

@@ -14,7 +14,7 @@ import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -23,7 +23,8 @@ from .config import ModelSignature, signature
 from .config_check import inside_model_dir
 from .constants import DEFAULT_MAX_TENSOR_BYTES
 from .datatypes import from_config
-from .errors import InvalidArgument, ModelLoadError
+from .ensemble import EnsembleModel, build_ensemble, is_ensemble
+from .errors import InferenceError, InvalidArgument, ModelLoadError
 from .scheduler import (
     BatchPolicy,
     QueuePolicy,
@@ -32,9 +33,13 @@ from .scheduler import (
     SequenceScheduler,
     make_scheduler,
 )
+from .scheduler.cache import ModelCache, ResponseCache, refuse_unsupported
 from .scheduler.sequence import Control, StateSpec
 from .stats import ModelStats
 from .tensors import check_size_limit
+
+if TYPE_CHECKING:
+    from .repository import ModelRepository
 
 log = logging.getLogger("tributary.model")
 
@@ -237,6 +242,7 @@ class Model:
         scheduler: Scheduler,
         stats: ModelStats,
         load_seconds: float,
+        cache: ModelCache | None = None,
     ) -> None:
         self.name = name
         self.version = version
@@ -246,10 +252,13 @@ class Model:
         self.scheduler = scheduler
         self.stats = stats
         self.load_seconds = load_seconds
+        self.cache = cache
 
     def close(self, timeout: float) -> None:
         self.scheduler.close(timeout)
         self.instances.clear()
+        if self.cache is not None:
+            self.cache.close()  # this version's answers go with it
 
 
 def _read_sample(path: Path, expected: int | None, what: str) -> bytes:
@@ -411,16 +420,49 @@ def warm_up(
         )
 
 
+def _model_cache(
+    name: str, version: int, config: Any, cache: ResponseCache | None
+) -> ModelCache | None:
+    """The version's view of the response cache when its config enables it. Without a server
+    cache (--cache-config) the setting has no effect, as in tritonserver (logged)."""
+    refuse_unsupported(config)
+    if not config.response_cache.enable:
+        return None
+    if cache is None:
+        log.warning(
+            "model '%s' enables response_cache but the server has no cache "
+            "(--cache-config local,size=<bytes>): every request runs the model",
+            name,
+            extra={"model": name},
+        )
+        return None
+    return cache.for_model(name, version)
+
+
 def build_loader(
-    gpus: int, cores: int | None = None, max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES
-) -> Callable[[str, int, Any, Path, Path], Model]:
+    gpus: int,
+    cores: int | None = None,
+    max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES,
+    *,
+    cache: ResponseCache | None = None,
+    repository: Callable[[], ModelRepository] | None = None,
+) -> Callable[[str, int, Any, Path, Path], Model | EnsembleModel]:
     """The repository's loader: config + files -> a READY `Model` (or an exception).
 
-    `max_tensor_bytes` (--max-tensor-bytes) bounds each warmup input too."""
+    `max_tensor_bytes` (--max-tensor-bytes) bounds each warmup input too. `cache` is the
+    server's response cache (None without --cache-config). `repository` gives ensembles the
+    repository their steps resolve composing models in (None: ensembles are refused)."""
 
-    def load(name: str, version: int, config: Any, model_path: Path, model_dir: Path) -> Model:
+    def load(
+        name: str, version: int, config: Any, model_path: Path, model_dir: Path
+    ) -> Model | EnsembleModel:
         start = time.monotonic()
         sig = signature(config, model_dir)
+        model_cache = _model_cache(name, version, config, cache)
+        if is_ensemble(config):
+            if repository is None:
+                raise ModelLoadError(f"ensemble '{name}' cannot be served without a repository")
+            return _load_ensemble(name, version, config, sig, repository(), model_cache)
         instances = create_instances(config, model_path, gpus, cores)
         stats = ModelStats(name, version)
         scheduler: Scheduler
@@ -430,7 +472,15 @@ def build_loader(
         else:
             scheduler = make_scheduler(name, instances, batch_policy(config), stats)
         model = Model(
-            name, version, config, sig, instances, scheduler, stats, time.monotonic() - start
+            name,
+            version,
+            config,
+            sig,
+            instances,
+            scheduler,
+            stats,
+            time.monotonic() - start,
+            model_cache,
         )
         try:
             warm_up(model, model_dir, max_tensor_bytes)
@@ -451,3 +501,22 @@ def build_loader(
         return model
 
     return load
+
+
+def _load_ensemble(
+    name: str,
+    version: int,
+    config: Any,
+    sig: ModelSignature,
+    repo: ModelRepository,
+    model_cache: ModelCache | None,
+) -> EnsembleModel:
+    def lookup(model: str, wanted: int | None) -> Any:
+        try:
+            return repo.resolve(model, "" if wanted is None else str(wanted))
+        except InferenceError:
+            return None
+
+    ensemble = build_ensemble(name, version, config, sig, repo.resolve, lookup)
+    ensemble.cache = model_cache
+    return ensemble

@@ -88,6 +88,8 @@ class ServerOptions:
     metrics_address: str = "0.0.0.0"
     metrics_port: int = 8002
     metrics_interval_ms: int = 2000
+    # --cache-config local,size=N: the response cache's bytes (0 = no cache)
+    cache_bytes: int = 0
     # tracing (--trace-config and the deprecated --trace-* flags; tributary.tracing)
     trace: TraceConfig = field(default_factory=TraceConfig)
     # where to announce bound ports (tests and scripts read it; "-" = stdout)

@@ -271,7 +271,7 @@ class RepositoryPoller:
             if self._stop.is_set():
                 break
             self._act(name, "unload", lambda n: self._repo.unload(n))
-        for name in todo.load:
+        for name in self._repo.load_order(todo.load):  # ensembles after their steps
             if self._stop.is_set():
                 break
             self._act(name, "load", lambda n: self._repo.load(n))

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from tributary.backends.graph import read_graph
 from tributary.config import (
+    ENSEMBLE_PLATFORM,
     GraphReader,
     ModelSignature,
     RefusedConfig,
@@ -49,11 +50,17 @@ from tributary_client._proto import model_config_pb2 as mc
 
 if TYPE_CHECKING:
     from tributary.scheduler import Scheduler
+    from tributary.scheduler.ensemble import EnsembleScheduler
     from tributary.stats import ModelStats
 
 log = logging.getLogger(__name__)
+_loading = threading.local()  # per loading thread: the ensembles whose composing models it loads
 
 UNLOADED = "unloaded"
+"""The reason of a version unloaded on purpose; one unloaded because a model it depends on
+went (an ensemble's composing model) starts with it and says why."""
+MAX_DEPENDENCY_DEPTH = 16
+"""Ensembles nested in ensembles, at most this deep (a cycle of ensembles stops here too)."""
 STILL_SERVING = "reload failed, the previous load keeps serving: "
 RELOAD_DRAIN_TIMEOUT = 30.0  # seconds a replaced version gets to finish its in-flight work
 
@@ -72,8 +79,10 @@ class Servable(Protocol):
     version: int
     config: mc.ModelConfig
     signature: ModelSignature
-    scheduler: Scheduler
     stats: ModelStats
+
+    @property
+    def scheduler(self) -> Scheduler | EnsembleScheduler: ...
 
     def close(self, timeout: float) -> None: ...
 
@@ -212,8 +221,51 @@ class ModelRepository:
                 failures[name] = self._failure_reason(name) or str(exc)
 
         with ThreadPoolExecutor(self._load_threads, thread_name_prefix="model-load") as pool:
-            list(pool.map(one, targets))
+            for wave in self._load_waves(targets):  # ensembles after what they compose
+                list(pool.map(one, wave))
         return dict(sorted(failures.items()))
+
+    def load_order(self, names: Sequence[str]) -> list[str]:
+        """`names` with every ensemble after the models it composes (poll mode's new models)."""
+        return [n for wave in self._load_waves(list(names)) for n in wave]
+
+    def _load_waves(self, names: list[str]) -> list[list[str]]:
+        """`names` in dependency order: plain models first, then ensembles whose composing
+        models are all in an earlier wave. A config that cannot be read goes first (its load
+        reports why); an ensemble in a cycle goes last (its load fails on the missing model)."""
+        dirs = self._scan()
+        deps: dict[str, set[str]] = {}
+        plain: list[str] = []
+        for name in names:
+            composing = self._composing_of(dirs.get(name))
+            if composing is None:
+                plain.append(name)
+            else:
+                deps[name] = composing
+        waves = [plain] if plain else []
+        done = set(plain)
+        while deps:
+            wave = sorted(n for n, d in deps.items() if not (d & deps.keys()) or d <= done)
+            if not wave:
+                waves.append(sorted(deps))
+                break
+            waves.append(wave)
+            done.update(wave)
+            for n in wave:
+                del deps[n]
+        return waves
+
+    def _composing_of(self, model_dir: Path | None) -> set[str] | None:
+        """The models an ensemble's steps name (None: not an ensemble, or unreadable)."""
+        if model_dir is None:
+            return None
+        try:
+            raw = load_config(model_dir, config_name=self._config_name)
+        except Exception:  # its own load reports the problem
+            return None
+        if raw.platform != ENSEMBLE_PLATFORM:
+            return None
+        return {s.model_name for s in raw.ensemble_scheduling.step}
 
     def load(
         self,
@@ -255,6 +307,8 @@ class ModelRepository:
                     graph_reader=self._graph_reader,
                 )
                 wanted = versions_of(name, config, model_dir)
+                if config.platform == ENSEMBLE_PLATFORM:
+                    self._load_composing(name, config)
             except Exception as exc:
                 log.error("failed to load model '%s': %s", name, exc, extra={"model": name})
                 reason = self._public(exc, model_dir)
@@ -268,6 +322,47 @@ class ModelRepository:
         errors = [f"version {v} is at UNAVAILABLE state: {r}" for v, r in sorted(failed.items())]
         if errors:
             raise ModelLoadError(f"load failed for model '{name}': " + "; ".join(errors))
+
+    def _load_composing(self, name: str, config: mc.ModelConfig) -> None:
+        """Loading an ensemble loads each composing model that has no READY version yet, as
+        Triton does (in explicit mode this is how they get loaded at all). Their failures
+        are left to the ensemble's own check, which names the model it depends on."""
+        stack = _loading.__dict__.setdefault("stack", [])
+        if name in stack or len(stack) >= MAX_DEPENDENCY_DEPTH:
+            raise ModelLoadError(
+                f"ensemble '{name}' is part of a circular or too deep ensemble dependency: "
+                + " -> ".join([*stack, name])
+            )
+        stack.append(name)
+        try:
+            for dep in dict.fromkeys(s.model_name for s in config.ensemble_scheduling.step):
+                if dep == name:
+                    raise ModelLoadError(f"ensemble '{name}' cannot be a step of itself")
+                if self.ready_versions_or_none(dep):
+                    continue
+                if dep not in self._scan():
+                    continue  # the ensemble's check says it has no loaded version
+                try:
+                    self.load(dep)
+                except ModelLoadError as exc:
+                    if "circular or too deep" in exc.message:
+                        raise
+                    log.error(
+                        "ensemble '%s': composing model '%s' failed to load: %s", name, dep, exc
+                    )
+                except InferenceError as exc:
+                    log.error(
+                        "ensemble '%s': composing model '%s' failed to load: %s", name, dep, exc
+                    )
+        finally:
+            stack.pop()
+
+    def ready_versions_or_none(self, name: str) -> list[Servable]:
+        """READY versions of `name`; empty for a model the repository never loaded."""
+        try:
+            return self.ready_versions(name)
+        except InferenceError:
+            return []
 
     def _public(self, exc: BaseException, model_dir: Path) -> str:
         """A failure's text as clients see it (index reasons, load errors): no server paths."""
@@ -312,8 +407,11 @@ class ModelRepository:
         for v in todo:
             for attempt in range(self._load_retries + 1):
                 try:
-                    path = model_file(model_dir, v, config)
-                    validate(config, self._graph_reader(path), model_dir)
+                    if config.platform == ENSEMBLE_PLATFORM:  # no file: its steps are checked
+                        path = model_dir / str(v)
+                    else:
+                        path = model_file(model_dir, v, config)
+                        validate(config, self._graph_reader(path), model_dir)
                     fresh[v] = self._loader(name, v, config, path, model_dir)
                     break
                 except Exception as exc:  # the loader may raise anything; the reason is its text
@@ -379,22 +477,57 @@ class ModelRepository:
             else:  # built, then discarded with the load, as Triton unloads it
                 record.versions[v] = _Version(ModelState.UNAVAILABLE, UNLOADED)
 
-    def unload(self, name: str, timeout: float = 30.0) -> None:
-        """Unload every version; in-flight work is the servable's to finish within `timeout`."""
+    def unload(self, name: str, timeout: float = 30.0, *, dependents: bool = False) -> None:
+        """Unload every version; in-flight work is the servable's to finish within `timeout`.
+
+        Ensembles that use the model go with it (UNAVAILABLE, saying which model they miss).
+        `dependents` (RepositoryModelUnload's `unload_dependents`): unloading an ensemble also
+        unloads its composing models that no other loaded ensemble uses."""
         with self._lock:
             known = name in self._models
         if not known:  # refused before taking a lock, so unknown names leave nothing behind
             if name in self._scan():
                 return  # in the repository but never loaded: nothing to do
             raise InvalidArgument(f"failed to unload '{shown_name(name)}', model is not found")
+        self._unload(name, timeout, UNLOADED)
+        with self._lock:
+            config = self._models[name].config
+        for ensemble in self._ensembles_using(name):
+            reason = (
+                f"{UNLOADED}: ensemble '{ensemble}' depends on '{name}' which has no loaded version"
+            )
+            log.warning("%s", reason, extra={"model": ensemble})
+            self._unload(ensemble, timeout, reason)
+        if dependents and config is not None and config.platform == ENSEMBLE_PLATFORM:
+            for dep in dict.fromkeys(s.model_name for s in config.ensemble_scheduling.step):
+                if (
+                    dep != name
+                    and not self._ensembles_using(dep)
+                    and self.ready_versions_or_none(dep)
+                ):
+                    self.unload(dep, timeout, dependents=True)
+
+    def _unload(self, name: str, timeout: float, reason: str) -> None:
         with self._op_locks.hold(name):
             with self._lock:
                 record = self._models[name]
                 to_close = self._begin_unload(record)
             self._close_all(to_close, timeout)
             with self._lock:
-                self._finish_unload(record)
+                self._finish_unload(record, reason)
                 record.reason = ""  # unloaded on purpose: no longer a failure
+
+    def _ensembles_using(self, name: str) -> list[str]:
+        """Ensembles with a READY version that have a step on `name`."""
+        with self._lock:
+            return sorted(
+                n
+                for n, record in self._models.items()
+                if record.config is not None
+                and record.config.platform == ENSEMBLE_PLATFORM
+                and any(s.model_name == name for s in record.config.ensemble_scheduling.step)
+                and any(v.state == ModelState.READY for v in record.versions.values())
+            )
 
     def close(self, timeout: float = 30.0) -> None:
         """Unload everything (server shutdown); callers drain traffic first."""
@@ -417,9 +550,9 @@ class ModelRepository:
         return out
 
     @staticmethod
-    def _finish_unload(record: _Model) -> None:
+    def _finish_unload(record: _Model, reason: str = UNLOADED) -> None:
         for v in list(record.versions):
-            record.versions[v] = _Version(ModelState.UNAVAILABLE, UNLOADED)
+            record.versions[v] = _Version(ModelState.UNAVAILABLE, reason)
 
     def _close_all(self, servables: list[Servable], timeout: float) -> None:
         if not servables:
@@ -446,7 +579,18 @@ class ModelRepository:
             if wanted is None:
                 ready = [n for n, v in record.versions.items() if v.state == ModelState.READY]
                 if not ready:
-                    raise NotFound(f"Request for unknown model: '{name}' has no available versions")
+                    why = next(
+                        (
+                            v.reason[len(UNLOADED) + 2 :]
+                            for v in record.versions.values()
+                            if v.reason.startswith(UNLOADED + ": ")
+                        ),
+                        "",
+                    )
+                    raise NotFound(
+                        f"Request for unknown model: '{name}' has no available versions"
+                        + (f" ({why})" if why else "")
+                    )
                 wanted = max(ready)
             found = record.versions.get(wanted)
             if found is None:
@@ -484,7 +628,9 @@ class ModelRepository:
                 if record.reason:
                     return False
                 for version in record.versions.values():
-                    if version.state == ModelState.UNAVAILABLE and version.reason == UNLOADED:
+                    if version.state == ModelState.UNAVAILABLE and version.reason.startswith(
+                        UNLOADED
+                    ):
                         continue
                     if version.state != ModelState.READY:
                         return False
@@ -543,6 +689,6 @@ class ModelRepository:
             parts = [
                 f"version {v} is at UNAVAILABLE state: {ver.reason}"
                 for v, ver in sorted(record.versions.items())
-                if ver.state == ModelState.UNAVAILABLE and ver.reason != UNLOADED
+                if ver.state == ModelState.UNAVAILABLE and not ver.reason.startswith(UNLOADED)
             ]
             return "; ".join(parts)

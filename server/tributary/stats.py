@@ -16,8 +16,10 @@ Semantics (Triton's, which perf_analyzer depends on):
 - `batch_stats` is per execution, keyed by the executed batch size (rows).
 - `fail` counts failed requests; `failures_by_reason` splits them for the
   `nv_inference_request_failure{reason=...}` counter (REJECTED, CANCELED, BACKEND, OTHER).
-- `cache_hit`/`cache_miss` stay zero until a response cache exists; they are kept so the RPC
-  and the metrics have the fields.
+- `cache_hit`/`cache_miss` (response cache, tributary.cache): a hit counts as a successful
+  request (`success`, and `queue` with no queue time) but adds nothing to `compute_*`,
+  `inference_count` or `execution_count`; its duration is the lookup. A miss's duration is the
+  lookup plus storing the result. Triton's semantics (docs/protocol.md#statistics).
 
 Histograms (not part of the RPC; for Prometheus): bounds are upper bounds ("le", inclusive) and
 the last count is the +Inf bucket. Latency histograms observe successful requests only, in
@@ -223,6 +225,28 @@ class ModelStats:
             self._request_sum_ns += total_ns
             self._queue_hist.observe(queue_ns // 1000)
             self._queue_sum_ns += queue_ns
+
+    def request_cache_hit(self, *, total_ns: int, hit_ns: int, now_ms: int) -> None:
+        """One request answered from the response cache (the model did not run)."""
+        with self._lock:
+            s = self._success
+            s[0] += 1
+            s[1] += total_ns
+            self._queue[0] += 1
+            h = self._cache_hit
+            h[0] += 1
+            h[1] += hit_ns
+            self._last_inference_ms = now_ms
+            self._request_hist.observe(total_ns // 1000)
+            self._request_sum_ns += total_ns
+            self._queue_hist.observe(0)
+
+    def cache_miss(self, *, miss_ns: int) -> None:
+        """A lookup that missed, plus storing what the model then produced."""
+        with self._lock:
+            m = self._cache_miss
+            m[0] += 1
+            m[1] += miss_ns
 
     def request_failure(self, *, total_ns: int, reason: str) -> None:
         """One failed request. Unknown reasons count as OTHER rather than raising: a stats call

@@ -229,8 +229,7 @@ def test_ignored_flags_warn_once_per_reason(server_factory, tmp_path) -> None:
     build_models.build_simple(tmp_path)
     server = server_factory(
         tmp_path,
-        "--cache-config=local,size=1048576",
-        "--response-cache-byte-size=1048576",
+        "--cache-directory=/opt/tritonserver/caches",
         "--pinned-memory-pool-byte-size=0",
         "--backend-directory=/opt/tritonserver/backends",
         "--backend-config=tensorflow,version=2",
@@ -244,8 +243,7 @@ def test_ignored_flags_warn_once_per_reason(server_factory, tmp_path) -> None:
     warnings = [line for line in server.log().splitlines() if line.startswith("W")]
     assert server.terminate() == 0
     expected = [
-        "--cache-config=local,size=1048576, --response-cache-byte-size=1048576: there is no "
-        "response cache",
+        "--cache-directory=/opt/tritonserver/caches: the one cache (local) is built in",
         "--pinned-memory-pool-byte-size=0: ONNX Runtime allocates",
         "--backend-directory=/opt/tritonserver/backends: ONNX Runtime is built in",
         "--backend-config=tensorflow,version=2 (backend 'tensorflow' is not available)",

@@ -222,3 +222,28 @@ def test_stateful_accumulator_through_grpcurl(grpcurl_run) -> None:
         raw = base64.b64decode(reply["raw_output_contents"][0])
         sums.append(int(np.frombuffer(raw, dtype="<i4")[0]))
     assert sums == np.cumsum(values).tolist()
+
+
+def test_ensemble_infer(grpcurl_run) -> None:
+    """digits_pipeline with typed contents: grpcurl's JSON, the ensemble's reply."""
+    x = np.load(MODEL_REPOSITORY / "digits" / "expected_outputs.npz")
+    raw = np.round(x["input"][:2].astype(np.float32) * 255 / 16).astype(np.uint8)
+    request = {
+        "model_name": "digits_pipeline",
+        "inputs": [
+            {
+                "name": "PIXELS",
+                "datatype": "UINT8",
+                "shape": [2, 64],
+                "contents": {"uint_contents": [int(v) for v in raw.ravel()]},
+            }
+        ],
+        "outputs": [{"name": "LABEL"}, {"name": "TOP_LABELS"}],
+    }
+    reply = json.loads(grpcurl_run(f"{SERVICE}/ModelInfer", data=request).stdout)
+    assert reply["model_name"] == "digits_pipeline"
+    assert [o["name"] for o in reply["outputs"]] == ["LABEL", "TOP_LABELS"]
+    label = np.frombuffer(base64.b64decode(reply["raw_output_contents"][0]), dtype="<i8")
+    np.testing.assert_array_equal(label, x["label"][:2])
+    top = np.frombuffer(base64.b64decode(reply["raw_output_contents"][1]), dtype="<i8")
+    assert top.reshape(2, 3)[:, 0].tolist() == x["label"][:2].tolist()

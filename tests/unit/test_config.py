@@ -249,7 +249,6 @@ def test_normalize_without_platform_needs_model_file(tmp_path: Path) -> None:
         ('backend: "python"', "python"),
         ('platform: "tensorflow_savedmodel"', "tensorflow_savedmodel"),
         ('platform: "onnxruntime_onnx" backend: "tensorrt"', "tensorrt"),
-        ('platform: "ensemble"', "ensemble"),
     ],
 )
 def test_normalize_rejects_other_backends(tmp_path: Path, text: str, word: str) -> None:

@@ -121,6 +121,7 @@ NOT_ON_ONE_LINE = {
     "model-repository",
     "grpc-use-ssl",
     "grpc-use-ssl-mutual",
+    "response-cache-byte-size",  # with --cache-config: refused, as tritonserver does
 }
 
 
@@ -249,3 +250,32 @@ def test_grpc_core_verbosity_is_a_default_the_environment_overrides(monkeypatch)
         monkeypatch.delenv("GRPC_VERBOSITY")
         logs.grpc_core_verbosity(verbose)
         assert __import__("os").environ["GRPC_VERBOSITY"] == level
+
+
+def test_cache_config_sets_the_local_cache_size(tmp_path: Path) -> None:
+    base = ["--model-repository", str(tmp_path)]
+    assert cli.parse_args(base).cache_bytes == 0
+    assert cli.parse_args([*base, "--cache-config", "local,size=4096"]).cache_bytes == 4096
+    assert cli.parse_args([*base, "--response-cache-byte-size=512"]).cache_bytes == 512
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--cache-config=local,size=1", "--response-cache-byte-size=1"], "Incompatible flags"),
+        (["--cache-config=local,size=1", "--cache-config=redis,host=x"], "multiple cache"),
+        (["--cache-config=redis,host=localhost"], "only the 'local' cache"),
+        (["--cache-config=local,size=lots"], "number of bytes"),
+        (["--cache-config=local,size=-5"], "between 0 and"),
+        (["--cache-config=local,colour=red"], "unknown setting"),
+        (["--cache-config=local"], "<setting>=<value>"),
+        (["--cache-config=size=5"], "<cache name>,<setting>=<value>"),
+    ],
+)
+def test_cache_config_refusals(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], says: str
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.parse_args(["--model-repository", str(tmp_path), *argv])
+    assert info.value.code == 2
+    assert says in capsys.readouterr().err

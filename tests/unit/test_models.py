@@ -23,6 +23,8 @@ SEQUENCE_MODELS = [
 ]
 COMMITTED = [
     "digits",
+    "digits_pre",
+    "digits_topk",
     "simple",
     "simple_identity",
     "simple_int8",
@@ -51,7 +53,16 @@ def test_committed_model_loads_and_validates(name: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["simple", "simple_int8", "simple_string", "simple_identity", *SEQUENCE_MODELS]
+    "name",
+    [
+        "simple",
+        "simple_int8",
+        "simple_string",
+        "simple_identity",
+        "digits_pre",
+        "digits_topk",
+        *SEQUENCE_MODELS,
+    ],
 )
 def test_committed_files_are_reproducible(tmp_path: Path, bm, name: str) -> None:
     built = bm.BUILDERS[name](tmp_path)
@@ -136,3 +147,28 @@ def test_mlp_builder(tmp_path: Path, bm) -> None:
     # the builder is deterministic: a second build gives the same weights
     again = bm.build_mlp(tmp_path / "again")
     assert (again / "1/model.onnx").read_bytes() == (d / "1/model.onnx").read_bytes()
+
+
+def test_pipeline_steps_compute_what_they_claim() -> None:
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 256, (5, 64), dtype=np.uint8)
+    (pre,) = session(REPO / "digits_pre/1/model.onnx").run(None, {"pixels": raw})
+    np.testing.assert_array_equal(pre, raw.astype(np.float32) * np.float32(16 / 255))
+    probs = rng.random((5, 10), dtype=np.float32)
+    scores, labels = session(REPO / "digits_topk/1/model.onnx").run(None, {"probabilities": probs})
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :3]
+    np.testing.assert_array_equal(labels, order)
+    np.testing.assert_array_equal(scores, np.take_along_axis(probs, order, axis=1))
+
+
+def test_committed_ensemble_is_reproducible_and_plans(tmp_path: Path, bm) -> None:
+    from tributary.ensemble import plan
+
+    built = bm.BUILDERS["digits_pipeline"](tmp_path)
+    rel = "config.pbtxt"
+    assert (built / rel).read_bytes() == (REPO / "digits_pipeline" / rel).read_bytes()
+    assert (REPO / "digits_pipeline" / "1").is_dir()
+    d = REPO / "digits_pipeline"
+    config = C.normalize(C.load_config(d), d)
+    assert config.platform == "ensemble" and not config.instance_group
+    assert plan(config).dependencies() == ["digits_pre", "digits", "digits_topk"]

@@ -36,7 +36,7 @@ class FakeRepository:
         if self.fail is not None:
             raise self.fail(f"load failed for model '{name}'")
 
-    def unload(self, name: str) -> None:
+    def unload(self, name: str, dependents: bool = False) -> None:
         self.ready.pop(name, None)
 
     def ready_versions(self, name: str) -> list[object]:

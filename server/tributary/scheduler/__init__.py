@@ -5,6 +5,10 @@
 - `batching.py`: dynamic batching; batches form when an instance becomes free.
 - `sequence.py`: sequence batching; sequences pinned to slots, controls and implicit state.
 - `batchqueue.py`: the queue's rules, pure and clock-injected; `batchrun.py`: one execution.
+- `ensemble.py`: an ensemble's DAG, each step submitted to its composing model's scheduler.
+- `cache.py`: the response cache the data plane asks before a scheduler (not a mode: it
+  imports nothing of this package; it lives here because it decides whether scheduling
+  happens at all). `--cache-config` is parsed in `cli.py`, which must not import grpc.
 
 Modes import `base`, `batchqueue` and `batchrun`, never each other. Nothing in this package
 knows protobuf or gRPC. docs/architecture.md has the path of one request.
