@@ -263,8 +263,8 @@ def free_port() -> int:
 class Server:
     """A server in its own process group, ready once ServerReady and every ModelReady say so.
 
-    CPU is user+system summed over every live process of the group (the server and whatever it
-    spawned: tritonserver and its stubs, MLServer's workers), read from /proc.
+    CPU is user+system summed over the server and whatever it spawned (tritonserver and its
+    Python stubs, MLServer's inference workers), read from /proc.
     """
 
     def __init__(
@@ -328,15 +328,26 @@ class Server:
             return False
 
     def cpu_seconds(self) -> float:
-        total = 0
+        """User+system seconds of the server and every live process it spawned.
+
+        Descendants by parent pid, plus anything in the server's process group (a grandchild
+        whose parent exited is re-parented but stays in the group).
+        """
+        procs: dict[int, tuple[int, int, int]] = {}  # pid -> (ppid, pgrp, ticks)
         for stat in Path("/proc").glob("[0-9]*/stat"):
             try:
                 fields = stat.read_text().rsplit(")", 1)[1].split()
             except OSError:
                 continue  # exited while we looked
-            if int(fields[2]) == self.proc.pid:  # process group
-                total += int(fields[11]) + int(fields[12])
-        return total / os.sysconf("SC_CLK_TCK")
+            pid = int(stat.parent.name)
+            procs[pid] = (int(fields[1]), int(fields[2]), int(fields[11]) + int(fields[12]))
+        tree = {self.proc.pid} | {p for p, (_, pgrp, _) in procs.items() if pgrp == self.proc.pid}
+        grew = True
+        while grew:
+            more = {p for p, (ppid, _, _) in procs.items() if ppid in tree} - tree
+            tree |= more
+            grew = bool(more)
+        return sum(procs[p][2] for p in tree if p in procs) / os.sysconf("SC_CLK_TCK")
 
     def rss_mib(self) -> float:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
@@ -521,10 +532,20 @@ def pa_run(pa: str, flags: list[str], case: Case, port: int, tag: str) -> dict:
         "-f",
         str(report),
     ]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    (OUT / f"pa-{tag}.log").write_text(done.stdout + done.stderr)
-    if done.returncode != 0 or not report.exists():
-        raise RuntimeError(f"perf_analyzer failed ({tag}):\n{done.stdout[-2000:]}{done.stderr}")
+    if case.model == "big":
+        # perf_analyzer 2.60 keeps ~1 MB per `big` request until it exits (RSS grew ~2 GB in
+        # 5 s against the floor at 400 req/s), so this case runs short windows.
+        i = cmd.index("--measurement-interval") + 1
+        cmd[i] = str(min(int(cmd[i]), BIG_WINDOW_MS))
+    log = OUT / f"pa-{tag}.log"
+    with log.open("w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+        peak = _watch(proc, timeout=600)
+    text = log.read_text()
+    if peak > PA_RSS_LIMIT:
+        raise RuntimeError(f"perf_analyzer stopped at {peak >> 20} MiB RSS ({tag})")
+    if proc.returncode != 0 or not report.exists():
+        raise RuntimeError(f"perf_analyzer failed ({tag}):\n{text[-2000:]}")
     with report.open() as f:
         row = next(csv.DictReader(f))
     return {
@@ -532,7 +553,29 @@ def pa_run(pa: str, flags: list[str], case: Case, port: int, tag: str) -> dict:
         "infer_per_s": float(row["Inferences/Second"]),
         "p50_us": float(row["p50 latency"]),
         "p99_us": float(row["p99 latency"]),
+        "pa_peak_rss_mib": peak >> 20,
     }
+
+
+PA_RSS_LIMIT = 6 << 30
+BIG_WINDOW_MS = 500
+
+
+def _watch(proc: subprocess.Popen[bytes], timeout: float) -> int:
+    """Wait for perf_analyzer, killing it past PA_RSS_LIMIT or `timeout`; returns peak RSS."""
+    peak = 0
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None:
+        try:
+            status = Path(f"/proc/{proc.pid}/status").read_text()
+            rss = next(int(x.split()[1]) << 10 for x in status.splitlines() if x[:6] == "VmRSS:")
+            peak = max(peak, rss)
+        except (OSError, StopIteration):
+            pass
+        if peak > PA_RSS_LIMIT or time.monotonic() > deadline:
+            proc.kill()
+        time.sleep(0.2)
+    return peak
 
 
 def server_counts(server: Server, model: str) -> tuple[int, dict[int, int]] | None:
