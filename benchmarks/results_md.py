@@ -204,7 +204,7 @@ def render(res: dict[str, Any], command: str, note: str | None = None) -> str:
         "",
         *_table(res, keys, lambda c: f"{c['p50_us']:,.0f} / {c['p99_us']:,.0f}"),
         "",
-        "### Server CPU per request (µs, user+system of the server's process group)",
+        "### Server CPU per request (µs, user+system of the server and every process it started)",
         "",
         *_table(
             res,
@@ -223,6 +223,9 @@ def render(res: dict[str, Any], command: str, note: str | None = None) -> str:
         lines += [
             "",
             "### Large tensors: `big`, FP32 [3,224,224] in and out (602,112 bytes each way), c=8",
+            "",
+            "The floor parses and builds its messages with the generated protobuf classes, which"
+            " copy the payload each way; a server that avoids those copies can beat it here.",
             "",
             "| server | MB/s in (= out) | vs floor |",
             "| --- | ---: | ---: |",

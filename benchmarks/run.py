@@ -30,6 +30,7 @@ import csv
 import json
 import os
 import platform
+import shlex
 import shutil
 import signal
 import socket
@@ -733,7 +734,7 @@ def main() -> int:
 
     res["machine"]["load_after"] = os.getloadavg()[0]
     (OUT / "results.json").write_text(json.dumps(res, indent=2))
-    command = " ".join(["python", "benchmarks/run.py", *sys.argv[1:]])
+    command = shlex.join(["python", "benchmarks/run.py", *sys.argv[1:]])
     write_results(res, command, opts.results_md, opts.note)
     return 0
 
