@@ -219,6 +219,18 @@ def render(res: dict[str, Any], command: str, note: str | None = None) -> str:
         "inline count too); ≈ marks servers without them (KServe, MLServer): perf_analyzer's "
         "rate × the run's wall time, which counts its idle start-up too (a few % low).",
     ]
+    nobatch = [
+        (k, c)
+        for k, c in res["servers"].get("tributary", {}).get("cells", {}).items()
+        if k.startswith("mlp_nobatch") and "error" not in c
+    ]
+    if nobatch:
+        lines += ["", "Tributary on `mlp_nobatch` (the same graph without dynamic batching):", ""]
+        for key, c in nobatch:
+            lines.append(
+                f"- {_label(key)}: {c['infer_per_s']:,.0f} infer/s, p50 {c['p50_us']:,.0f} µs, "
+                f"{c['cpu_us_per_request']:,.0f} server CPU µs/request."
+            )
     if "big-c8" in keys:
         lines += [
             "",
