@@ -10,7 +10,7 @@ METRICS_PORT ?= 8002
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 
 .PHONY: install lock serve test unit lint typecheck format protos check-protos flags-doc models \
-        bench clean image image-cpu check-deploy
+        bench bench-quick clean image image-cpu check-deploy
 
 install: $(STAMP)
 
@@ -83,12 +83,24 @@ models: install
 # Benchmarks need perf_analyzer: $PERF_ANALYZER, or on PATH, or the perf-analyzer wheel pinned
 # here, installed into .venv. It is pinned here, not by `make lock`, because its wheels need
 # glibc >= 2.38: elsewhere pip finds no such version (docs/benchmarks.md says what to do then).
+# `bench` is the full side-by-side run of issue #12 (floor, inline server, Tributary, KServe,
+# MLServer, PyTriton; each peer installed into benchmarks/work/peers/ from its exact pins on the
+# first run); `bench-quick` is a ~2-minute subset. BENCH_ARGS passes more flags to run.py.
 PERF_ANALYZER_VERSION := 2.60.0
-bench: install
+BENCH_ARGS ?=
+define perf_analyzer_check
 	@if [ -z "$$PERF_ANALYZER" ] && ! command -v perf_analyzer >/dev/null \
 	    && [ ! -x $(BIN)/perf_analyzer ]; then \
 	  $(BIN)/python -m pip install -q -c constraints.txt perf-analyzer==$(PERF_ANALYZER_VERSION); fi
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python benchmarks/run.py
+endef
+
+bench: install
+	$(perf_analyzer_check)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python benchmarks/run.py $(BENCH_ARGS)
+
+bench-quick: install
+	$(perf_analyzer_check)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python benchmarks/run.py --quick $(BENCH_ARGS)
 
 # Container images (docs/deployment.md): GPU (CUDA 13 + cuDNN 9 base) and CPU-only.
 image:
