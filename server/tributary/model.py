@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .backends.onnxruntime import OrtInstance, create_instances
+from .backends.ops import random_ops
 from .config import ModelSignature, signature
 from .config_check import inside_model_dir
 from .constants import DEFAULT_MAX_TENSOR_BYTES
@@ -421,13 +422,20 @@ def warm_up(
 
 
 def _model_cache(
-    name: str, version: int, config: Any, cache: ResponseCache | None
+    name: str, version: int, config: Any, cache: ResponseCache | None, model_path: Path | None
 ) -> ModelCache | None:
     """The version's view of the response cache when its config enables it. Without a server
-    cache (--cache-config) the setting has no effect, as in tritonserver (logged)."""
+    cache (--cache-config) the setting has no effect, as in tritonserver (logged). A graph
+    with random operators is refused: a cached answer would repeat one draw forever."""
     refuse_unsupported(config)
     if not config.response_cache.enable:
         return None
+    drawn = random_ops(model_path) if model_path is not None else []
+    if drawn:
+        raise ModelLoadError(
+            f"Response Cache does not support model {name}: its outputs are not deterministic "
+            f"(operators {', '.join(drawn)}). Please disable the response cache."
+        )
     if cache is None:
         log.warning(
             "model '%s' enables response_cache but the server has no cache "
@@ -458,7 +466,9 @@ def build_loader(
     ) -> Model | EnsembleModel:
         start = time.monotonic()
         sig = signature(config, model_dir)
-        model_cache = _model_cache(name, version, config, cache)
+        model_cache = _model_cache(
+            name, version, config, cache, None if is_ensemble(config) else model_path
+        )
         if is_ensemble(config):
             if repository is None:
                 raise ModelLoadError(f"ensemble '{name}' cannot be served without a repository")

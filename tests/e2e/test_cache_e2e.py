@@ -281,3 +281,44 @@ def test_an_ensemble_can_use_the_cache(server_factory, tmp_path) -> None:
         s = model_stats(c, "digits_pipeline").inference_stats
         assert (s.cache_hit.count, s.cache_miss.count) == (1, 1)
         assert model_stats(c, "digits").inference_stats.success.count == 1  # ran once
+
+
+def noisy_model() -> object:
+    """INPUT0 plus a random draw of its shape: the same request, another answer each time."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("RandomUniformLike", ["INPUT0"], ["noise"]),
+            helper.make_node("Add", ["INPUT0", "noise"], ["OUTPUT0"]),
+        ],
+        "noisy",
+        [helper.make_tensor_value_info("INPUT0", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, ["N", 4])],
+    )
+    return build_models.make_model(graph)
+
+
+def test_a_model_with_random_operators_refuses_the_cache_at_load(server_factory, tmp_path):
+    root = tmp_path / "models"
+    config = (
+        'name: "noisy"\nplatform: "onnxruntime_onnx"\nmax_batch_size: 8\n'
+        'input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ 4 ] } ]\n'
+        'output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 4 ] } ]\n'
+    )
+    build_models.write_model(root, "noisy", noisy_model(), config + ON)
+    build_models.write_model(
+        root, "noisy_uncached", noisy_model(), config.replace("noisy", "noisy_uncached")
+    )
+    server = server_factory(root, CACHE, EXPLICIT)
+    with grpcclient.InferenceServerClient(server.url) as c:
+        with pytest.raises(InferenceServerException) as info:
+            c.load_model("noisy")
+        assert info.value.message().endswith(
+            "Response Cache does not support model noisy: its outputs are not deterministic "
+            "(operators RandomUniformLike). Please disable the response cache."
+        )
+        assert not c.is_model_ready("noisy")
+        c.load_model("noisy_uncached")  # the same graph without the cache serves
+        x = grpcclient.InferInput("INPUT0", [1, 4], "FP32")
+        x.set_data_from_numpy(np.zeros((1, 4), np.float32))
+        out = c.infer("noisy_uncached", [x]).as_numpy("OUTPUT0")
+        assert out.shape == (1, 4) and ((out >= 0) & (out < 1)).all()
