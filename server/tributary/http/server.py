@@ -138,3 +138,4 @@ class HttpServer:
             loop.call_soon_threadsafe(loop.stop)
         for thread in self._threads:
             thread.join(5.0)
+        self.routes.close()

@@ -35,6 +35,11 @@ from ..datatypes import BY_NAME
 from ..errors import InferenceError, InvalidArgument, shown
 
 MAX_DIMS = 64
+MAX_JSON_HEAD = 8 << 20
+"""The JSON part of an infer body, at most (gRPC's bound on what a request carries besides its
+raw payloads, docs/limits.md#httprest). Python's JSON parser and numpy's list conversion hold
+the GIL throughout, ~55 ms per MiB of numbers: a 60 MB `data` array stalled the whole
+process, gRPC included, for 3.3 s. Large tensors go as binary data, which is not parsed."""
 INT64_MAX = 2**63 - 1
 
 BINARY_DATA = "binary_data"
@@ -218,6 +223,12 @@ def infer_request(
         raise InvalidArgument(
             f"Inference-Header-Content-Length {header_length} is outside the request body of "
             f"{len(body)} bytes"
+        )
+    if header_length > MAX_JSON_HEAD:
+        raise InvalidArgument(
+            f"the JSON inference header of {header_length} bytes exceeds the maximum of "
+            f"{MAX_JSON_HEAD} bytes; send large tensors as binary data ('{BINARY_DATA_SIZE}' "
+            "with Inference-Header-Content-Length)"
         )
     head = parse_json(body[:header_length], "inference request header")
     if not isinstance(head, dict):
