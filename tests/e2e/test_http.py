@@ -644,6 +644,19 @@ def test_trace_and_log_settings_match_grpc(served, gc) -> None:
     assert status == 400 and "expect boolean for 'log_info'" in message
 
 
+@pytest.mark.parametrize("value", ["1_000", "\u0663", "5abc", "0x10", "1e3", ""])
+def test_trace_numbers_must_be_ascii_integers(served, gc, value: str) -> None:
+    """int() alone took "1_000" and other scripts' digits; a rate is plain digits on both
+    front ends, and a refused update changes nothing."""
+    before = json.loads(post(served, "/v2/trace/setting", method="GET")[2])
+    body = json.dumps({"trace_rate": value}).encode()
+    status, message = error_of(post(served, "/v2/trace/setting", body))
+    assert status == 400 and "Unable to parse 'trace_rate'" in message, message
+    with pytest.raises(InferenceServerException, match="Unable to parse 'trace_rate'"):
+        gc.update_trace_settings(settings={"trace_rate": value})
+    assert json.loads(post(served, "/v2/trace/setting", method="GET")[2]) == before
+
+
 def test_restricted_api_needs_its_header(server_factory) -> None:
     server = server_factory(MODEL_REPOSITORY, "--http-restricted-api=inference,statistics:Admin=s3")
     body = json.dumps(
