@@ -12,6 +12,8 @@ import gzip
 import http.client
 import json
 import os
+import socket
+import time
 import zlib
 from typing import Any
 
@@ -742,6 +744,45 @@ def test_shutdown_drains_http_requests_in_flight(server_factory, tmp_path) -> No
     assert "outputs" in json.loads(answers[0][1])
     with pytest.raises(ConnectionRefusedError):
         post(server, "/v2/health/live", method="GET")
+
+
+def test_connections_are_capped_over_every_event_loop(server_factory) -> None:
+    """Idle connections held sockets until the process ran out of file descriptors (which
+    gRPC and model loads need too): past --http-max-connections, counted over every event
+    loop, a connection is closed as soon as it is accepted, and a freed place is taken again."""
+    server = server_factory(MODEL_REPOSITORY, "--http-max-connections=4", "--http-thread-count=2")
+    probe = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n"
+
+    def answered(sock: socket.socket) -> bool:
+        """True if a request on `sock` is answered; False if the server closed it."""
+        sock.settimeout(30)
+        try:
+            sock.sendall(probe)
+            return sock.recv(64).startswith(b"HTTP/1.1 200")
+        except ConnectionError:
+            return False
+
+    held = [socket.create_connection(("127.0.0.1", server.http_port)) for _ in range(4)]
+    try:
+        assert all(answered(sock) for sock in held)  # all four are being served
+        with socket.create_connection(("127.0.0.1", server.http_port)) as extra:
+            assert not answered(extra)
+        client = grpcclient.InferenceServerClient(server.url)
+        try:
+            assert client.is_server_live()  # gRPC is untouched
+        finally:
+            client.close()
+        held.pop().close()
+        deadline = time.monotonic() + 30
+        while True:  # the server sees the close asynchronously
+            with socket.create_connection(("127.0.0.1", server.http_port)) as again:
+                if answered(again):
+                    break
+            assert time.monotonic() < deadline, "a freed connection place was never reused"
+        assert "(--http-max-connections)" in server.log()
+    finally:
+        for sock in held:
+            sock.close()
 
 
 def test_several_event_loops_share_the_port(server_factory) -> None:
