@@ -746,6 +746,24 @@ def test_shutdown_drains_http_requests_in_flight(server_factory, tmp_path) -> No
         post(server, "/v2/health/live", method="GET")
 
 
+def test_http_sequence_ids_are_uint64_as_on_grpc(hc, gc) -> None:
+    """tritonclient.http sends sequence_id as a JSON number, which Triton reads as uint64;
+    2^64-1 over HTTP is the sequence a gRPC client names as int64 -1."""
+
+    def value(client: Any, module: Any, **kwargs: Any) -> int:
+        tensor = module.InferInput("INPUT", [1, 1], "INT32")
+        tensor.set_data_from_numpy(np.array([[5]], dtype=np.int32))
+        return int(client.infer("simple_sequence", [tensor], **kwargs).as_numpy("OUTPUT")[0, 0])
+
+    value(hc, httpclient, sequence_id=2**64 - 1, sequence_start=True)
+    value(gc, grpcclient, sequence_id=-1, sequence_end=True)  # the same sequence: no START
+    with pytest.raises(InferenceServerException, match="START"):
+        value(gc, grpcclient, sequence_id=-1)  # it has ended
+    value(hc, httpclient, sequence_id=2**63, sequence_start=True, sequence_end=True)
+    with pytest.raises(InferenceServerException, match="out of int64 range"):
+        value(hc, httpclient, sequence_id=2**64, sequence_start=True)
+
+
 def test_connections_are_capped_over_every_event_loop(server_factory) -> None:
     """Idle connections held sockets until the process ran out of file descriptors (which
     gRPC and model loads need too): past --http-max-connections, counted over every event

@@ -41,6 +41,7 @@ raw payloads, docs/limits.md#httprest). Python's JSON parser and numpy's list co
 the GIL throughout, ~55 ms per MiB of numbers: a 60 MB `data` array stalled the whole
 process, gRPC included, for 3.3 s. Large tensors go as binary data, which is not parsed."""
 INT64_MAX = 2**63 - 1
+UINT64_MAX = 2**64 - 1
 
 BINARY_DATA = "binary_data"
 BINARY_DATA_SIZE = "binary_data_size"
@@ -95,9 +96,14 @@ def _parameter(key: str, value: Any, where: str) -> pb.InferParameter:
     if isinstance(value, bool):
         param.bool_param = value
     elif isinstance(value, int):
-        if not -(2**63) <= value <= INT64_MAX:
+        if INT64_MAX < value <= UINT64_MAX:
+            # Triton's HTTP front end reads sequence_id and priority as uint64: ids of 2^63
+            # and up are the ones a gRPC client sends as negative int64s
+            param.uint64_param = value
+        elif not -(2**63) <= value <= INT64_MAX:
             raise InvalidArgument(f"parameter '{shown(key)}' of {where} is out of int64 range")
-        param.int64_param = value
+        else:
+            param.int64_param = value
     elif isinstance(value, float):
         param.double_param = value
     elif isinstance(value, str):
