@@ -55,7 +55,7 @@ def post(
     server: Any,
     path: str,
     body: bytes = b"",
-    headers: dict[str, str] | None = None,
+    headers: dict[str, Any] | None = None,
     method: str = "POST",
 ) -> tuple[int, dict[str, str], bytes]:
     """One raw request; (status, lower-cased headers, body)."""
@@ -471,8 +471,8 @@ def test_large_json_head_is_refused_and_large_binary_bodies_still_flow(server_fa
         client.close()
 
 
-@pytest.mark.parametrize("value", ["-1", "abc", "99999999", "1, 2"])
-def test_bad_inference_header_content_length(served, value: str) -> None:
+@pytest.mark.parametrize("value", ["-1", "abc", "99999999", "1, 2", "\u0663".encode()])
+def test_bad_inference_header_content_length(served, value: str | bytes) -> None:
     body, _ = binary_body([64, 64], A.tobytes() + B.tobytes())
     status, message = error_of(
         post(served, "/v2/models/simple/infer", body, {"Inference-Header-Content-Length": value})

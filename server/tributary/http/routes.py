@@ -436,7 +436,10 @@ def _header_length(request: web.BaseRequest) -> int | None:
     values = request.headers.getall(HEADER_LENGTH, [])
     if not values:
         return None
-    if len(values) != 1 or not values[0].strip().isdigit() or len(values[0]) > 20:
+    text = values[0].strip() if len(values) == 1 else ""
+    # ASCII digits only (str.isdigit also takes other scripts' digits, and "²", which int()
+    # then refuses)
+    if not (text.isascii() and text.isdigit()) or len(text) > 20:
         raise InvalidArgument(f"{HEADER_LENGTH} must be one non-negative integer")
     return int(values[0])
 
