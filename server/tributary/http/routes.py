@@ -310,7 +310,7 @@ class Routes:
             # checks included; it runs on the bounded parse pool instead.
             plan = await loop.run_in_executor(self._pool, self._parse_and_submit, *args)
         result = await future
-        size = sum(len(memoryview(raw).cast("B")) for raw in result.raws)
+        size = sum(memoryview(raw).nbytes for raw in result.raws)
         if size < OFF_LOOP_BYTES:
             return _encode(request, result, plan)
         return await loop.run_in_executor(self._pool, _encode, request, result, plan)
@@ -349,10 +349,10 @@ class Routes:
                 pass  # the loop is closed (shutdown past its drain time): nobody waits
 
         transport = request.transport
-        carrier = {
+        carrier = {  # read only while tracing is on, as on gRPC
             key: request.headers[key]
             for key in ("traceparent", "tracestate")
-            if key in request.headers
+            if self.dp.tracing and key in request.headers
         }
         self.dp.submit(
             message,
