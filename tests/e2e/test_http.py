@@ -700,17 +700,29 @@ def test_fp16_and_bool_json_round_trip(server_factory, tmp_path) -> None:
     assert server.terminate() == 0
 
 
-def test_int_data_out_of_range_is_refused(served) -> None:
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        (2**40, "out of range for INT32"),
+        (-(2**63) - 1, "got non-numbers"),  # past int64: numpy keeps Python ints
+        (2**64, "got non-numbers"),
+        (1.5, "numbers with fractions"),
+        (float("nan"), "numbers with fractions"),
+        (float("inf"), "numbers with fractions"),
+        (True, "expected INT32 numbers, got booleans"),  # Triton: not an integer either
+    ],
+)
+def test_bad_int_data_is_refused(served, value: Any, reason: str) -> None:
     body = json.dumps(
         {
             "inputs": [
-                {"name": n, "shape": [1, 16], "datatype": "INT32", "data": [2**40] * 16}
+                {"name": n, "shape": [1, 16], "datatype": "INT32", "data": [value] * 16}
                 for n in ("INPUT0", "INPUT1")
             ]
         }
     ).encode()
     status, message = error_of(post(served, "/v2/models/simple/infer", body))
-    assert status == 400 and "out of range for INT32" in message, message
+    assert status == 400 and reason in message, message
 
 
 def test_shutdown_drains_http_requests_in_flight(server_factory, tmp_path) -> None:

@@ -184,6 +184,8 @@ def json_data_to_raw(data: Any, datatype: str, shape: Sequence[int], name: str) 
             raise TypeError(f"expected integers for {datatype}, got numbers with fractions")
         if dtype.numpy.kind == "b" and arr.dtype.kind != "b":
             raise TypeError(f"expected true/false, got {_kind(arr)}")
+        if dtype.numpy.kind != "b" and arr.dtype.kind == "b":
+            raise TypeError(f"expected {datatype} numbers, got {_kind(arr)}")
         converted = arr.astype(dtype.numpy, casting="unsafe")
         if dtype.numpy.kind in "iu" and not np.array_equal(converted, arr):
             raise OverflowError(f"a value is out of range for {datatype}")
