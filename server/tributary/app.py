@@ -294,6 +294,7 @@ def start(options: ServerOptions, logs: LogControl | None = None) -> Server | No
             port=options.http_port,
             threads=options.http_thread_count,
             max_input_size=options.http_max_input_size,
+            max_connections=options.http_max_connections,
             reuse_port=options.reuse_http_port,
             drain_timeout=options.exit_timeout_secs,
             restricted=options.http_restricted_apis,

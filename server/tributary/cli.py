@@ -265,6 +265,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerOptions:
         reuse_http_port=a.reuse_http_port,
         http_thread_count=a.http_thread_count,
         http_max_input_size=a.http_max_input_size,
+        http_max_connections=a.http_max_connections,
         http_restricted_apis=http_restricted,
         grpc_address=a.grpc_address,
         grpc_port=a.grpc_port,

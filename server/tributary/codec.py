@@ -113,7 +113,7 @@ def _request_params(request: pb.ModelInferRequest) -> tuple[int, int, SequenceFl
                 )
             timeout_us = min(int(value), MAX_TIMEOUT_US)
         elif key == "sequence_id":
-            if kind == "int64_param":
+            if kind in ("int64_param", "uint64_param"):
                 seq_id = int(value) & _UINT64  # Triton keeps it as uint64: -1 is 2**64-1
             elif kind == "string_param":
                 if len(value) > MAX_SEQUENCE_ID_BYTES // 4 and (

@@ -15,6 +15,7 @@ DEFAULT_MAX_STREAMS = 512
 DEFAULT_STREAM_MAX_PENDING = 256
 """--grpc-stream-max-pending: replies running or unsent on one stream."""
 DEFAULT_HTTP_MAX_INPUT_SIZE = 64 << 20
+DEFAULT_HTTP_MAX_CONNECTIONS = 1024
 """--http-max-input-size: the largest HTTP request body, compressed or inflated (tritonserver's
 default)."""
 DEFAULT_CLIENT_SHM_MAX_BYTES = 64 << 30

@@ -482,7 +482,14 @@ class DataPlane:
             done(result, None)
             return
 
+        answered = False
+
         def completed(results: object, error: InferenceError | None) -> None:
+            # `done` is called once, outside every try: were it inside, a `done` that raised
+            # (a front end whose loop closed) would be called again with an internal error.
+            nonlocal answered
+            answered = True
+            result: InferResult | None = None
             try:
                 if isinstance(error, Closed) and attempt < REROUTES and not self.state.exiting:
                     # A reload retired the version it resolved: resolve again.
@@ -490,24 +497,23 @@ class DataPlane:
                     return
                 if error is not None:
                     self._failed(call, error)
-                    done(None, error)
-                    return
-                call.store(results)  # type: ignore[arg-type]
-                result = self._finish(request, call, results)
+                else:
+                    call.store(results)  # type: ignore[arg-type]
+                    result = self._finish(request, call, results)
             except InferenceError as exc:
-                done(None, exc)
-                return
+                error = exc
             except Exception as exc:
-                done(None, internal_error("ModelInfer", exc, request.id))
-                return
+                error = internal_error("ModelInfer", exc, request.id)
             finally:
                 call.decoded.release()
-            done(result, None)
+            done(result, error)
 
         try:
             call.model.scheduler.submit(call.decoded.item, completed)
         except Exception as exc:  # submit reports refusals through `completed`; this is a bug
             call.decoded.release()
+            if answered:  # `completed` ran (a refusal) and `done` itself raised: not again
+                raise
             done(None, internal_error("ModelInfer", exc, request.id))
 
     def _begin(

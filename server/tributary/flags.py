@@ -26,6 +26,7 @@ from typing import Any
 from . import __version__
 from .constants import (
     DEFAULT_CLIENT_SHM_MAX_BYTES,
+    DEFAULT_HTTP_MAX_CONNECTIONS,
     DEFAULT_HTTP_MAX_INPUT_SIZE,
     DEFAULT_MAX_STREAMS,
     DEFAULT_MAX_TENSOR_BYTES,
@@ -484,6 +485,16 @@ FLAGS: tuple[Flag, ...] = (
         type=byte_count,
         default=DEFAULT_HTTP_MAX_INPUT_SIZE,
         metavar="BYTES",
+    ),
+    _impl(
+        "--http-max-connections",
+        HTTP,
+        "open HTTP connections at most, over all --http-thread-count loops; one more is closed "
+        "as soon as it is accepted, so idle or stalled clients cannot use up the process's file "
+        "descriptors (default: 1024)",
+        type=positive,
+        default=DEFAULT_HTTP_MAX_CONNECTIONS,
+        metavar="N",
     ),
     _impl(
         "--http-restricted-api",

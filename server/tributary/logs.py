@@ -231,7 +231,7 @@ class LogControl:
 
         if "log_file" in update:
             raise Unimplemented("log file location can not be updated through network protocol")
-        new = dict(self.values)
+        new: dict[str, bool | int | str] = {}  # checked here, applied under the lock
         for key in ("log_info", "log_warning", "log_error"):
             if key in update:
                 value = update[key]
@@ -257,6 +257,9 @@ class LogControl:
                 )
             new["log_format"] = fmt
         with self._lock:
+            # merged with the values in force only now: two clients changing different
+            # settings at once must not undo each other's change with a stale copy
+            new = {**self.values, **new}
             self.apply(
                 verbose=int(new["log_verbose_level"]),
                 info=bool(new["log_info"]),

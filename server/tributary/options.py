@@ -13,6 +13,7 @@ if TYPE_CHECKING:
 
 from .constants import (
     DEFAULT_CLIENT_SHM_MAX_BYTES,
+    DEFAULT_HTTP_MAX_CONNECTIONS,
     DEFAULT_HTTP_MAX_INPUT_SIZE,
     DEFAULT_MAX_STREAMS,
     DEFAULT_MAX_TENSOR_BYTES,
@@ -50,6 +51,7 @@ class ServerOptions:
     reuse_http_port: bool = False
     http_thread_count: int = 1
     http_max_input_size: int = DEFAULT_HTTP_MAX_INPUT_SIZE
+    http_max_connections: int = DEFAULT_HTTP_MAX_CONNECTIONS
     # --http-restricted-api: {category: the header it requires} (tributary.restrict)
     http_restricted_apis: dict[str, Restriction] = field(default_factory=dict)
     # gRPC

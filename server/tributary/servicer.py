@@ -24,11 +24,10 @@ from . import memory
 from .dataplane import DataPlane, InferResult, internal_error
 from .errors import InferenceError
 from .streams import Slot, Streams
+from .tracing import MAX_TRACE_HEADER_CHARS
 from .wire import infer_response_bytes, split_request
 
 TRACE_HEADERS = ("traceparent", "tracestate")
-MAX_TRACE_HEADER_CHARS = 1024
-"""W3C: a traceparent is 55 characters, a tracestate at most 32 members; longer is not one."""
 
 
 def trace_carrier(context: grpc.ServicerContext) -> dict[str, str] | None:

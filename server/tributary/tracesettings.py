@@ -21,6 +21,7 @@ The command line is parsed by `tributary.traceconfig`; `tributary.tracing` build
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -205,11 +206,13 @@ def _one(key: str, values: Sequence[str]) -> str:
     return values[0]
 
 
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+
+
 def _number(key: str, text: str, low: int, high: int) -> int:
-    try:
-        value = int(text.strip()) if len(text) <= 32 else None
-    except ValueError:
-        value = None
+    # ASCII digits only: int() alone also takes "1_000" and other scripts' digits ("٣")
+    stripped = text.strip()
+    value = int(stripped) if len(text) <= 32 and _INTEGER.fullmatch(stripped) else None
     if value is None:
         raise InvalidArgument(f"Unable to parse '{key}', got: {text[:64]}")
     if key == "trace_count" and value < low:

@@ -60,6 +60,12 @@ SHUTDOWN_TIMEOUT_S = 5.0
 EXPORT_TIMEOUT_S = 5.0
 
 
+MAX_TRACE_HEADER_CHARS = 1024
+"""W3C: a traceparent is 55 characters, a tracestate at most 32 members; longer is not one."""
+QUIET_LOGGERS = ("opentelemetry.trace.propagation.tracecontext", "opentelemetry.trace.span")
+"""OpenTelemetry loggers whose warnings are about client input, kept to errors."""
+
+
 class Trace:
     """One sampled request, between `Tracer.start` and `Tracer.finish`."""
 
@@ -298,12 +304,20 @@ class _Otel:
         self._tracer = self._provider.get_tracer("tributary")
         self._api = api
         self._propagator = TraceContextTextMapPropagator()
+        # These two warn about what a client sent (a traceparent over 512 characters, a bad
+        # or duplicate tracestate member), once per request: a client could fill the log.
+        # Such headers are treated as absent (docs/limits.md#tracing); errors still show.
+        for name in QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
         self._server = api.SpanKind.SERVER
         self._status = Status
         self._error_code = StatusCode.ERROR
 
     def extract(self, carrier: Mapping[str, str]) -> Context | None:
-        """The client's span context, when it sent a valid traceparent."""
+        """The client's span context, when it sent a valid traceparent. Headers longer than
+        MAX_TRACE_HEADER_CHARS (from either front end) are not W3C headers: ignored before
+        they are parsed."""
+        carrier = {k: v for k, v in carrier.items() if len(v) <= MAX_TRACE_HEADER_CHARS}
         ctx = self._propagator.extract(carrier)
         if not self._api.get_current_span(ctx).get_span_context().is_valid:
             return None

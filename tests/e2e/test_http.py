@@ -12,6 +12,8 @@ import gzip
 import http.client
 import json
 import os
+import socket
+import time
 import zlib
 from typing import Any
 
@@ -53,7 +55,7 @@ def post(
     server: Any,
     path: str,
     body: bytes = b"",
-    headers: dict[str, str] | None = None,
+    headers: dict[str, Any] | None = None,
     method: str = "POST",
 ) -> tuple[int, dict[str, str], bytes]:
     """One raw request; (status, lower-cased headers, body)."""
@@ -434,8 +436,43 @@ def test_binary_sizes_must_add_up(served) -> None:
     assert status == 400 and "runs past the end of the request body" in message
 
 
-@pytest.mark.parametrize("value", ["-1", "abc", "99999999", "1, 2"])
-def test_bad_inference_header_content_length(served, value: str) -> None:
+def test_large_json_head_is_refused_and_large_binary_bodies_still_flow(server_factory) -> None:
+    """Parsing JSON numbers holds the GIL (~55 ms per MiB; a 60 MB `data` array stalled the
+    whole server for 3.3 s), so the JSON part of an infer body is bounded at 8 MiB, before it
+    is parsed; large tensors go as binary data, which is parsed and encoded off the event loop
+    (here gzip both ways, so inflating and deflating take that path too)."""
+    server = server_factory(MODEL_REPOSITORY)
+    count = 5_000_000
+    body = (
+        f'{{"inputs":[{{"name":"INPUT0","shape":[1,{count}],"datatype":"INT32","data":['
+        + ",".join(["0"] * count)
+        + "]}]}"
+    ).encode()
+    assert len(body) > 8 << 20
+    status, message = error_of(post(server, "/v2/models/simple/infer", body))
+    assert status == 400, message
+    assert "exceeds the maximum of 8388608 bytes" in message and "binary data" in message
+
+    strings = np.array([[b"%07d" % i for i in range(300_000)]], dtype=object)  # ~3.3 MB
+    tensor = httpclient.InferInput("INPUT0", list(strings.shape), "BYTES")
+    tensor.set_data_from_numpy(strings, binary_data=True)
+    client = httpclient.InferenceServerClient(server.http_url, network_timeout=120)
+    try:
+        result = client.infer(
+            "simple_identity",
+            [tensor],
+            outputs=[httpclient.InferRequestedOutput("OUTPUT0", binary_data=True)],
+            request_compression_algorithm="gzip",
+            response_compression_algorithm="gzip",
+        )
+        np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), strings)
+        assert client.is_server_live()
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("value", ["-1", "abc", "99999999", "1, 2", "\u0663".encode()])
+def test_bad_inference_header_content_length(served, value: str | bytes) -> None:
     body, _ = binary_body([64, 64], A.tobytes() + B.tobytes())
     status, message = error_of(
         post(served, "/v2/models/simple/infer", body, {"Inference-Header-Content-Length": value})
@@ -609,6 +646,19 @@ def test_trace_and_log_settings_match_grpc(served, gc) -> None:
     assert status == 400 and "expect boolean for 'log_info'" in message
 
 
+@pytest.mark.parametrize("value", ["1_000", "\u0663", "5abc", "0x10", "1e3", ""])
+def test_trace_numbers_must_be_ascii_integers(served, gc, value: str) -> None:
+    """int() alone took "1_000" and other scripts' digits; a rate is plain digits on both
+    front ends, and a refused update changes nothing."""
+    before = json.loads(post(served, "/v2/trace/setting", method="GET")[2])
+    body = json.dumps({"trace_rate": value}).encode()
+    status, message = error_of(post(served, "/v2/trace/setting", body))
+    assert status == 400 and "Unable to parse 'trace_rate'" in message, message
+    with pytest.raises(InferenceServerException, match="Unable to parse 'trace_rate'"):
+        gc.update_trace_settings(settings={"trace_rate": value})
+    assert json.loads(post(served, "/v2/trace/setting", method="GET")[2]) == before
+
+
 def test_restricted_api_needs_its_header(server_factory) -> None:
     server = server_factory(MODEL_REPOSITORY, "--http-restricted-api=inference,statistics:Admin=s3")
     body = json.dumps(
@@ -650,17 +700,29 @@ def test_fp16_and_bool_json_round_trip(server_factory, tmp_path) -> None:
     assert server.terminate() == 0
 
 
-def test_int_data_out_of_range_is_refused(served) -> None:
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        (2**40, "out of range for INT32"),
+        (-(2**63) - 1, "got non-numbers"),  # past int64: numpy keeps Python ints
+        (2**64, "got non-numbers"),
+        (1.5, "numbers with fractions"),
+        (float("nan"), "numbers with fractions"),
+        (float("inf"), "numbers with fractions"),
+        (True, "expected INT32 numbers, got booleans"),  # Triton: not an integer either
+    ],
+)
+def test_bad_int_data_is_refused(served, value: Any, reason: str) -> None:
     body = json.dumps(
         {
             "inputs": [
-                {"name": n, "shape": [1, 16], "datatype": "INT32", "data": [2**40] * 16}
+                {"name": n, "shape": [1, 16], "datatype": "INT32", "data": [value] * 16}
                 for n in ("INPUT0", "INPUT1")
             ]
         }
     ).encode()
     status, message = error_of(post(served, "/v2/models/simple/infer", body))
-    assert status == 400 and "out of range for INT32" in message, message
+    assert status == 400 and reason in message, message
 
 
 def test_shutdown_drains_http_requests_in_flight(server_factory, tmp_path) -> None:
@@ -694,6 +756,63 @@ def test_shutdown_drains_http_requests_in_flight(server_factory, tmp_path) -> No
     assert "outputs" in json.loads(answers[0][1])
     with pytest.raises(ConnectionRefusedError):
         post(server, "/v2/health/live", method="GET")
+
+
+def test_http_sequence_ids_are_uint64_as_on_grpc(hc, gc) -> None:
+    """tritonclient.http sends sequence_id as a JSON number, which Triton reads as uint64;
+    2^64-1 over HTTP is the sequence a gRPC client names as int64 -1."""
+
+    def value(client: Any, module: Any, **kwargs: Any) -> int:
+        tensor = module.InferInput("INPUT", [1, 1], "INT32")
+        tensor.set_data_from_numpy(np.array([[5]], dtype=np.int32))
+        return int(client.infer("simple_sequence", [tensor], **kwargs).as_numpy("OUTPUT")[0, 0])
+
+    value(hc, httpclient, sequence_id=2**64 - 1, sequence_start=True)
+    value(gc, grpcclient, sequence_id=-1, sequence_end=True)  # the same sequence: no START
+    with pytest.raises(InferenceServerException, match="START"):
+        value(gc, grpcclient, sequence_id=-1)  # it has ended
+    value(hc, httpclient, sequence_id=2**63, sequence_start=True, sequence_end=True)
+    with pytest.raises(InferenceServerException, match="out of int64 range"):
+        value(hc, httpclient, sequence_id=2**64, sequence_start=True)
+
+
+def test_connections_are_capped_over_every_event_loop(server_factory) -> None:
+    """Idle connections held sockets until the process ran out of file descriptors (which
+    gRPC and model loads need too): past --http-max-connections, counted over every event
+    loop, a connection is closed as soon as it is accepted, and a freed place is taken again."""
+    server = server_factory(MODEL_REPOSITORY, "--http-max-connections=4", "--http-thread-count=2")
+    probe = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n"
+
+    def answered(sock: socket.socket) -> bool:
+        """True if a request on `sock` is answered; False if the server closed it."""
+        sock.settimeout(30)
+        try:
+            sock.sendall(probe)
+            return sock.recv(64).startswith(b"HTTP/1.1 200")
+        except ConnectionError:
+            return False
+
+    held = [socket.create_connection(("127.0.0.1", server.http_port)) for _ in range(4)]
+    try:
+        assert all(answered(sock) for sock in held)  # all four are being served
+        with socket.create_connection(("127.0.0.1", server.http_port)) as extra:
+            assert not answered(extra)
+        client = grpcclient.InferenceServerClient(server.url)
+        try:
+            assert client.is_server_live()  # gRPC is untouched
+        finally:
+            client.close()
+        held.pop().close()
+        deadline = time.monotonic() + 30
+        while True:  # the server sees the close asynchronously
+            with socket.create_connection(("127.0.0.1", server.http_port)) as again:
+                if answered(again):
+                    break
+            assert time.monotonic() < deadline, "a freed connection place was never reused"
+        assert "(--http-max-connections)" in server.log()
+    finally:
+        for sock in held:
+            sock.close()
 
 
 def test_several_event_loops_share_the_port(server_factory) -> None:

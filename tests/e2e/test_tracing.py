@@ -140,6 +140,39 @@ def test_http_request_joins_the_clients_trace(traced, receiver) -> None:
     check_request_tree(root, spans)
 
 
+def test_hostile_trace_headers_write_no_log_lines(traced, client, receiver) -> None:
+    """OpenTelemetry's propagator warned once per request about an over-long traceparent or a
+    bad tracestate member (what the client sent, in the server log): a client could fill the
+    log. Such headers count as absent; the request is traced as its own trace."""
+    import tritonclient.http as httpclient
+
+    a = np.arange(16, dtype=np.int32).reshape(1, 16)
+    http_inputs = []
+    for name in ("INPUT0", "INPUT1"):
+        tensor = httpclient.InferInput(name, [1, 16], "INT32")
+        tensor.set_data_from_numpy(a)
+        http_inputs.append(tensor)
+    hostile = [
+        {"traceparent": TRACEPARENT + "-" + "x" * 600},  # over OTel's 512, under our 1024
+        {"traceparent": "x" * 5000},  # over 1024
+        {"traceparent": TRACEPARENT, "tracestate": "a=1,a=2,bad key=v," + "k=v," * 40},
+    ]
+    http = httpclient.InferenceServerClient(traced.http_url)
+    try:
+        for i, headers in enumerate(hostile):
+            http.infer("simple", http_inputs, request_id=f"hostile-http-{i}", headers=dict(headers))
+            client.infer("simple", inputs(), request_id=f"hostile-grpc-{i}", headers=dict(headers))
+    finally:
+        http.close()
+    root, _ = root_of(receiver, "hostile-http-1")
+    assert root.trace_id != TRACE_ID  # its own trace
+    root, _ = root_of(receiver, "hostile-grpc-0")
+    assert root.trace_id != TRACE_ID
+    log = traced.log()
+    for text in ("exceeded the maximum", "key/value", "Duplicate key", "can't be more"):
+        assert text not in log
+
+
 def test_streamed_requests_join_the_streams_trace(client, receiver) -> None:
     replies: queue.Queue[Any] = queue.Queue()
     client.start_stream(

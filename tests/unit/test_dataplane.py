@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from tributary.dataplane import DataPlane, InferResult, ServerState
-from tributary.errors import InferenceError, InvalidArgument, NotFound
+from tributary.errors import InferenceError, InvalidArgument, NotFound, Unavailable
 from tributary.logs import RequestLog
 from tributary.model import build_loader
 from tributary.repository import ModelRepository
@@ -76,6 +76,26 @@ def test_submit_completes_once_with_the_same_result(dp: DataPlane) -> None:
     assert len(calls) == 1 and calls[0][1] is None and calls[0][0] is not None
     np.testing.assert_array_equal(outputs(calls[0][0])["OUTPUT0"], A + B)
     assert counts(dp) == (1, 0)
+
+
+def test_submit_calls_a_failing_done_only_once(
+    dp: DataPlane, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A completion that raises (the HTTP front end's loop closed under it) must not be
+    called a second time with an internal error about itself."""
+    calls: list[InferenceError | None] = []
+
+    def done(result: InferResult | None, error: InferenceError | None) -> None:
+        calls.append(error)
+        raise RuntimeError("Event loop is closed")
+
+    # the scheduler refuses the request through its callback (a full queue, say)
+    scheduler = dp.repo.resolve("simple", "").scheduler
+    monkeypatch.setattr(scheduler, "submit", lambda item, cb: cb(None, Unavailable("full")))
+    with pytest.raises(RuntimeError):
+        dp.submit(infer_request(), None, done)
+    assert len(calls) == 1 and calls[0] is not None
+    assert calls[0].message == "full"
 
 
 def test_a_bad_request_is_an_error_value_and_a_counted_failure(dp: DataPlane) -> None:

@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -181,3 +183,47 @@ def test_request_log_line(tmp_path: Path, restore_logging) -> None:
     assert record["rpc"] == "ModelInfer" and record["model"] == "simple"
     assert record["status"] == "OK" and record["duration_us"] >= 0
     assert record["request_id"] == "r" * 256 + "...(44 more)"
+
+
+class _WatchedLock:
+    """A lock that says when a second caller is waiting for it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.waiting = threading.Event()
+
+    def __enter__(self) -> None:
+        if not self._lock.acquire(blocking=False):
+            self.waiting.set()
+            self._lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
+def test_concurrent_log_settings_do_not_undo_each_other(tmp_path: Path, restore_logging) -> None:
+    """Two LogSettings calls changing different settings at once (one from an HTTP loop, one
+    from a gRPC thread): the second must not re-apply the first one's old values."""
+    control = logs.configure(file=tmp_path / "log.txt")
+    watched = _WatchedLock()
+    control._lock = watched  # type: ignore[assignment]
+    first_applying, release_first = threading.Event(), threading.Event()
+    apply = control.apply
+
+    def slow_apply(**kwargs: Any) -> None:
+        if not first_applying.is_set():
+            first_applying.set()
+            release_first.wait(30)
+        apply(**kwargs)
+
+    control.apply = slow_apply  # type: ignore[method-assign]
+    first = threading.Thread(target=control.update, args=({"log_info": False},))
+    first.start()
+    assert first_applying.wait(30)
+    second = threading.Thread(target=control.update, args=({"log_format": "ISO8601"},))
+    second.start()
+    assert watched.waiting.wait(30)  # the second call waits for the first one's apply
+    release_first.set()
+    first.join(30)
+    second.join(30)
+    assert control.values["log_info"] is False and control.values["log_format"] == "ISO8601"

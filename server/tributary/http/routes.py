@@ -6,9 +6,10 @@ reference (`dataplane.internal_error`) and answered 500. Bodies are read here wi
 bounds (`--http-max-input-size` from Content-Length before reading, and while decompressing),
 so a hostile size costs nothing (docs/limits.md#httprest).
 
-Inference goes through `DataPlane.submit`: the request is parsed on the event loop, runs on
-the scheduler's threads, and its completion is handed back to the loop with
-`call_soon_threadsafe`; no thread of ours waits for a model.
+Inference goes through `DataPlane.submit`: the request is parsed on the event loop (bodies of
+`OFF_LOOP_BYTES` or more, and compressed ones, on a small parse pool, so a large JSON body
+cannot stall the loop), runs on the scheduler's threads, and its completion is handed back to
+the loop with `call_soon_threadsafe`; no thread of ours waits for a model.
 """
 
 from __future__ import annotations
@@ -17,12 +18,11 @@ import asyncio
 import re
 import zlib
 from collections.abc import Awaitable, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import unquote
 
 from aiohttp import web
-
-from tributary_client._proto import grpc_service_pb2 as pb
 
 from ..dataplane import DataPlane, InferResult, internal_error
 from ..errors import InferenceError, InvalidArgument, clip_message
@@ -32,6 +32,15 @@ from . import translate as tr
 JSON = "application/json"
 BINARY = "application/octet-stream"
 HEADER_LENGTH = "Inference-Header-Content-Length"
+
+OFF_LOOP_BYTES = 64 << 10
+"""Infer bodies (and replies) from this size on are parsed (encoded) on the parse pool, not on
+the event loop: parsing JSON costs ~50-100 ms per MiB, which would stall every connection the
+loop serves."""
+PARSE_THREADS = 4
+"""Threads of the parse pool, shared by every event loop. Parsing holds the GIL, so more
+threads would not parse faster; the bound also caps how many large bodies are expanded into
+Python objects at once (a JSON body costs several times its size while it is converted)."""
 
 Handler = Callable[["Call"], Awaitable[web.StreamResponse]]
 
@@ -73,6 +82,7 @@ class Routes:
         self.dp = dataplane
         self.max_input_size = max_input_size
         self.restricted = dict(restricted or {})
+        self._pool = ThreadPoolExecutor(PARSE_THREADS, thread_name_prefix="http-parse")
         # (pattern, group names, {method: (category, handler)})
         get, post = "GET", "POST"
         table: list[tuple[str, tuple[str, ...], dict[str, tuple[str, Handler]]]] = [
@@ -158,9 +168,10 @@ class Routes:
             return error_response(500, bug.message)
 
     # ---- bodies ----------------------------------------------------------------------------
-    async def body(self, request: web.BaseRequest) -> bytes:
+    async def body(self, request: web.BaseRequest, *, inflate: bool = True) -> bytes:
         """The request body, bounded by --http-max-input-size before and while reading, and
-        decompressed (Content-Encoding gzip or deflate) within the same bound."""
+        decompressed (Content-Encoding gzip or deflate) within the same bound (unless
+        `inflate` is false: then the caller inflates it, off the event loop)."""
         limit = self.max_input_size
         length = request.content_length
         if length is not None and length > limit:
@@ -184,14 +195,14 @@ class Routes:
                 data = b"".join(parts)
         except (asyncio.IncompleteReadError, ConnectionError):
             raise InvalidArgument("the request body ended before its Content-Length") from None
-        encoding = request.headers.get("Content-Encoding", "").strip().lower()
-        if encoding in ("", "identity"):
+        encoding = _content_encoding(request)
+        if not encoding or not inflate:
             return data
-        if encoding not in _WBITS:
-            raise InvalidArgument(
-                f"unsupported Content-Encoding '{encoding[:64]}'; expected gzip or deflate"
-            )
         return _decompress(data, _WBITS[encoding], limit)
+
+    def close(self) -> None:
+        """After the event loops stopped: end the parse pool's threads."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     async def json_body(self, call: Call) -> dict[str, Any]:
         return tr.json_object(await self.body(call.request))
@@ -286,25 +297,42 @@ class Routes:
     # ---- inference -------------------------------------------------------------------------
     async def infer(self, call: Call) -> web.StreamResponse:
         request = call.request
-        body = memoryview(await self.body(request))
-        header_length = _header_length(request)
-        message, raws, plan = tr.infer_request(body, header_length, call.model, call.version)
-        result = await self._submit(message, raws, request)
-        head, binaries = tr.infer_response(result.response, result.raws, plan)
-        headers = {}
-        if binaries:
-            headers[HEADER_LENGTH] = str(len(head))
-            payload = b"".join([head, *binaries])
-            content_type = BINARY
-        else:
-            payload, content_type = head, JSON
-        return _compressed(request, payload, content_type, headers)
-
-    def _submit(
-        self, message: pb.ModelInferRequest, raws: list[memoryview | bytes], request: Any
-    ) -> asyncio.Future[InferResult]:
         loop = asyncio.get_running_loop()
+        body = await self.body(request, inflate=False)
+        header_length = _header_length(request)
         future: asyncio.Future[InferResult] = loop.create_future()
+        args = (loop, future, body, header_length, call, request)
+        if len(body) < OFF_LOOP_BYTES and not _content_encoding(request):
+            plan = self._parse_and_submit(*args)
+        else:
+            # Inflating and parsing a large body (JSON `data` especially: a 60 MB array
+            # took 3 s) would stall every other connection on this event loop, health
+            # checks included; it runs on the bounded parse pool instead.
+            plan = await loop.run_in_executor(self._pool, self._parse_and_submit, *args)
+        result = await future
+        size = sum(memoryview(raw).nbytes for raw in result.raws)
+        if size < OFF_LOOP_BYTES:
+            return _encode(request, result, plan)
+        return await loop.run_in_executor(self._pool, _encode, request, result, plan)
+
+    def _parse_and_submit(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        future: asyncio.Future[InferResult],
+        body: bytes,
+        header_length: int | None,
+        call: Call,
+        request: web.BaseRequest,
+    ) -> tr.InferPlan:
+        """Inflate and translate the body, then hand it to the data plane (which validates
+        it on this thread and queues it); `future` is settled on `loop` when it completes.
+        Runs on the loop for small bodies, on the parse pool for large ones."""
+        encoding = _content_encoding(request)
+        if encoding:
+            body = _decompress(body, _WBITS[encoding], self.max_input_size)
+        message, raws, plan = tr.infer_request(
+            memoryview(body), header_length, call.model, call.version
+        )
 
         def settle(result: InferResult | None, error: InferenceError | None) -> None:
             if future.done():  # the handler went away (server shutdown cancelled it)
@@ -315,13 +343,16 @@ class Routes:
                 future.set_result(result)  # type: ignore[arg-type]
 
         def done(result: InferResult | None, error: InferenceError | None) -> None:
-            loop.call_soon_threadsafe(settle, result, error)
+            try:
+                loop.call_soon_threadsafe(settle, result, error)
+            except RuntimeError:
+                pass  # the loop is closed (shutdown past its drain time): nobody waits
 
         transport = request.transport
-        carrier = {
+        carrier = {  # read only while tracing is on, as on gRPC
             key: request.headers[key]
             for key in ("traceparent", "tracestate")
-            if key in request.headers
+            if self.dp.tracing and key in request.headers
         }
         self.dp.submit(
             message,
@@ -331,13 +362,39 @@ class Routes:
             carrier=carrier or None,
             rpc="HTTP infer",
         )
-        return future
+        return plan
 
 
 # ---- helpers ---------------------------------------------------------------------------------
 
 _WBITS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 _INFLATE_STEP = 1 << 20
+
+
+def _content_encoding(request: web.BaseRequest) -> str:
+    """The body's Content-Encoding ("" for none or identity); anything but gzip or deflate
+    is a 400."""
+    encoding = request.headers.get("Content-Encoding", "").strip().lower()
+    if encoding in ("", "identity"):
+        return ""
+    if encoding not in _WBITS:
+        raise InvalidArgument(
+            f"unsupported Content-Encoding '{encoding[:64]}'; expected gzip or deflate"
+        )
+    return encoding
+
+
+def _encode(request: web.BaseRequest, result: InferResult, plan: tr.InferPlan) -> web.Response:
+    """The infer reply: JSON head plus binary outputs, compressed if the client asked."""
+    head, binaries = tr.infer_response(result.response, result.raws, plan)
+    headers = {}
+    if binaries:
+        headers[HEADER_LENGTH] = str(len(head))
+        payload = b"".join([head, *binaries])
+        content_type = BINARY
+    else:
+        payload, content_type = head, JSON
+    return _compressed(request, payload, content_type, headers)
 
 
 def _decompress(data: bytes, wbits: int, limit: int) -> bytes:
@@ -379,7 +436,10 @@ def _header_length(request: web.BaseRequest) -> int | None:
     values = request.headers.getall(HEADER_LENGTH, [])
     if not values:
         return None
-    if len(values) != 1 or not values[0].strip().isdigit() or len(values[0]) > 20:
+    text = values[0].strip() if len(values) == 1 else ""
+    # ASCII digits only (str.isdigit also takes other scripts' digits, and "²", which int()
+    # then refuses)
+    if not (text.isascii() and text.isdigit()) or len(text) > 20:
         raise InvalidArgument(f"{HEADER_LENGTH} must be one non-negative integer")
     return int(values[0])
 

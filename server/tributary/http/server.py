@@ -20,9 +20,11 @@ import logging
 import socket
 import threading
 from collections.abc import Mapping
+from typing import Any
 
 from aiohttp import web
 
+from ..constants import DEFAULT_HTTP_MAX_CONNECTIONS
 from ..dataplane import DataPlane
 from ..restrict import Restriction
 from .routes import Routes
@@ -46,6 +48,7 @@ class HttpServer:
         port: int,
         threads: int,
         max_input_size: int,
+        max_connections: int = DEFAULT_HTTP_MAX_CONNECTIONS,
         reuse_port: bool = False,
         drain_timeout: float = 30.0,
         restricted: Mapping[str, Restriction] | None = None,
@@ -54,6 +57,7 @@ class HttpServer:
         self.reuse_port = reuse_port
         self.drain_timeout = drain_timeout
         self.routes = Routes(dataplane, max_input_size=max_input_size, restricted=restricted)
+        self.connections = _ConnectionCap(max_connections)
         self._sock: socket.socket | None = None
         self._loops: list[tuple[asyncio.AbstractEventLoop, web.ServerRunner]] = []
         self._threads: list[threading.Thread] = []
@@ -96,7 +100,8 @@ class HttpServer:
         asyncio.set_event_loop(loop)
 
         async def open_site() -> web.ServerRunner:
-            server = web.Server(
+            server = _CappedServer(
+                self.connections,
                 self.routes.handle,
                 auto_decompress=False,
                 access_log=None,
@@ -138,3 +143,60 @@ class HttpServer:
             loop.call_soon_threadsafe(loop.stop)
         for thread in self._threads:
             thread.join(5.0)
+        self.routes.close()
+
+
+class _ConnectionCap:
+    """Open connections over every event loop, at most `limit` (--http-max-connections)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open = 0
+        self.refused = 0
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        with self._lock:
+            if self.open >= self.limit:
+                self.refused += 1
+                return False
+            self.open += 1
+            return True
+
+    def give_back(self) -> None:
+        with self._lock:
+            self.open -= 1
+
+
+class _CappedServer(web.Server):
+    """aiohttp's low-level server, closing a connection past the cap as soon as it is
+    accepted: without a cap, idle or slowly-sent requests could hold sockets until the
+    process ran out of file descriptors, and with it gRPC, model loads and the log."""
+
+    def __init__(self, cap: _ConnectionCap, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._cap = cap
+        self._counted: set[object] = set()
+
+    def connection_made(self, handler: Any, transport: Any) -> None:
+        super().connection_made(handler, transport)
+        if self._cap.take():
+            self._counted.add(handler)
+            return
+        if self._cap.refused % 1000 == 1:  # the first, then one line per 1,000
+            log.warning(
+                "HTTP connection refused: %d open, the server allows %d "
+                "(--http-max-connections); %d refused so far",
+                self._cap.open,
+                self._cap.limit,
+                self._cap.refused,
+            )
+        # after aiohttp's handler has started (closing it inside this call would end the
+        # connection before its task exists, which aiohttp asserts against)
+        asyncio.get_running_loop().call_soon(transport.abort)
+
+    def connection_lost(self, handler: Any, exc: BaseException | None = None) -> None:
+        super().connection_lost(handler, exc)
+        if handler in self._counted:
+            self._counted.discard(handler)
+            self._cap.give_back()

@@ -35,7 +35,13 @@ from ..datatypes import BY_NAME
 from ..errors import InferenceError, InvalidArgument, shown
 
 MAX_DIMS = 64
+MAX_JSON_HEAD = 8 << 20
+"""The JSON part of an infer body, at most (gRPC's bound on what a request carries besides its
+raw payloads, docs/limits.md#httprest). Python's JSON parser and numpy's list conversion hold
+the GIL throughout, ~55 ms per MiB of numbers: a 60 MB `data` array stalled the whole
+process, gRPC included, for 3.3 s. Large tensors go as binary data, which is not parsed."""
 INT64_MAX = 2**63 - 1
+UINT64_MAX = 2**64 - 1
 
 BINARY_DATA = "binary_data"
 BINARY_DATA_SIZE = "binary_data_size"
@@ -90,9 +96,14 @@ def _parameter(key: str, value: Any, where: str) -> pb.InferParameter:
     if isinstance(value, bool):
         param.bool_param = value
     elif isinstance(value, int):
-        if not -(2**63) <= value <= INT64_MAX:
+        if INT64_MAX < value <= UINT64_MAX:
+            # Triton's HTTP front end reads sequence_id and priority as uint64: ids of 2^63
+            # and up are the ones a gRPC client sends as negative int64s
+            param.uint64_param = value
+        elif not -(2**63) <= value <= INT64_MAX:
             raise InvalidArgument(f"parameter '{shown(key)}' of {where} is out of int64 range")
-        param.int64_param = value
+        else:
+            param.int64_param = value
     elif isinstance(value, float):
         param.double_param = value
     elif isinstance(value, str):
@@ -173,6 +184,8 @@ def json_data_to_raw(data: Any, datatype: str, shape: Sequence[int], name: str) 
             raise TypeError(f"expected integers for {datatype}, got numbers with fractions")
         if dtype.numpy.kind == "b" and arr.dtype.kind != "b":
             raise TypeError(f"expected true/false, got {_kind(arr)}")
+        if dtype.numpy.kind != "b" and arr.dtype.kind == "b":
+            raise TypeError(f"expected {datatype} numbers, got {_kind(arr)}")
         converted = arr.astype(dtype.numpy, casting="unsafe")
         if dtype.numpy.kind in "iu" and not np.array_equal(converted, arr):
             raise OverflowError(f"a value is out of range for {datatype}")
@@ -218,6 +231,12 @@ def infer_request(
         raise InvalidArgument(
             f"Inference-Header-Content-Length {header_length} is outside the request body of "
             f"{len(body)} bytes"
+        )
+    if header_length > MAX_JSON_HEAD:
+        raise InvalidArgument(
+            f"the JSON inference header of {header_length} bytes exceeds the maximum of "
+            f"{MAX_JSON_HEAD} bytes; send large tensors as binary data ('{BINARY_DATA_SIZE}' "
+            "with Inference-Header-Content-Length)"
         )
     head = parse_json(body[:header_length], "inference request header")
     if not isinstance(head, dict):
