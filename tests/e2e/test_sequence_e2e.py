@@ -367,6 +367,35 @@ def test_flood_of_starts_without_end_drains_through_one_slot(server_factory, tmp
     assert got == list(range(1, count + 1))
 
 
+def test_a_backlogged_client_that_gave_up_frees_its_place_and_thread(server_factory, tmp_path):
+    """The only slot is held by a sequence that stays open (idle time 10 min); clients whose
+    deadline passes while their START waits in the backlog are answered CANCELED on the server
+    within a moment, so they neither fill the backlog nor hold a worker thread for minutes."""
+    srv = server_factory(_repo(tmp_path, 600_000_000))
+    with grpcclient.InferenceServerClient(srv.url) as c:
+        c.infer("accumulator", _inputs(1), sequence_id=1, sequence_start=True)
+        for sid in (2, 3, 4):
+            msg = triton_error(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                c.infer,
+                "accumulator",
+                _inputs(sid),
+                sequence_id=sid,
+                sequence_start=True,
+                client_timeout=0.3,
+            )
+            assert "Deadline Exceeded" in msg
+
+        def failed() -> int:
+            stats = c.get_inference_statistics("accumulator").model_stats[0]
+            return int(stats.inference_stats.fail.count)
+
+        wait_for(lambda: failed() == 3, timeout=20, what="the backlogged requests to fail")
+        # the open sequence is untouched and still has the slot
+        out = c.infer("accumulator", _inputs(5), sequence_id=1, sequence_end=True)
+        assert _out(out) == 6
+
+
 def test_unload_with_open_sequences_then_reload(server_factory, tmp_path):
     repo = _repo(tmp_path, 5_000_000)
     srv = server_factory(repo, "--model-control-mode=explicit", "--load-model=accumulator")
