@@ -396,6 +396,33 @@ def test_a_backlogged_client_that_gave_up_frees_its_place_and_thread(server_fact
         assert _out(out) == 6
 
 
+def test_an_ensemble_over_a_sequence_model_passes_the_sequence_on(server_factory, tmp_path):
+    """Every step gets the ensemble request's sequence ID and flags, as in Triton: the
+    accumulator keeps its running sum per sequence behind the ensemble."""
+    repo = _repo(tmp_path, 5_000_000)
+    (repo / "acc_ens" / "1").mkdir(parents=True)
+    (repo / "acc_ens" / "config.pbtxt").write_text(
+        'name: "acc_ens"\nplatform: "ensemble"\nmax_batch_size: 1\n'
+        'input [ { name: "IN" data_type: TYPE_INT32 dims: [ 1 ] } ]\n'
+        'output [ { name: "OUT" data_type: TYPE_INT32 dims: [ 1 ] } ]\n'
+        'ensemble_scheduling { step [ { model_name: "accumulator" model_version: -1 '
+        'input_map { key: "INPUT" value: "IN" } output_map { key: "OUTPUT" value: "OUT" } } ] }\n'
+    )
+    srv = server_factory(repo)
+    with grpcclient.InferenceServerClient(srv.url) as c:
+        sums = []
+        for i, v in enumerate([3, 4, 5]):
+            inp = grpcclient.InferInput("IN", [1, 1], "INT32")
+            inp.set_data_from_numpy(np.full((1, 1), v, np.int32))
+            result = c.infer("acc_ens", [inp], **_seq_kwargs(77, i, 3))
+            sums.append(int(result.as_numpy("OUT")[0, 0]))
+        assert sums == [3, 7, 12]
+        inp = grpcclient.InferInput("IN", [1, 1], "INT32")
+        inp.set_data_from_numpy(np.full((1, 1), 1, np.int32))
+        msg = triton_error(INVALID, c.infer, "acc_ens", [inp], sequence_id=77)
+        assert "sequence 77 to model 'accumulator' must specify the START flag" in msg
+
+
 def test_unload_with_open_sequences_then_reload(server_factory, tmp_path):
     repo = _repo(tmp_path, 5_000_000)
     srv = server_factory(repo, "--model-control-mode=explicit", "--load-model=accumulator")

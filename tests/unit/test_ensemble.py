@@ -19,6 +19,7 @@ from tributary.datatypes import BY_NAME
 from tributary.ensemble import MAX_NESTING, MAX_STEPS, check_composing, check_nesting, plan
 from tributary.errors import Cancelled, InferenceError, Internal, ModelLoadError
 from tributary.scheduler import Closed, WorkItem
+from tributary.scheduler.batchqueue import SequenceFlags
 from tributary.scheduler.ensemble import EnsembleScheduler
 from tributary.stats import ModelStats
 from tributary_client._proto import model_config_pb2 as mc
@@ -404,6 +405,18 @@ class Diamond:
             "d": lambda i: {"y": i["x"] + i["z"]},
         }
         self.models[name].scheduler.complete(ops[name])
+
+
+def test_steps_carry_the_requests_sequence_id_and_flags() -> None:
+    """A composing model with sequence batching needs the correlation ID and START/END of the
+    ensemble's request on every step (Triton copies them); without them every request to
+    such an ensemble failed with 'must specify a non-zero or non-empty correlation ID'."""
+    d = Diamond()
+    d.submit(1.0, sequence=SequenceFlags(42, start=True, end=False))
+    d.run("a")
+    for name in "bc":
+        ((item, _),) = d.models[name].scheduler.pending
+        assert item.sequence == SequenceFlags(42, start=True, end=False)
 
 
 def test_steps_start_as_their_inputs_become_ready_and_independent_ones_together() -> None:
