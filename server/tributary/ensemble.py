@@ -33,6 +33,10 @@ from .tensors import format_shape
 log = logging.getLogger("tributary.ensemble")
 
 PLATFORM = ENSEMBLE_PLATFORM
+MAX_NESTING = 16
+"""Ensembles inside ensembles, at most this deep (the ensemble itself counts as one). Each level
+is one more nested submit on the thread that completes a step, so an unbounded chain -- built
+by loading ensembles one over the other -- would end in a RecursionError mid-request."""
 MAX_STEPS = 256
 """Steps one ensemble may have. Triton sets no limit; a config (a client's override included)
 with 10,000 steps would otherwise cost a graph walk and a thread hop per step on every request."""
@@ -276,6 +280,46 @@ def check_composing(
                 tensors[tensor] = node
 
 
+def check_nesting(name: str, p: Plan, lookup: Lookup) -> None:
+    """Triton's circular-dependency check, against the ensembles loaded now, and our depth
+    bound. Steps resolve models by name when a request runs, so a composing ensemble that
+    (through any chain) names `name` again would run this ensemble inside itself for ever:
+    reloading one ensemble of a chain onto another is how such a cycle forms, and the loader's
+    own check sees only models not yet loaded."""
+    heights: dict[str, int] = {}
+
+    def height(model: Composing, chain: list[str]) -> int:
+        """Levels of ensembles from `model` down (1: no composing ensemble)."""
+        known = heights.get(model.name)
+        if known is not None:
+            return known
+        tallest = 0
+        for step in model.config.ensemble_scheduling.step:
+            if step.model_name == name or step.model_name in chain:
+                raise _bad(
+                    f"circular dependency between ensembles: {step.model_name} -> ... -> "
+                    f"{chain[-1]} -> {step.model_name}"
+                )
+            version = None if step.model_version < 0 else int(step.model_version)
+            sub = lookup(step.model_name, version)
+            if sub is None or not is_ensemble(sub.config):
+                continue
+            if len(chain) + 1 > MAX_NESTING:
+                raise _bad(
+                    f"ensemble '{name}' is part of a circular or too deep ensemble dependency: "
+                    + " -> ".join([*chain, step.model_name])
+                    + f" (at most {MAX_NESTING} levels)"
+                )
+            tallest = max(tallest, height(sub, [*chain, step.model_name]))
+        heights[model.name] = tallest + 1
+        return tallest + 1
+
+    for step in p.steps:
+        model = lookup(step.model, step.version)
+        if model is not None and is_ensemble(model.config):
+            height(model, [name, step.model])
+
+
 # -- execution ---------------------------------------------------------------------------------
 
 
@@ -331,6 +375,7 @@ def build_ensemble(
     start = time.monotonic()
     p = plan(config)
     check_composing(p, config, lookup)
+    check_nesting(name, p, lookup)
     scheduler = EnsembleScheduler(p, resolve, sig)
     log.info(
         "loaded ensemble '%s' version %d: %d step(s) over %s",

@@ -359,6 +359,50 @@ def test_hostile_configs_are_refused_at_load(server_factory, chain_repo) -> None
         assert c.is_server_live()
 
 
+def test_a_reload_that_would_close_a_cycle_of_ensembles_is_refused(
+    server_factory, chain_repo, tmp_path
+) -> None:
+    """`outer` runs `twice`; reloading `twice` to run `outer` passed every load check (its
+    composing model was loaded) and then every request to either ensemble ran forever inside
+    itself and was never answered. Triton refuses the cycle at load; the old version stays."""
+    repo = tmp_path / "models"
+    shutil.copytree(chain_repo, repo)
+    build_models.write_model(repo, "outer", None, ensemble_over("outer", "twice"))
+    (repo / "outer" / "1").mkdir()
+    server = server_factory(repo, EXPLICIT, "--load-model=outer")
+    with grpcclient.InferenceServerClient(server.url) as c:
+        x = np.arange(8, dtype=np.float32).reshape(2, 4)
+        inp = grpcclient.InferInput("IN", [2, 4], "FP32")
+        inp.set_data_from_numpy(x)
+        np.testing.assert_array_equal(c.infer("outer", [inp]).as_numpy("OUT"), x)
+        cycle = json_config(ensemble_over("twice", "outer"))
+        with pytest.raises(InferenceServerException) as info:
+            c.load_model("twice", config=json.dumps(cycle))
+        assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
+        assert "circular dependency between ensembles: twice -> ... -> outer -> twice" in (
+            info.value.message()
+        )
+        result = c.infer("outer", [inp], client_timeout=20)  # the old `twice` still serves
+        np.testing.assert_array_equal(result.as_numpy("OUT"), x)
+
+
+def ensemble_over(name: str, model: str) -> str:
+    """An ensemble of one step that runs another ensemble of the chain kind (IN -> OUT)."""
+    chain = chain_ensemble(name, [model])
+    return chain.replace('key: "INPUT0"', 'key: "IN"').replace('key: "OUTPUT0"', 'key: "OUT"')
+
+
+def json_config(text: str) -> dict:
+    """A config's text form as the JSON a load request carries."""
+    from google.protobuf import json_format, text_format
+
+    from tributary_client._proto import model_config_pb2 as mc
+
+    return json_format.MessageToDict(
+        text_format.Parse(text, mc.ModelConfig()), preserving_proto_field_name=True
+    )
+
+
 def test_a_grpc_worker_is_not_held_per_step(server_factory, chain_repo) -> None:
     """Many concurrent ensemble requests through a server with few gRPC workers: each request
     holds one worker while it waits, never one per step, so all complete."""

@@ -367,6 +367,62 @@ def test_flood_of_starts_without_end_drains_through_one_slot(server_factory, tmp
     assert got == list(range(1, count + 1))
 
 
+def test_a_backlogged_client_that_gave_up_frees_its_place_and_thread(server_factory, tmp_path):
+    """The only slot is held by a sequence that stays open (idle time 10 min); clients whose
+    deadline passes while their START waits in the backlog are answered CANCELED on the server
+    within a moment, so they neither fill the backlog nor hold a worker thread for minutes."""
+    srv = server_factory(_repo(tmp_path, 600_000_000))
+    with grpcclient.InferenceServerClient(srv.url) as c:
+        c.infer("accumulator", _inputs(1), sequence_id=1, sequence_start=True)
+        for sid in (2, 3, 4):
+            msg = triton_error(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                c.infer,
+                "accumulator",
+                _inputs(sid),
+                sequence_id=sid,
+                sequence_start=True,
+                client_timeout=0.3,
+            )
+            assert "Deadline Exceeded" in msg
+
+        def failed() -> int:
+            stats = c.get_inference_statistics("accumulator").model_stats[0]
+            return int(stats.inference_stats.fail.count)
+
+        wait_for(lambda: failed() == 3, timeout=20, what="the backlogged requests to fail")
+        # the open sequence is untouched and still has the slot
+        out = c.infer("accumulator", _inputs(5), sequence_id=1, sequence_end=True)
+        assert _out(out) == 6
+
+
+def test_an_ensemble_over_a_sequence_model_passes_the_sequence_on(server_factory, tmp_path):
+    """Every step gets the ensemble request's sequence ID and flags, as in Triton: the
+    accumulator keeps its running sum per sequence behind the ensemble."""
+    repo = _repo(tmp_path, 5_000_000)
+    (repo / "acc_ens" / "1").mkdir(parents=True)
+    (repo / "acc_ens" / "config.pbtxt").write_text(
+        'name: "acc_ens"\nplatform: "ensemble"\nmax_batch_size: 1\n'
+        'input [ { name: "IN" data_type: TYPE_INT32 dims: [ 1 ] } ]\n'
+        'output [ { name: "OUT" data_type: TYPE_INT32 dims: [ 1 ] } ]\n'
+        'ensemble_scheduling { step [ { model_name: "accumulator" model_version: -1 '
+        'input_map { key: "INPUT" value: "IN" } output_map { key: "OUTPUT" value: "OUT" } } ] }\n'
+    )
+    srv = server_factory(repo)
+    with grpcclient.InferenceServerClient(srv.url) as c:
+        sums = []
+        for i, v in enumerate([3, 4, 5]):
+            inp = grpcclient.InferInput("IN", [1, 1], "INT32")
+            inp.set_data_from_numpy(np.full((1, 1), v, np.int32))
+            result = c.infer("acc_ens", [inp], **_seq_kwargs(77, i, 3))
+            sums.append(int(result.as_numpy("OUT")[0, 0]))
+        assert sums == [3, 7, 12]
+        inp = grpcclient.InferInput("IN", [1, 1], "INT32")
+        inp.set_data_from_numpy(np.full((1, 1), 1, np.int32))
+        msg = triton_error(INVALID, c.infer, "acc_ens", [inp], sequence_id=77)
+        assert "sequence 77 to model 'accumulator' must specify the START flag" in msg
+
+
 def test_unload_with_open_sequences_then_reload(server_factory, tmp_path):
     repo = _repo(tmp_path, 5_000_000)
     srv = server_factory(repo, "--model-control-mode=explicit", "--load-model=accumulator")

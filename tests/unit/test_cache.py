@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import gc
+import sys
+import tracemalloc
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 from google.protobuf import text_format
@@ -9,7 +14,9 @@ from google.protobuf import text_format
 from tributary.cli import parse_cache_config
 from tributary.errors import ModelLoadError
 from tributary.scheduler.cache import (
+    ARRAY_OVERHEAD,
     ENTRY_OVERHEAD,
+    POINTER_BYTES,
     ModelCache,
     ResponseCache,
     refuse_unsupported,
@@ -24,7 +31,8 @@ def out(n: int, value: float = 1.0) -> dict[str, np.ndarray]:
 
 
 def size_of(n: int) -> int:
-    return ENTRY_OVERHEAD + 16 + 4 * n
+    """What `out(n)` is charged under a 16-byte key: one output named "y" of n float32."""
+    return ENTRY_OVERHEAD + 16 + len("y") + ARRAY_OVERHEAD + 4 * n
 
 
 # -- the store ------------------------------------------------------------------------------------
@@ -65,9 +73,10 @@ def test_stored_outputs_are_private_read_only_copies() -> None:
 
 
 def test_bytes_outputs_are_sized_by_their_elements() -> None:
-    cache = ResponseCache(ENTRY_OVERHEAD + 16 + 10)
+    element = sys.getsizeof(b"12345") + POINTER_BYTES  # the object, its header and pointer
+    cache = ResponseCache(ENTRY_OVERHEAD + 16 + len("s") + ARRAY_OVERHEAD + 2 * element)
     assert cache.put(KEY, ("m", 1), {"s": np.array([b"12345", b"67890"], dtype=object)})
-    assert not cache.put(b"y" * 16, ("m", 1), {"s": np.array([b"123456789ab"], dtype=object)})
+    assert not cache.put(b"y" * 16, ("m", 1), {"s": np.array([b"123456789a", b"b"], dtype=object)})
 
 
 def test_drop_removes_one_versions_entries_only() -> None:
@@ -77,7 +86,7 @@ def test_drop_removes_one_versions_entries_only() -> None:
     cache.put(b"3" * 16, ("m", 2), out(4))
     cache.put(b"4" * 16, ("other", 1), out(4))
     assert cache.drop(("m", 1)) == 2
-    assert len(cache) == 2 and cache.used == 2 * (ENTRY_OVERHEAD + 16 + 16)
+    assert len(cache) == 2 and cache.used == 2 * size_of(4)
     assert cache.get(b"3" * 16) is not None and cache.get(b"4" * 16) is not None
 
 
@@ -85,7 +94,70 @@ def test_replacing_a_key_does_not_leak_bytes() -> None:
     cache = ResponseCache(1 << 20)
     cache.put(KEY, ("m", 1), out(4))
     cache.put(KEY, ("m", 1), out(8))
-    assert len(cache) == 1 and cache.used == ENTRY_OVERHEAD + 16 + 32
+    assert len(cache) == 1 and cache.used == size_of(8)
+
+
+@pytest.mark.parametrize(
+    "outputs",
+    [
+        pytest.param(lambda i: {"y": np.array([i % 100], np.int8)}, id="tiny-numeric"),
+        pytest.param(
+            lambda i: {f"out{j}": np.array([i], np.int64) for j in range(8)}, id="many-outputs"
+        ),
+        pytest.param(
+            lambda i: {"s": np.array([b"%d-%d" % (i, j) for j in range(64)], dtype=object)},
+            id="short-bytes-elements",
+        ),
+    ],
+)
+def test_the_configured_size_bounds_the_memory_entries_really_hold(
+    outputs: Callable[[int], dict[str, np.ndarray]],
+) -> None:
+    """Many small entries: the size must bound what the process holds (keys, table, array
+    objects, BYTES element objects), not only the payload bytes; a 2-8x overshoot was seen when
+    only the payload and a flat 256 bytes were charged."""
+    capacity = 2 << 20
+    gc.collect()
+    tracemalloc.start()
+    try:
+        cache = ResponseCache(capacity)
+        view = cache.for_model("m", 1)
+        base = tracemalloc.get_traced_memory()[0]
+        for i in range(20_000):
+            view.put(key(view, {"a": np.array([i], np.int64)}), outputs(i))
+        held = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+    assert cache.evictions > 0  # the cache filled up and turned over
+    assert held <= capacity, f"{held} bytes held for a {capacity}-byte cache"
+    assert held >= capacity // 2  # and charges are not so high that the size is wasted
+
+
+def test_a_closed_view_stores_nothing_more() -> None:
+    """A request finishing after its version unloaded offers its result to a closed view: it
+    must not land in the cache, where nobody could reach it but it would hold bytes."""
+    cache = ResponseCache(1 << 20)
+    view = cache.for_model("m", 1)
+    assert view.put(KEY, out(4))
+    view.close()
+    assert len(cache) == 0 and cache.used == 0
+    assert not view.put(b"x" * 16, out(4))
+    assert len(cache) == 0 and cache.used == 0
+
+
+def test_a_reloaded_version_never_answers_from_the_one_it_replaced() -> None:
+    """A reload keeps the version number; its new view must not see what the old model
+    computed (the model file may have changed), even for entries stored after the swap."""
+    cache = ResponseCache(1 << 20)
+    old = cache.for_model("m", 1)
+    x = {"a": np.arange(4, dtype=np.float32)}
+    old.put(key(old, x), out(4, 1.0))
+    new = cache.for_model("m", 1)
+    assert new.get(key(new, x)) is None
+    new.put(key(new, x), out(4, 2.0))
+    old.close()  # the old version retires after the new one serves
+    hit = new.get(key(new, x))
+    assert hit is not None and hit["y"][0] == 2.0
 
 
 # -- keys ---------------------------------------------------------------------------------------

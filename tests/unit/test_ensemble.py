@@ -16,9 +16,10 @@ from google.protobuf import text_format
 
 from tributary.config import ModelSignature, TensorSpec
 from tributary.datatypes import BY_NAME
-from tributary.ensemble import MAX_STEPS, check_composing, plan
+from tributary.ensemble import MAX_NESTING, MAX_STEPS, check_composing, check_nesting, plan
 from tributary.errors import Cancelled, InferenceError, Internal, ModelLoadError
 from tributary.scheduler import Closed, WorkItem
+from tributary.scheduler.batchqueue import SequenceFlags
 from tributary.scheduler.ensemble import EnsembleScheduler
 from tributary.stats import ModelStats
 from tributary_client._proto import model_config_pb2 as mc
@@ -210,6 +211,46 @@ def composing_error(text: str, *models: Loaded) -> str:
     return info.value.message
 
 
+def ensemble_over(name: str, model: str) -> Loaded:
+    """A loaded one-step ensemble `name` that runs `model`."""
+    text = io("input", "x") + io("output", "y") + sched(step(model, {"x": "x"}, {"y": "y"}))
+    loaded = composing(name, text)
+    loaded.config.platform = "ensemble"
+    return loaded
+
+
+def test_a_reload_that_closes_a_cycle_of_ensembles_is_refused() -> None:
+    """e2 (loaded) runs e1; reloading e1 to run e2 would run e1 inside itself for ever: steps
+    resolve by name, so the e1 that e2 reaches is the new one. Triton's text."""
+    e1 = cfg(io("input", "x") + io("output", "y") + sched(step("e2", {"x": "x"}, {"y": "y"})))
+    e1.name = "e1"
+    loaded = lookup_of(ensemble_over("e2", "e1"), ensemble_over("e1", "a"), A_OK)
+    with pytest.raises(ModelLoadError) as info:
+        check_nesting("e1", plan(e1), loaded)
+    assert info.value.message == "circular dependency between ensembles: e1 -> ... -> e2 -> e1"
+
+
+def test_ensembles_nest_at_most_max_nesting_deep() -> None:
+    """Loading ensembles one over another builds any depth (each load sees its composing
+    ensemble loaded already); each level is a nested submit on one thread at run time."""
+    chain = [A_OK] + [ensemble_over(f"l{i}", "a" if i == 1 else f"l{i - 1}") for i in range(1, 40)]
+    lookup = lookup_of(*chain)
+
+    def top(over: str) -> mc.ModelConfig:
+        config = cfg(
+            io("input", "x") + io("output", "y") + sched(step(over, {"x": "x"}, {"y": "y"}))
+        )
+        config.name = "top"
+        return config
+
+    check_nesting("top", plan(top(f"l{MAX_NESTING - 1}")), lookup)  # MAX_NESTING levels: fine
+    with pytest.raises(ModelLoadError) as info:
+        check_nesting("top", plan(top(f"l{MAX_NESTING}")), lookup)
+    assert "is part of a circular or too deep ensemble dependency: top -> l16 -> l15" in (
+        info.value.message
+    )
+
+
 def test_composing_models_that_agree_pass() -> None:
     config = cfg(SIMPLE_PIPE)
     check_composing(plan(config), config, lookup_of(A_OK))
@@ -364,6 +405,18 @@ class Diamond:
             "d": lambda i: {"y": i["x"] + i["z"]},
         }
         self.models[name].scheduler.complete(ops[name])
+
+
+def test_steps_carry_the_requests_sequence_id_and_flags() -> None:
+    """A composing model with sequence batching needs the correlation ID and START/END of the
+    ensemble's request on every step (Triton copies them); without them every request to
+    such an ensemble failed with 'must specify a non-zero or non-empty correlation ID'."""
+    d = Diamond()
+    d.submit(1.0, sequence=SequenceFlags(42, start=True, end=False))
+    d.run("a")
+    for name in "bc":
+        ((item, _),) = d.models[name].scheduler.pending
+        assert item.sequence == SequenceFlags(42, start=True, end=False)
 
 
 def test_steps_start_as_their_inputs_become_ready_and_independent_ones_together() -> None:

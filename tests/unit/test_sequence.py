@@ -12,7 +12,7 @@ import pytest
 from tributary.errors import Cancelled, InferenceError, InvalidArgument, Unavailable
 from tributary.scheduler import Closed, SequenceFlags, SequencePolicy, SequenceScheduler, WorkItem
 from tributary.scheduler.batchqueue import Entry
-from tributary.scheduler.sequence import Control, SequenceTable, StateSpec
+from tributary.scheduler.sequence import BACKLOG_CHECK_NS, Control, SequenceTable, StateSpec
 from tributary.stats import ModelStats
 
 US = 1_000
@@ -260,6 +260,27 @@ def test_backlogged_requests_expire_with_tritons_text() -> None:
     assert isinstance(waiting.error, Unavailable)
     assert "timeout of the corresponding sequence has been expired" in waiting.error.message
     assert t.open_sequences() == 1 and t.queued == 1
+
+
+def test_backlogged_sequences_of_clients_that_went_away_leave_the_backlog() -> None:
+    """A client whose deadline passed (or whose stream was cancelled) while its sequence
+    waited for a slot: the sequence must not keep its backlog place (nor its caller's thread)
+    until a slot frees -- an active sequence may hold the only slot for ever."""
+    t = SequenceTable("m", 1, SequencePolicy(max_batch_size=1, max_backlog=1))
+    push(t, 0, 1, start=True)
+    t.reap(0)
+    wanted = [True]
+    waiting = push(t, 0, 2, start=True, is_active=lambda: wanted[0])
+    with pytest.raises(Unavailable, match="sequences already wait"):
+        push(t, 0, 3, start=True)
+    assert t.next_reap_ns == BACKLOG_CHECK_NS  # checked again well before the idle time
+    assert t.reap(BACKLOG_CHECK_NS) == ([], set())  # still wanted: it stays
+    wanted[0] = False
+    dropped, _ = t.reap(2 * BACKLOG_CHECK_NS)
+    assert dropped == [waiting] and isinstance(waiting.error, Cancelled)
+    assert waiting.item.failure_reason == "CANCELED"
+    assert t.open_sequences() == 1 and t.queued == 1 and not t.knows(2)
+    push(t, 2 * BACKLOG_CHECK_NS, 3, start=True)  # its backlog place is free again
 
 
 def test_cancel_fails_the_whole_sequence_and_frees_its_slot() -> None:

@@ -13,8 +13,12 @@ hashing costs one read of the request's bytes, no copy; those bytes are already 
 --max-tensor-bytes per input. Triton's key is a 64-bit hash; 128 bits make an accidental
 collision (which would serve another request's answer) negligible.
 
-Sizing: an entry costs the bytes of its output arrays (BYTES: the element lengths) plus
-`ENTRY_OVERHEAD`. An entry larger than the whole cache is not stored. Stored arrays are private
+Sizing: an entry is charged what it really holds in memory, so the configured size bounds the
+process's memory and not only the payload: its output arrays' bytes, `ENTRY_OVERHEAD` (the key,
+the table's slot and node, the entry record), `ARRAY_OVERHEAD` per output (the array object and
+its name) and, for BYTES outputs, each element's Python object and pointer (`sys.getsizeof`
+plus 8), which dominate when elements are short. An entry larger than the whole cache is not
+stored. Stored arrays are private
 copies (the model's outputs may be views of a batch) and read-only.
 
 Which models may use it: not sequence models (a request's answer depends on the sequence's
@@ -26,16 +30,25 @@ is the configuration's choice, and the cache then replays the first answer.
 from __future__ import annotations
 
 import hashlib
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
+from itertools import count
+from typing import Any
 
 import numpy as np
 
 from ..errors import ModelLoadError
 
-ENTRY_OVERHEAD = 256
-"""Bytes charged per entry beyond its arrays: the key, the table slot and array headers."""
+ENTRY_OVERHEAD = 640
+"""Bytes charged per entry beyond its outputs: the key object, the LRU table's slot and node,
+the entry record, its outputs dict and its slot in the per-version index (measured with
+tracemalloc, tests/unit/test_cache.py, with room for the tables' growth)."""
+ARRAY_OVERHEAD = 208
+"""Bytes charged per output array beyond its data: the ndarray object and its name."""
+POINTER_BYTES = 8
+"""A BYTES array holds one pointer per element besides the element objects themselves."""
 
 
 def refuse_unsupported(config: object) -> None:
@@ -56,9 +69,11 @@ def refuse_unsupported(config: object) -> None:
 
 
 def _array_bytes(arr: np.ndarray) -> int:
+    """What one stored output costs: BYTES elements are Python objects, each with a header
+    (33 bytes for `bytes`, 49 for `str`) and a pointer in the array."""
     if arr.dtype == np.object_:
-        return sum(len(x) if isinstance(x, bytes | str) else 8 for x in arr.flat)
-    return int(arr.nbytes)
+        return ARRAY_OVERHEAD + sum(sys.getsizeof(x) + POINTER_BYTES for x in arr.flat)
+    return ARRAY_OVERHEAD + int(arr.nbytes)
 
 
 def _private(arr: np.ndarray) -> np.ndarray:
@@ -67,10 +82,14 @@ def _private(arr: np.ndarray) -> np.ndarray:
     return out
 
 
+Tag = tuple[Any, ...]
+"""Which model version's view stored an entry: `drop(tag)` removes them together."""
+
+
 class _Entry:
     __slots__ = ("outputs", "size", "tag")
 
-    def __init__(self, outputs: dict[str, np.ndarray], size: int, tag: tuple[str, int]) -> None:
+    def __init__(self, outputs: dict[str, np.ndarray], size: int, tag: Tag) -> None:
         self.outputs, self.size, self.tag = outputs, size, tag
 
 
@@ -82,9 +101,10 @@ class ResponseCache:
         self.capacity = capacity
         self._lock = threading.Lock()
         self._entries: OrderedDict[bytes, _Entry] = OrderedDict()
-        self._by_tag: dict[tuple[str, int], set[bytes]] = {}
+        self._by_tag: dict[Tag, set[bytes]] = {}
         self._bytes = 0
         self.evictions = 0
+        self._serial = count(1)
 
     def __len__(self) -> int:
         with self._lock:
@@ -96,7 +116,10 @@ class ResponseCache:
             return self._bytes
 
     def for_model(self, name: str, version: int) -> ModelCache:
-        return ModelCache(self, name, version)
+        """A new view for one loaded model version. Each load gets its own (a serial number in
+        its tag and key), so a reload of the same version number never answers from what the
+        version it replaces computed."""
+        return ModelCache(self, name, version, next(self._serial))
 
     def get(self, key: bytes) -> dict[str, np.ndarray] | None:
         with self._lock:
@@ -106,13 +129,24 @@ class ResponseCache:
             self._entries.move_to_end(key)
             return entry.outputs
 
-    def put(self, key: bytes, tag: tuple[str, int], outputs: Mapping[str, np.ndarray]) -> bool:
-        """Store a private copy of `outputs`; False when it is larger than the whole cache."""
-        size = ENTRY_OVERHEAD + len(key) + sum(_array_bytes(a) for a in outputs.values())
+    def put(
+        self,
+        key: bytes,
+        tag: Tag,
+        outputs: Mapping[str, np.ndarray],
+        view: ModelCache | None = None,
+    ) -> bool:
+        """Store a private copy of `outputs`; False when it is larger than the whole cache or
+        `view` was closed (a request that finished after its version unloaded: its entry
+        would sit in the cache, unreachable, until evicted)."""
+        size = ENTRY_OVERHEAD + len(key)
+        size += sum(len(n) + _array_bytes(a) for n, a in outputs.items())
         if size > self.capacity:
             return False
         private = {n: _private(a) for n, a in outputs.items()}
         with self._lock:
+            if view is not None and view.closed:
+                return False
             old = self._entries.pop(key, None)
             if old is not None:
                 self._forget(key, old)
@@ -125,9 +159,12 @@ class ResponseCache:
             self._bytes += size
         return True
 
-    def drop(self, tag: tuple[str, int]) -> int:
-        """Remove every entry of one model version (it unloaded or reloaded)."""
+    def drop(self, tag: Tag, view: ModelCache | None = None) -> int:
+        """Remove every entry of one model version (it unloaded or reloaded); `view`, when
+        given, is closed in the same step, so nothing is stored for it afterwards."""
         with self._lock:
+            if view is not None:
+                view.closed = True
             keys = self._by_tag.pop(tag, set())
             for key in keys:
                 entry = self._entries.pop(key, None)
@@ -147,10 +184,11 @@ class ResponseCache:
 class ModelCache:
     """One model version's use of the shared cache."""
 
-    def __init__(self, cache: ResponseCache, name: str, version: int) -> None:
+    def __init__(self, cache: ResponseCache, name: str, version: int, serial: int = 0) -> None:
         self.cache = cache
-        self.tag = (name, version)
-        self._prefix = _prefix(name, version)
+        self.tag: Tag = (name, version, serial)
+        self.closed = False  # set under the cache's lock
+        self._prefix = _prefix(name, version, serial)
 
     def key(self, inputs: Mapping[str, np.ndarray], outputs: Iterable[tuple[str, int]]) -> bytes:
         """The request's digest. `outputs`: (requested output name, classification count)."""
@@ -176,16 +214,17 @@ class ModelCache:
         return self.cache.get(key)
 
     def put(self, key: bytes, outputs: Mapping[str, np.ndarray]) -> bool:
-        return self.cache.put(key, self.tag, outputs)
+        return self.cache.put(key, self.tag, outputs, self)
 
     def close(self) -> None:
-        self.cache.drop(self.tag)
+        self.cache.drop(self.tag, self)
 
 
-def _prefix(name: str, version: int) -> hashlib.blake2b:
+def _prefix(name: str, version: int, serial: int) -> hashlib.blake2b:
     h = hashlib.blake2b(digest_size=16, person=b"tributary-cache")
     _field(h, name.encode())
     h.update(version.to_bytes(8, "little", signed=True))
+    h.update(serial.to_bytes(8, "little"))
     return h
 
 

@@ -10,9 +10,10 @@ no copy, no re-encoding); each is checked against the next model's input (dataty
 batch size) as the codec checks a client's.
 
 Errors from a step are the composing model's own (they name it, as Triton's do); a step whose
-model is not available names the step and the model. A timeout or priority on the request
-applies to every step; cancellation (`is_active`, `cancel`) stops the steps not yet started
-and withdraws queued ones. Each step is counted in its composing model's statistics.
+model is not available names the step and the model. A timeout, priority or sequence (ID,
+START, END: a composing model may batch sequences) on the request applies to every step;
+cancellation (`is_active`, `cancel`) stops the steps not yet started and withdraws queued ones.
+Each step is counted in its composing model's statistics.
 """
 
 from __future__ import annotations
@@ -291,6 +292,7 @@ class EnsembleScheduler:
             timeout_us=item.timeout_us,
             is_active=item.is_active,
             request_id=item.request_id,
+            sequence=item.sequence,  # a stateful composing model needs the ID and flags
         )
         start = time.perf_counter_ns()
         # A composing model with the response cache on answers from it, as for a client.

@@ -33,7 +33,8 @@ threads, the lock and execution.
 
 Bounds (docs/limits.md): open sequences are at most the slots plus `MAX_BACKLOG_SEQUENCES`
 waiting for one; a sequence holds at most `MAX_QUEUED_PER_SEQUENCE` queued requests; idle
-sequences are released. Beyond a bound a request is refused with UNAVAILABLE.
+sequences are released; backlogged sequences whose client went away are dropped within
+`BACKLOG_CHECK_NS`. Beyond a bound a request is refused with UNAVAILABLE.
 """
 
 from __future__ import annotations
@@ -73,6 +74,11 @@ MAX_BACKLOG_SEQUENCES = 4096
 of START requests without END would grow it without limit."""
 MAX_QUEUED_PER_SEQUENCE = 1024
 """Requests of one sequence waiting for their turn (a client may pipeline them on a stream)."""
+BACKLOG_CHECK_NS = 250_000_000
+"""How often backlogged sequences are checked for clients that went away (deadline passed,
+stream cancelled): such a sequence leaves the backlog, its requests fail as cancelled, and its
+waiting caller's thread is freed, instead of holding a backlog place (and a unary call's thread)
+until a slot frees, which an active sequence may never do."""
 START, END, READY, CORRID = "START", "END", "READY", "CORRID"
 
 
@@ -290,10 +296,12 @@ class SequenceTable:
                 )
             if flags.end:
                 del self._by_id[flags.id]
+        if seq.slot is None and self.next_reap_ns:  # 0: the first reap (at once) is due
+            self.next_reap_ns = min(self.next_reap_ns, now + BACKLOG_CHECK_NS)
         if seq.slot is None and entry.item.timeout_us > 0:
             deadline = now + entry.item.timeout_us * 1000
             seq.expire_ns = min(seq.expire_ns or deadline, deadline)
-            if self.next_reap_ns:  # 0: the first reap (at once) has not happened yet
+            if self.next_reap_ns:
                 self.next_reap_ns = min(self.next_reap_ns, deadline)
         entry.enqueue_ns = now
         entry.seq = self._arrivals
@@ -477,19 +485,26 @@ class SequenceTable:
         if self._backlog:
             keep: deque[_Seq] = deque()
             for seq in self._backlog:
+                head = seq.queue[0].item if seq.queue else None
                 if seq.expire_ns and seq.expire_ns <= now:
                     dropped += self._drop_all(
                         seq,
                         Unavailable("timeout of the corresponding sequence has been expired"),
                         "REJECTED",
                     )
-                    if self._by_id.get(seq.id) is seq:
-                        del self._by_id[seq.id]
+                elif head is not None and head.is_active is not None and not _still_wanted(head):
+                    # its client went away: as a cancel would, the whole sequence goes
+                    dropped += self._drop_all(seq, Cancelled("Request was cancelled"), "CANCELED")
                 else:
                     keep.append(seq)
                     if seq.expire_ns:
                         nxt = min(nxt, seq.expire_ns)
+                    continue
+                if self._by_id.get(seq.id) is seq:
+                    del self._by_id[seq.id]
             self._backlog = keep
+            if keep:
+                nxt = min(nxt, now + BACKLOG_CHECK_NS)
         self.next_reap_ns = nxt
         return dropped, woken
 
@@ -630,8 +645,8 @@ class SequenceScheduler(Scheduler):
                 self._stats.pending(1)
                 if target is not None:
                     self._cvs[target].notify()
-                elif item.timeout_us > 0:
-                    self._cvs[0].notify()  # a backlog deadline may be earlier than any wait
+                else:  # backlogged: its deadline and client checks may come before any wait
+                    self._cvs[0].notify()
         except InferenceError as exc:
             entry.fail(exc, "REJECTED" if isinstance(exc, Unavailable) else "OTHER")
             raise
