@@ -114,6 +114,15 @@ class Scheduler:
         exactly once, on whichever thread completes the request or, for an immediate refusal
         (queue full, shutting down), on the calling thread before `submit` returns. It must
         be quick and must not block."""
+        entry = Entry(item)
+        entry.callback = callback
+        try:
+            self._enqueue(entry)
+        except InferenceError as exc:
+            callback(None, exc)
+
+    def _enqueue(self, entry: Entry) -> None:
+        """Queue `entry` for the mode's workers, or raise its refusal (modes that queue)."""
         raise NotImplementedError
 
     def cancel(self, item: WorkItem) -> bool:

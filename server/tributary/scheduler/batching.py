@@ -15,9 +15,8 @@ import time
 
 import numpy as np
 
-from ..errors import InferenceError
 from .base import MAX_WAIT_S, Scheduler, latch
-from .batchqueue import DONE, BatchPolicy, Callback, Entry, WorkItem
+from .batchqueue import DONE, BatchPolicy, Entry, WorkItem
 from .batchrun import Instance, run_batch
 
 
@@ -55,14 +54,6 @@ class BatchingScheduler(Scheduler):
         if entry.error is not None:
             raise entry.error
         return entry.result  # type: ignore[return-value]
-
-    def submit(self, item: WorkItem, callback: Callback) -> None:
-        entry = Entry(item)
-        entry.callback = callback
-        try:
-            self._enqueue(entry)
-        except InferenceError as exc:
-            callback(None, exc)
 
     def _wait_quiet(self, end: float) -> None:
         for t in self._threads:

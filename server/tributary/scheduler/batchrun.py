@@ -41,6 +41,22 @@ class BatchContext:
     clock: Callable[[], int]
 
 
+def run_instance(
+    inst: Instance, inputs: dict[str, np.ndarray], names: Sequence[str], model_name: str
+) -> dict[str, np.ndarray]:
+    """One call into the backend: its InferenceErrors pass through unchanged; anything else
+    is a backend bug, answered as Internal naming the model and instance."""
+    try:
+        return inst.run(inputs, names)
+    except InferenceError:
+        raise
+    except Exception as exc:
+        raise Internal(
+            f"inference failed for model '{model_name}' on instance "
+            f"'{inst.name}': {type(exc).__name__}: {exc}"
+        ) from exc
+
+
 def run_batch(ctx: BatchContext, entries: list[Entry], rows: int, inst: Instance) -> None:
     """Run `entries` as one execution and set `result` or `error` plus timings on each. Never
     raises: whatever goes wrong fails this batch only, and the instance stays usable. Backend
@@ -58,15 +74,7 @@ def run_batch(ctx: BatchContext, entries: list[Entry], rows: int, inst: Instance
             inputs = {n: np.concatenate([e.item.inputs[n] for e in entries]) for n in first.inputs}
             names = tuple(dict.fromkeys(n for e in entries for n in e.item.outputs))
         t1 = clock()
-        try:
-            outputs = inst.run(inputs, names)
-        except InferenceError:
-            raise
-        except Exception as exc:
-            raise Internal(
-                f"inference failed for model '{ctx.model_name}' on instance "
-                f"'{inst.name}': {type(exc).__name__}: {exc}"
-            ) from exc
+        outputs = run_instance(inst, inputs, names, ctx.model_name)
         t2 = clock()
         _check_outputs(ctx, outputs, names, rows)
         if len(entries) == 1:

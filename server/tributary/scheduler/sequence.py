@@ -54,8 +54,8 @@ import numpy as np
 from ..errors import Cancelled, InferenceError, Internal, InvalidArgument, Unavailable
 from ..stats import ModelStats
 from .base import MAX_WAIT_S, Closed, Scheduler, latch
-from .batchqueue import QUEUED, TAKEN, BatchPolicy, Callback, Entry, WorkItem, batch_key
-from .batchrun import BatchContext, Instance
+from .batchqueue import QUEUED, TAKEN, BatchPolicy, Entry, WorkItem, batch_key
+from .batchrun import BatchContext, Instance, run_instance
 
 __all__ = [
     "MAX_BACKLOG_SEQUENCES",
@@ -585,14 +585,6 @@ class SequenceScheduler(Scheduler):
             raise entry.error
         return entry.result  # type: ignore[return-value]
 
-    def submit(self, item: WorkItem, callback: Callback) -> None:
-        entry = Entry(item)
-        entry.callback = callback
-        try:
-            self._enqueue(entry)
-        except InferenceError as exc:
-            callback(None, exc)
-
     def cancel(self, item: WorkItem) -> bool:
         woken: set[int] = set()
         with self._lock:
@@ -706,15 +698,7 @@ class SequenceScheduler(Scheduler):
                 )
             )
             t1 = clock()
-            try:
-                outputs = inst.run(inputs, names)
-            except InferenceError:
-                raise
-            except Exception as exc:
-                raise Internal(
-                    f"inference failed for model '{self.model_name}' on instance "
-                    f"'{inst.name}': {type(exc).__name__}: {exc}"
-                ) from exc
+            outputs = run_instance(inst, inputs, names, self.model_name)
             t2 = clock()
             n = len(rows)
             for name in names:
