@@ -257,12 +257,7 @@ def check_composing(
                 )
             tensor = dict(step.inputs)[inp.name]
             node = _node(step.model, step_batching, inp.data_type, tuple(inp.dims))
-            if tensor in tensors:
-                _consistent(
-                    tensors[tensor], node, f"in ensemble {name}, ensemble tensor {tensor}: "
-                )
-            else:
-                tensors[tensor] = node
+            _meet(tensors, tensor, node, name)
         model_outputs = {o.name: o for o in cfg.output}
         for model_output, tensor in step.outputs:
             found = model_outputs.get(model_output)
@@ -272,12 +267,16 @@ def check_composing(
                     f"output {model_output} in model {step.model}"
                 )
             node = _node(step.model, step_batching, found.data_type, tuple(found.dims))
-            if tensor in tensors:
-                _consistent(
-                    tensors[tensor], node, f"in ensemble {name}, ensemble tensor {tensor}: "
-                )
-            else:
-                tensors[tensor] = node
+            _meet(tensors, tensor, node, name)
+
+
+def _meet(tensors: dict[str, _Node], tensor: str, node: _Node, name: str) -> None:
+    """An ensemble tensor seen at one more step: the first sighting defines it, every later
+    one must agree with it (datatype, shape, batching)."""
+    if tensor in tensors:
+        _consistent(tensors[tensor], node, f"in ensemble {name}, ensemble tensor {tensor}: ")
+    else:
+        tensors[tensor] = node
 
 
 def check_nesting(name: str, p: Plan, lookup: Lookup) -> None:

@@ -94,10 +94,10 @@ def run_batch(ctx: BatchContext, entries: list[Entry], rows: int, inst: Instance
         for e in entries:
             e.fail(error, "BACKEND")
             e.result = None
-        _stamp(entries, t0, t1, t2, clock(), rows)
+        stamp(entries, t0, t1, t2, clock(), rows)
         return
     t3 = clock()
-    _stamp(entries, t0, t1, t2, t3, rows)
+    stamp(entries, t0, t1, t2, t3, rows)
     ctx.stats.execution(
         batch_rows=rows,
         compute_input_ns=t1 - t0,
@@ -121,7 +121,7 @@ def _check_outputs(
             )
 
 
-def _stamp(entries: list[Entry], t0: int, t1: int, t2: int, t3: int, rows: int) -> None:
+def stamp(entries: list[Entry], t0: int, t1: int, t2: int, t3: int, rows: int) -> None:
     """Per-request timings, Triton-style: every request of a batch is charged the whole
     batch's compute phases; queue time runs from its enqueue to the batch's start."""
     for e in entries:

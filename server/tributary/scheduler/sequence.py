@@ -55,7 +55,7 @@ from ..errors import Cancelled, InferenceError, Internal, InvalidArgument, Unava
 from ..stats import ModelStats
 from .base import MAX_WAIT_S, Closed, Scheduler, latch
 from .batchqueue import QUEUED, TAKEN, BatchPolicy, Entry, WorkItem, batch_key
-from .batchrun import BatchContext, Instance, run_instance
+from .batchrun import BatchContext, Instance, run_instance, stamp
 
 __all__ = [
     "MAX_BACKLOG_SEQUENCES",
@@ -734,10 +734,10 @@ class SequenceScheduler(Scheduler):
             for _, e in real:
                 e.fail(error, "BACKEND")
                 e.result = None
-            self._stamp(real, t0, t1, t2, clock(), len(rows))
+            stamp([e for _, e in real], t0, t1, t2, clock(), len(rows))
             return
         t3 = clock()
-        self._stamp(real, t0, t1, t2, t3, len(rows))
+        stamp([e for _, e in real], t0, t1, t2, t3, len(rows))
         ctx.stats.execution(
             batch_rows=len(rows),
             compute_input_ns=t1 - t0,
@@ -798,20 +798,6 @@ class SequenceScheduler(Scheduler):
             else:
                 inputs[spec.input_name] = per_row[0]
         return inputs
-
-    @staticmethod
-    def _stamp(
-        real: list[tuple[_Slot, Entry]], t0: int, t1: int, t2: int, t3: int, rows: int
-    ) -> None:
-        for _, e in real:
-            item = e.item
-            item.queue_start_ns = e.enqueue_ns  # absolute starts: tracing places its spans
-            item.compute_start_ns = t0
-            item.queue_ns = t0 - e.enqueue_ns
-            item.compute_input_ns = t1 - t0
-            item.compute_infer_ns = t2 - t1
-            item.compute_output_ns = t3 - t2
-            item.batch_rows = rows
 
 
 def _corrid_value(control: Control, seq_id: int | str | None) -> Any:
