@@ -180,8 +180,12 @@ def test_cuda_request_on_this_gpu_less_machine_fails_to_load(tmp_path: Path):
 
 def test_session_options_defaults_do_not_oversubscribe():
     cfg = _config("")
+    # One CPU is left to the gRPC front end, the rest split across the CPU instances.
     assert backend.session_options(cfg, cpu_instances=2, cores=2).intra_op_num_threads == 1
-    assert backend.session_options(cfg, cpu_instances=1, cores=8).intra_op_num_threads == 8
+    assert backend.session_options(cfg, cpu_instances=1, cores=2).intra_op_num_threads == 1
+    assert backend.session_options(cfg, cpu_instances=1, cores=8).intra_op_num_threads == 7
+    assert backend.session_options(cfg, cpu_instances=2, cores=9).intra_op_num_threads == 4
+    assert backend.session_options(cfg, cpu_instances=1, cores=1).intra_op_num_threads == 1
     so = backend.session_options(cfg, cpu_instances=4, cores=2)
     assert so.intra_op_num_threads == 1
     assert so.get_session_config_entry("session.intra_op.allow_spinning") == "0"

@@ -5,8 +5,11 @@ Why it looks like this:
   runs one batch at a time and `InferenceSession.run` releases the GIL while it computes.
 - Thread defaults must not oversubscribe: ORT's default intra-op pool spins and takes every
   core per session; with several instances on a 2-core box that burns CPU for nothing. Unless
-  the config says otherwise we split the CPUs this process may use (`cpu_count`: affinity and
-  cgroup quota) across the model's CPU instances and turn spinning off.
+  the config says otherwise we leave one of the CPUs this process may use (`cpu_count`:
+  affinity and cgroup quota) to the gRPC front end, split the rest across the model's CPU
+  instances and turn spinning off. The front end needs about a core under load; a pool that
+  counts on that core waits for it at every parallel operator
+  (docs/model-config.md#instances-and-threads).
 - onnxruntime-gpu lists CUDA/TensorRT providers even on machines without a GPU and silently
   falls back to CPU when they fail to initialise. So GPUs are counted from the
   machine (NVML or /dev/nvidiaN), and after creating a session we compare `get_providers()`
@@ -159,6 +162,18 @@ def _param(config: Any, key: str) -> str | None:
     return config.parameters[key].string_value if key in config.parameters else None
 
 
+def default_intra_threads(cores: int, cpu_instances: int) -> int:
+    """Intra-op threads per CPU instance when the config does not say: the CPUs this process
+    may use, less one for the gRPC front end, split across the instances (at least one).
+
+    Measured on 2 CPUs under perf_analyzer load (benchmarks/ANALYSIS.md): a 2-thread pool for
+    the one instance of `mlp` cost 4-17 % more server CPU per request than 1 thread at
+    concurrency 8-64, because every parallel operator waited for a pool thread that was
+    queued behind the front end's threads; at concurrency 1, with cores to spare, the
+    2-thread pool answered ~20 % sooner. Under load is what a server is sized for."""
+    return max(1, (cores - 1) // max(1, cpu_instances))
+
+
 def session_options(config: Any, cpu_instances: int, cores: int | None = None) -> Any:
     """SessionOptions from Triton-named config parameters; defaults that do not oversubscribe."""
     import onnxruntime as ort
@@ -171,7 +186,7 @@ def session_options(config: Any, cpu_instances: int, cores: int | None = None) -
     cores = cores or cpu_count()
     intra = _param(config, "intra_op_thread_count")
     so.intra_op_num_threads = (
-        int(intra) if intra not in (None, "") else max(1, cores // max(1, cpu_instances))
+        int(intra) if intra not in (None, "") else default_intra_threads(cores, cpu_instances)
     )
     inter = _param(config, "inter_op_thread_count")
     if inter not in (None, "", "0"):
