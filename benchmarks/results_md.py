@@ -102,6 +102,14 @@ def targets(res: dict[str, Any]) -> list[tuple[str, str, bool]]:
         out.append(("mlp c=1 p50 ≤ 1.1 × inline", f"{r:.2f} ×", r <= 1.1))
         r = t["infer_per_s"] / i["infer_per_s"]
         out.append(("mlp c=1 throughput ≥ 0.9 × inline", f"{r:.2f} ×", r >= 0.9))
+    t, i = trib("mlp_ortdefault-c1"), inline("mlp-c1")
+    if t and i:  # the batcher's own cost: same session options as the inline server
+        r = t["p50_us"] / i["p50_us"]
+        out.append(("mlp c=1, inline's ORT options: p50 ≤ 1.1 × inline", f"{r:.2f} ×", r <= 1.1))
+        r = t["infer_per_s"] / i["infer_per_s"]
+        out.append(
+            ("mlp c=1, inline's ORT options: throughput ≥ 0.9 × inline", f"{r:.2f} ×", r >= 0.9)
+        )
     for key in ("mlp-c32", "mlp-c64", "mlp-b8-c16"):
         t, i, limit = trib(key), inline(key), machine_limit(res, key)
         if t and i and key != "mlp-b8-c16":
@@ -219,14 +227,20 @@ def render(res: dict[str, Any], command: str, note: str | None = None) -> str:
         "inline count too); ≈ marks servers without them (KServe, MLServer): perf_analyzer's "
         "rate × the run's wall time, which counts its idle start-up too (a few % low).",
     ]
-    nobatch = [
-        (k, c)
-        for k, c in res["servers"].get("tributary", {}).get("cells", {}).items()
-        if k.startswith("mlp_nobatch") and "error" not in c
-    ]
-    if nobatch:
-        lines += ["", "Tributary on `mlp_nobatch` (the same graph without dynamic batching):", ""]
-        for key, c in nobatch:
+    extra = res["servers"].get("tributary", {}).get("cells", {})
+    for prefix, title in (
+        ("mlp_nobatch", "Tributary on `mlp_nobatch` (the same graph without dynamic batching):"),
+        (
+            "mlp_ortdefault",
+            "Tributary on `mlp_ortdefault` (the batched mlp with the inline server's ONNX "
+            "Runtime options: a thread per core, spinning):",
+        ),
+    ):
+        cells = [(k, c) for k, c in extra.items() if k.startswith(prefix) and "error" not in c]
+        if not cells:
+            continue
+        lines += ["", title, ""]
+        for key, c in cells:
             lines.append(
                 f"- {_label(key)}: {c['infer_per_s']:,.0f} infer/s, p50 {c['p50_us']:,.0f} µs, "
                 f"{c['cpu_us_per_request']:,.0f} server CPU µs/request."

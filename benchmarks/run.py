@@ -85,8 +85,15 @@ CASES = [
 ]
 QUICK_CASES = [Case("simple", 1, 8), Case("mlp", 1, 32)]
 # Tributary only: the same graph without dynamic batching, for CPU per inference with and
-# without the batcher.
-EXTRA_TRIBUTARY = [Case("mlp_nobatch", 1, 1), Case("mlp_nobatch", 1, 32)]
+# without the batcher; and `mlp_ortdefault`, the batched mlp with the inline server's ONNX
+# Runtime session options (ORT's defaults: a thread per core, spinning), so that the c=1
+# comparison with the inline server measures the batcher and not the thread settings.
+EXTRA_TRIBUTARY = [
+    Case("mlp_nobatch", 1, 1),
+    Case("mlp_nobatch", 1, 32),
+    Case("mlp_ortdefault", 1, 1),
+    Case("mlp_ortdefault", 1, 32),
+]
 SERVERS = ["floor", "inline", "tributary", "kserve", "mlserver", "pytriton"]
 PEER_NAMES = ["kserve", "mlserver", "pytriton"]
 QUICK_SERVERS = ["floor", "inline", "tributary", "kserve"]
@@ -128,10 +135,21 @@ def build_repo(repo: Path) -> None:
     repo.mkdir(parents=True)
     bm.build_simple(repo)
     bm.build_mlp(repo)
-    # One instance using both cores: two instances would each hold the 15 MB of weights and
-    # evict each other from the cache (measured: c=1 p50 1020 -> 819 us, c=32 +3%).
+    # One instance: two would each hold the 15 MB of weights and evict each other from the
+    # cache (measured: c=1 p50 1020 -> 819 us, c=32 +3%). Its intra-op threads are the
+    # server's default (the CPUs less one for the front end, docs/model-config.md).
     with (repo / "mlp" / "config.pbtxt").open("a") as f:
         f.write("\ninstance_group [ { kind: KIND_CPU, count: 1 } ]\n")
+    # The same model with ONNX Runtime's own defaults, as the inline server runs it:
+    # intra_op_num_threads 0 (ORT picks one per physical core) and a spinning pool.
+    shutil.copytree(repo / "mlp", repo / "mlp_ortdefault")
+    cfg = (repo / "mlp" / "config.pbtxt").read_text()
+    cfg = cfg.replace('name: "mlp"', 'name: "mlp_ortdefault"')
+    cfg += (
+        'parameters { key: "intra_op_thread_count" value: { string_value: "0" } }\n'
+        'parameters { key: "session.intra_op.allow_spinning" value: { string_value: "1" } }\n'
+    )
+    (repo / "mlp_ortdefault" / "config.pbtxt").write_text(cfg)
     # The same graph without dynamic batching, to compare server CPU per inference.
     shutil.copytree(repo / "mlp", repo / "mlp_nobatch")
     cfg = (repo / "mlp" / "config.pbtxt").read_text()
