@@ -830,3 +830,54 @@ def test_lone_request_runs_inline_on_the_callers_thread() -> None:
     assert np.array_equal(result[0]["y"], (x + 1) * 2)
     assert ran_on[-1] != "second-caller"
     sched.close(5)
+
+
+def test_a_finished_borrow_leaves_the_instance_idle_without_waking_its_thread() -> None:
+    """After a lone request ran inline and nothing is queued, the instance is free to borrow
+    again at once: no wake-up of its thread is needed between two lone requests."""
+    inst = FakeInstance("a")
+    ran_on: list[str] = []
+    inst.on_run = lambda _inputs: ran_on.append(threading.current_thread().name)
+    sched, stats = scheduler([inst], batching(max_batch_size=8, max_queue_delay_us=50_000))
+    _wait_until_idle(sched, inst)
+    x = np.ones((1, 4), dtype=np.float32)
+    for k in range(5):
+        out = sched.infer(WorkItem(inputs={"x": x + k}, rows=1, outputs=("y",)))
+        assert np.array_equal(out["y"], (x + k) * 2)
+        with sched._lock:  # at once, not once the instance thread got round to it
+            assert inst in sched._idle and inst not in sched._borrowed
+    assert ran_on == [threading.current_thread().name] * 5
+    assert stats.snapshot().execution_count == 5 and stats.snapshot().pending == 0
+    sched.close(5)
+
+
+def test_borrowed_and_queued_runs_never_share_an_instance() -> None:
+    """Lone requests borrowing the instance and bursts queued for its thread, interleaved:
+    every answer is right, no instance runs two batches at once (FakeInstance asserts it) and
+    nothing is left pending."""
+    instances = [FakeInstance("a"), FakeInstance("b")]
+    sched, stats = scheduler(instances, batching(max_batch_size=4, max_queue_delay_us=200))
+    errors: list[str] = []
+
+    def client(tid: int) -> None:
+        for k in range(60):
+            if (tid + k) % 3 == 0:
+                threading.Event().wait(0.0005)  # let the queue drain: the next one is lone
+            x = np.full((1, 4), tid * 1000 + k, dtype=np.float32)
+            try:  # a run that overlapped another on its instance fails its batch here
+                out = sched.infer(WorkItem(inputs={"x": x}, rows=1, outputs=("y",)))
+            except Exception as exc:
+                errors.append(f"thread {tid} request {k}: {exc}")
+                continue
+            if not np.array_equal(out["y"], x * 2):
+                errors.append(f"thread {tid} request {k} got a wrong answer")
+
+    threads = [threading.Thread(target=client, args=(t,)) for t in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    sched.close(5)
+    assert not errors
+    assert sum(sum(i.batches) for i in instances) == 12 * 60  # every row ran exactly once
+    assert stats.snapshot().pending == 0

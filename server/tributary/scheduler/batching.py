@@ -109,7 +109,13 @@ class BatchingScheduler(Scheduler):
             with self._lock:
                 self._borrowed.discard(inst)
                 self._queue.finished(len(batch))
-                self._cv.notify_all()  # its thread may resume; queued work may be waiting
+                if len(self._queue) or self._closing:
+                    self._cv.notify_all()  # its thread resumes: queued work, or exit
+                else:
+                    # Nothing to do: the instance is idle again without waking its thread
+                    # (it sleeps until an arrival notifies it). At low load that is a
+                    # thread wake-up saved per request.
+                    self._idle.add(inst)
         entry.state = DONE
         if entry.error is not None:
             raise entry.error
@@ -132,10 +138,14 @@ class BatchingScheduler(Scheduler):
                     gone = len(plan.batch) + len(plan.dropped)
                     if gone:
                         self._stats.pending(-gone)
+                        # (a finished borrower may have marked it idle while we slept)
+                        self._idle.discard(inst)
                         break
                     wait = plan.wait_until_ns
                     if wait is None:
                         self._idle.add(inst)  # nothing queued: a caller may borrow us
+                    else:
+                        self._idle.discard(inst)  # waiting out a window: not free to borrow
                     self._cv.wait(
                         None if wait is None else min(max(wait - now, 0) / 1e9, MAX_WAIT_S)
                     )
