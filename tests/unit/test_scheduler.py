@@ -7,7 +7,7 @@ tests use fake instances with gates (events) to make requests pile up determinis
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pytest
@@ -768,15 +768,21 @@ def test_direct_mode_many_threads_share_the_instance_pool() -> None:
             if not np.array_equal(out["y"], x * 2):
                 errors.append(f"thread {tid} got a wrong answer")
 
-    threads = [threading.Thread(target=client, args=(t,)) for t in range(16)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
+    _run_clients(client, 16, timeout_s=30)
     sched.close(5)
     assert not errors  # FakeInstance also asserts no instance ran two requests at once
     assert sum(len(i.batches) for i in instances) == 16 * 50
     assert stats.snapshot().pending == 0
+
+
+def _run_clients(client: Callable[[int], None], count: int, timeout_s: float) -> None:
+    """Run `client(0..count-1)` on their own threads at once and wait for all of them."""
+    threads = [threading.Thread(target=client, args=(t,)) for t in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout_s)
+        assert not t.is_alive(), "a client thread never finished"
 
 
 def _wait_until_idle(sched: Scheduler, inst: FakeInstance) -> None:
@@ -789,12 +795,19 @@ def _wait_until_idle(sched: Scheduler, inst: FakeInstance) -> None:
     raise AssertionError("instance thread never went idle")
 
 
-def test_lone_request_runs_inline_on_the_callers_thread() -> None:
+def _idle_batching_instance() -> tuple[FakeInstance, list[str], Scheduler, ModelStats]:
+    """One instance with a long batching window, its thread parked idle; `ran_on` collects
+    the name of the thread each run happened on."""
     inst = FakeInstance("a")
     ran_on: list[str] = []
     inst.on_run = lambda _inputs: ran_on.append(threading.current_thread().name)
     sched, stats = scheduler([inst], batching(max_batch_size=8, max_queue_delay_us=50_000))
     _wait_until_idle(sched, inst)
+    return inst, ran_on, sched, stats
+
+
+def test_lone_request_runs_inline_on_the_callers_thread() -> None:
+    inst, ran_on, sched, stats = _idle_batching_instance()
     x = np.ones((1, 4), dtype=np.float32)
     out = sched.infer(WorkItem(inputs={"x": x}, rows=1, outputs=("y",)))
     assert np.array_equal(out["y"], x * 2)
@@ -835,11 +848,7 @@ def test_lone_request_runs_inline_on_the_callers_thread() -> None:
 def test_a_finished_borrow_leaves_the_instance_idle_without_waking_its_thread() -> None:
     """After a lone request ran inline and nothing is queued, the instance is free to borrow
     again at once: no wake-up of its thread is needed between two lone requests."""
-    inst = FakeInstance("a")
-    ran_on: list[str] = []
-    inst.on_run = lambda _inputs: ran_on.append(threading.current_thread().name)
-    sched, stats = scheduler([inst], batching(max_batch_size=8, max_queue_delay_us=50_000))
-    _wait_until_idle(sched, inst)
+    inst, ran_on, sched, stats = _idle_batching_instance()
     x = np.ones((1, 4), dtype=np.float32)
     for k in range(5):
         out = sched.infer(WorkItem(inputs={"x": x + k}, rows=1, outputs=("y",)))
@@ -872,11 +881,7 @@ def test_borrowed_and_queued_runs_never_share_an_instance() -> None:
             if not np.array_equal(out["y"], x * 2):
                 errors.append(f"thread {tid} request {k} got a wrong answer")
 
-    threads = [threading.Thread(target=client, args=(t,)) for t in range(12)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    _run_clients(client, 12, timeout_s=60)
     sched.close(5)
     assert not errors
     assert sum(sum(i.batches) for i in instances) == 12 * 60  # every row ran exactly once
