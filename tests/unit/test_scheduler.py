@@ -893,7 +893,7 @@ def test_a_queued_request_is_not_left_waiting_for_a_borrow_while_an_instance_is_
         gate = threading.Event()
         instances = [FakeInstance(n) for n in "abcd"]
 
-        def hold(inputs) -> None:
+        def hold(inputs, gate: threading.Event = gate) -> None:
             if (inputs["x"] < 0).any():  # the borrowers' requests: held past got.wait's 10 s
                 assert gate.wait(60)
 
