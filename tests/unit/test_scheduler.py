@@ -886,3 +886,50 @@ def test_borrowed_and_queued_runs_never_share_an_instance() -> None:
     assert not errors
     assert sum(sum(i.batches) for i in instances) == 12 * 60  # every row ran exactly once
     assert stats.snapshot().pending == 0
+
+
+def test_a_queued_request_is_not_left_waiting_for_a_borrow_while_an_instance_is_idle() -> None:
+    """Three of four instances are borrowed by lone callers and held; a request that queues
+    (here through `submit`, which never borrows) must be run by the fourth, idle instance at
+    once. The instance threads share one Condition: a single notify can land on the thread
+    of a borrowed instance, which goes back to sleep, while the idle instance's thread never
+    hears of the work, and the request would wait for a borrow to end."""
+    for _trial in range(4):  # which waiter a notify reaches is up to the Condition
+        gate = threading.Event()
+        instances = [FakeInstance(n) for n in "abcd"]
+
+        def hold(inputs, gate: threading.Event = gate) -> None:
+            if (inputs["x"] < 0).any():  # the borrowers' requests: held past got.wait's 10 s
+                assert gate.wait(60)
+
+        for inst in instances:
+            inst.on_run = hold
+        sched, stats = scheduler(instances, batching(max_batch_size=8))
+        for inst in instances:
+            _wait_until_idle(sched, inst)
+        borrowers = [
+            threading.Thread(target=sched.infer, args=(make_item(value=-1.0 - i),))
+            for i in range(3)
+        ]
+        for i, t in enumerate(borrowers):
+            t.start()
+            for _ in range(10_000):  # each lone caller borrows before the next arrives
+                with sched._lock:
+                    if len(sched._borrowed) == i + 1:
+                        break
+                threading.Event().wait(0.001)
+        with sched._lock:
+            assert len(sched._borrowed) == 3 and len(sched._idle) == 1
+        got = Collector()
+        sched.submit(make_item(value=5.0), got.callback("queued"))
+        try:
+            got.wait(1)  # the idle instance runs it while the borrowers are still held
+            assert not gate.is_set() and all(t.is_alive() for t in borrowers)
+            out, err = got.by_tag()["queued"]
+            assert err is None and out is not None and np.array_equal(out["y"][0], [10.0] * 4)
+        finally:
+            gate.set()
+            for t in borrowers:
+                t.join(10)
+            sched.close(5)
+        assert stats.snapshot().pending == 0

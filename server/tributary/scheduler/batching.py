@@ -70,7 +70,7 @@ class BatchingScheduler(Scheduler):
                 raise self._refuse(entry)
             self._queue.push(entry, self._clock())
             self._stats.pending(1)
-            self._cv.notify()
+            self._wake_one()
 
     def _enqueue_or_borrow(self, entry: Entry) -> tuple[Instance, list[Entry], int] | None:
         """Queue `entry`; if it is alone, an instance thread is idle and the queue's own
@@ -95,10 +95,24 @@ class BatchingScheduler(Scheduler):
                     inst = self._idle.pop()
                     self._borrowed.add(inst)
                     return inst, plan.batch, plan.rows
-            self._cv.notify()
+            self._wake_one()
         if dropped:
             self._finish(dropped)
         return None
+
+    def _wake_one(self) -> None:
+        """Tell one instance thread that work is queued (call with the lock held).
+
+        The threads share one Condition, and the thread of a borrowed instance goes back to
+        sleep when woken. A single notify that reaches it is lost while another instance sits
+        idle, and the work would wait for the borrow to end. So while any instance is
+        borrowed every thread is woken (there are few of them); otherwise every waiter acts
+        on a wake-up (an idle thread takes the work, one waiting out a window re-decides)
+        and one is enough."""
+        if self._borrowed:
+            self._cv.notify_all()
+        else:
+            self._cv.notify()
 
     def _run_borrowed(
         self, entry: Entry, inst: Instance, batch: list[Entry], rows: int
@@ -151,7 +165,7 @@ class BatchingScheduler(Scheduler):
                     )
                     self._idle.discard(inst)
                 if plan.batch and len(queue):
-                    self._cv.notify()  # the rest may suit an idle sibling
+                    self._wake_one()  # the rest may suit an idle sibling
             if plan.dropped:
                 self._finish(plan.dropped)
             if plan.batch:
