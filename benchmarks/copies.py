@@ -50,7 +50,7 @@ static __thread int inside;
 static size_t threshold;
 static const char *log_path;
 static void note(size_t n) {
-    if (!log_path) { log_path = getenv("COPIES_LOG"); threshold = atol(getenv("COPIES_MIN")); }
+    if (!log_path) { threshold = atol(getenv("COPIES_MIN")); log_path = getenv("COPIES_LOG"); }
     if (n < threshold || inside || !log_path) return;
     inside = 1;
     /* the first frame outside this library is the caller */
@@ -153,7 +153,11 @@ def main() -> int:
             lines = log.read_text().splitlines()[before:] if log.exists() else []
         finally:
             server.terminate()
-            server.wait(30)
+            try:
+                server.wait(30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
     n = opts.requests
     print(f"payload {payload:,} bytes; {len(lines) / n:.2f} payload-sized copies per request:")
     for line, count in Counter(lines).most_common():

@@ -166,11 +166,11 @@ def default_intra_threads(cores: int, cpu_instances: int) -> int:
     """Intra-op threads per CPU instance when the config does not say: the CPUs this process
     may use, less one for the gRPC front end, split across the instances (at least one).
 
-    Measured on 2 CPUs under perf_analyzer load (benchmarks/ANALYSIS.md): a 2-thread pool for
-    the one instance of `mlp` cost 3-17 % more server CPU per request than 1 thread at
-    concurrency 8-64, because every parallel operator waited for a pool thread that was
+    Measured on 2 CPUs under perf_analyzer load (benchmarks/ANALYSIS.md): for the one
+    instance of `mlp`, 1 thread used 3-17 % less server CPU per request than a 2-thread pool
+    at concurrency 8-64, because every parallel operator waited for a pool thread that was
     queued behind the front end's threads; at concurrency 1, with cores to spare, the
-    2-thread pool answered ~20 % sooner. Under load is what a server is sized for."""
+    2-thread pool's p50 was 13-19 % lower. Under load is what a server is sized for."""
     return max(1, (cores - 1) // max(1, cpu_instances))
 
 
