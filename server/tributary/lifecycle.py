@@ -394,13 +394,5 @@ class Lifecycle:
                 now_ms=time.time_ns() // 1_000_000,
             )
             return InferResult(response, raws)
-        model.stats.request_success(
-            total_ns=time.perf_counter_ns() - call.start,
-            queue_ns=item.queue_ns,
-            compute_input_ns=item.compute_input_ns,
-            compute_infer_ns=item.compute_infer_ns,
-            compute_output_ns=item.compute_output_ns,
-            rows=item.rows,
-            now_ms=time.time_ns() // 1_000_000,
-        )
+        item.count_success(model.stats, time.perf_counter_ns() - call.start)
         return InferResult(response, raws)

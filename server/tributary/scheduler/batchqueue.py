@@ -52,15 +52,19 @@ from __future__ import annotations
 import heapq
 import itertools
 import threading
+import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import Cancelled, InferenceError, Unavailable
+
+if TYPE_CHECKING:
+    from ..stats import ModelStats
 
 QUEUED, TAKEN, DONE = 0, 1, 2
 """Entry states. Only the holder of the scheduler lock moves an entry between them."""
@@ -120,7 +124,7 @@ class SequenceFlags:
 class WorkItem:
     """One request as the scheduler sees it. The fields after `request_id` are outputs: the
     scheduler fills them before the request completes (successfully or not), and the caller
-    reads them to record per-request statistics (`ModelStats.request_success/failure`)."""
+    records them as per-request statistics (`count_success`, `ModelStats.request_failure`)."""
 
     inputs: dict[str, np.ndarray]
     rows: int
@@ -140,6 +144,19 @@ class WorkItem:
     compute_output_ns: int = field(default=0, init=False)
     batch_rows: int = field(default=0, init=False)
     failure_reason: str = field(default="", init=False)
+
+    def count_success(self, stats: ModelStats, total_ns: int) -> None:
+        """Record this request as a success in `stats`, with the timings the scheduler
+        stamped on it (one rule for a request and for an ensemble's step)."""
+        stats.request_success(
+            total_ns=total_ns,
+            queue_ns=self.queue_ns,
+            compute_input_ns=self.compute_input_ns,
+            compute_infer_ns=self.compute_infer_ns,
+            compute_output_ns=self.compute_output_ns,
+            rows=self.rows,
+            now_ms=time.time_ns() // 1_000_000,
+        )
 
 
 @dataclass(eq=False, slots=True, weakref_slot=True)

@@ -346,15 +346,7 @@ class EnsembleScheduler:
             self._fail(run, error, sub.failure_reason or "OTHER")
             return
         assert outputs is not None
-        model.stats.request_success(
-            total_ns=total,
-            queue_ns=sub.queue_ns,
-            compute_input_ns=sub.compute_input_ns,
-            compute_infer_ns=sub.compute_infer_ns,
-            compute_output_ns=sub.compute_output_ns,
-            rows=sub.rows,
-            now_ms=time.time_ns() // 1_000_000,
-        )
+        sub.count_success(model.stats, total)
         self._start(run, self._advance(run, index, model, outputs))
 
     def _advance(
