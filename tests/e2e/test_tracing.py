@@ -115,16 +115,24 @@ def test_unary_request_joins_the_clients_trace(client, receiver) -> None:
     check_request_tree(root, spans)
 
 
+def _http_simple_inputs() -> list:
+    """`simple`'s two [1,16] INT32 inputs for tritonclient.http."""
+    import tritonclient.http as httpclient
+
+    a = np.arange(16, dtype=np.int32).reshape(1, 16)
+    inputs = []
+    for name in ("INPUT0", "INPUT1"):
+        tensor = httpclient.InferInput(name, [1, 16], "INT32")
+        tensor.set_data_from_numpy(a)
+        inputs.append(tensor)
+    return inputs
+
+
 def test_http_request_joins_the_clients_trace(traced, receiver) -> None:
     """The HTTP front end hands the data plane the same headers: one tree, the client's parent."""
     import tritonclient.http as httpclient
 
-    a = np.arange(16, dtype=np.int32).reshape(1, 16)
-    http_inputs = []
-    for name in ("INPUT0", "INPUT1"):
-        tensor = httpclient.InferInput(name, [1, 16], "INT32")
-        tensor.set_data_from_numpy(a)
-        http_inputs.append(tensor)
+    http_inputs = _http_simple_inputs()
     client = httpclient.InferenceServerClient(traced.http_url)
     client.infer(
         "simple",
@@ -146,12 +154,7 @@ def test_hostile_trace_headers_write_no_log_lines(traced, client, receiver) -> N
     log. Such headers count as absent; the request is traced as its own trace."""
     import tritonclient.http as httpclient
 
-    a = np.arange(16, dtype=np.int32).reshape(1, 16)
-    http_inputs = []
-    for name in ("INPUT0", "INPUT1"):
-        tensor = httpclient.InferInput(name, [1, 16], "INT32")
-        tensor.set_data_from_numpy(a)
-        http_inputs.append(tensor)
+    http_inputs = _http_simple_inputs()
     hostile = [
         {"traceparent": TRACEPARENT + "-" + "x" * 600},  # over OTel's 512, under our 1024
         {"traceparent": "x" * 5000},  # over 1024
